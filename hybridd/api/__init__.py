@@ -1,0 +1,1 @@
+"""The aiohttp application: OpenAI routes, streaming pass-through, guards, status."""

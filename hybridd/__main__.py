@@ -1,0 +1,7 @@
+"""`python -m hybridd` is the `hybridd` command."""
+
+import sys
+
+from hybridd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""The aiohttp application, defined apart from serving it: state in typed keys, resources in cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from hybridd.api import routes_openai, routes_status
+from hybridd.api.envelope import envelope_middleware
+from hybridd.api.guards import make_guard
+from hybridd.api.keys import HTTP, NODE, POOL, Node
+from hybridd.catalog import Catalog
+from hybridd.config import Config, ModelEntry
+from hybridd.engine.base import Engine
+from hybridd.engine.external import ExternalEngine
+from hybridd.engine.llamacpp import LlamaCppEngine
+from hybridd.engine.pool import EnginePool
+
+EngineMaker = Callable[[ModelEntry, aiohttp.ClientSession], Engine]
+
+
+
+
+def default_engine_maker(python: str) -> EngineMaker:
+    """Managed llama-cpp-python engines for local GGUFs, pass-through for external URLs."""
+
+    def make(model: ModelEntry, http: aiohttp.ClientSession) -> Engine:
+        if model.engine == "external":
+            return ExternalEngine(model)
+        return LlamaCppEngine(model, http, python)
+
+    return make
+
+
+def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None = None) -> web.Application:
+    """Build the application; nothing starts until it is run."""
+    server = config.server
+    app = web.Application(
+        middlewares=[envelope_middleware, make_guard(server.extra_hosts, server.host, server.max_body_bytes)],
+        client_max_size=server.max_body_bytes,
+    )
+    app[NODE] = Node(config, catalog, time.time(), time.monotonic())
+    maker = engine_maker or default_engine_maker(config.engine.python)
+
+    async def engines(app: web.Application) -> AsyncIterator[None]:
+        # One pooled client for every engine; no total timeout because a long generation is not a failure.
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            auto_decompress=False,
+        )
+        pool = EnginePool(catalog.models, lambda model: maker(model, http))
+        app[HTTP], app[POOL] = http, pool
+        reaper = asyncio.create_task(pool.reap_forever(), name="idle-reaper")
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await pool.stop_all()
+            await http.close()
+
+    app.cleanup_ctx.append(engines)
+    routes_openai.add_routes(app)
+    routes_status.add_routes(app)
+    return app

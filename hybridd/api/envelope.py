@@ -1,0 +1,66 @@
+"""The OpenAI error envelope, and the middleware that makes every failure one (never a traceback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from hybridd.errors import HybriddError
+
+log = logging.getLogger("hybridd.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_TYPE_FOR_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                    429: "rate_limit_error"}
+
+
+def error_body(message: str, error_type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, error_type: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON error response in the OpenAI envelope."""
+    kind = error_type or _TYPE_FOR_STATUS.get(status, "server_error")
+    return web.json_response(error_body(message, kind, code), status=status, headers=headers)
+
+
+def response_for(exc: HybriddError, headers: dict[str, str] | None = None) -> web.Response:
+    """The envelope for one of our own errors."""
+    return error_response(exc.status, exc.message, exc.error_type, exc.code, headers)
+
+
+def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
+    """An OpenAI-shaped error as a server-sent event, for a stream that broke after its first byte."""
+    return b"data: " + json.dumps(error_body(message, "server_error", code)).encode() + b"\n\n"
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into an OpenAI envelope with an honest status."""
+    try:
+        return await handler(request)
+    except HybriddError as exc:
+        return response_for(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(413, f"request body is too large (limit {exc.max_size} bytes)",
+                              code="request_too_large")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {404: f"no route for {request.method} {request.path}",
+                   405: f"method {request.method} is not allowed on {request.path}"}.get(exc.status, exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, message, code=exc.reason.lower().replace(" ", "_"), headers=headers)
+    except (ConnectionResetError, TimeoutError):
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(500, "internal error in hybridd (see the daemon log)", code="internal_error")

@@ -1,0 +1,48 @@
+"""Guards for a loopback API: DNS-rebinding (Host), cross-site browser requests (Origin), body size."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from hybridd.api.envelope import Handler, error_response
+from hybridd.config import is_loopback_host
+
+
+def host_of(value: str) -> str:
+    """The host part of a Host header value ('[::1]:11435' → '::1')."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def make_guard(extra_hosts: tuple[str, ...], listen_host: str, max_body_bytes: int) -> web.Middleware:
+    """Middleware refusing foreign Host and Origin headers and bodies declared larger than the cap."""
+    allowed = {h.lower() for h in extra_hosts}
+    allowed.add(listen_host.lower())
+
+    def host_ok(host: str) -> bool:
+        return is_loopback_host(host) or host in allowed
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = host_of(request.headers.get("Host", ""))
+        if not host_ok(host):
+            # A page on evil.example that rebinds its DNS name to 127.0.0.1 still sends its own Host.
+            return error_response(403, f"Host '{host}' is not allowed; this API answers on loopback names only",
+                                  code="forbidden_host")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            origin_host = urlsplit(origin).hostname if origin != "null" else None
+            if origin_host is None or not host_ok(origin_host):
+                return error_response(403, f"Origin '{origin}' is not allowed; browsers may call this API only "
+                                      "from loopback pages", code="forbidden_origin")
+        length = request.content_length
+        if length is not None and length > max_body_bytes:
+            return error_response(413, f"request body is too large ({length} bytes; limit {max_body_bytes})",
+                                  code="request_too_large")
+        return await handler(request)
+
+    return guard

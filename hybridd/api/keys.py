@@ -1,0 +1,27 @@
+"""Typed application state shared by the routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from hybridd.catalog import Catalog
+from hybridd.config import Config
+from hybridd.engine.pool import EnginePool
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the routes share: config, the model catalog, and when this node started."""
+
+    config: Config
+    catalog: Catalog
+    started_wall: float
+    started_mono: float
+
+
+NODE = web.AppKey("node", Node)
+POOL = web.AppKey("pool", EnginePool)
+HTTP = web.AppKey("http", aiohttp.ClientSession)

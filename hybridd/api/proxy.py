@@ -1,0 +1,102 @@
+"""Forward one inference request to an engine and pass its answer through, streams chunk by chunk."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from hybridd.api.envelope import error_body, sse_error_event
+from hybridd.errors import EngineFailed
+
+log = logging.getLogger("hybridd.api")
+
+# Hop-by-hop and framing headers are ours to set, not the engine's.
+_DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding",
+                          "date", "server"}
+
+
+async def forward(
+    request: web.Request,
+    http: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    stream: bool,
+    extra_headers: dict[str, str],
+    api_key: str | None = None,
+) -> web.StreamResponse:
+    """POST body to url; answer the client with the engine's response plus extra_headers."""
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    try:
+        upstream = await http.post(url, data=body, headers=headers)
+    except aiohttp.ClientError as exc:
+        raise EngineFailed(f"engine at {url} could not be reached: {exc}") from exc
+    try:
+        if not stream or upstream.status != 200:
+            return await _whole(upstream, url, extra_headers)
+        return await _stream(request, upstream, url, extra_headers)
+    finally:
+        # Closing (not releasing) an unfinished response drops the connection: the engine sees the
+        # disconnect and stops generating for a client that is gone.
+        upstream.close()
+
+
+async def _whole(upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str]) -> web.Response:
+    try:
+        payload = await upstream.read()
+    except aiohttp.ClientError as exc:
+        raise EngineFailed(f"engine at {url} failed mid-response: {exc}") from exc
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
+    headers.update(extra_headers)
+    if upstream.status >= 400:
+        payload = _as_envelope(upstream.status, payload)
+        headers["Content-Type"] = "application/json"
+    return web.Response(body=payload, status=upstream.status, headers=headers)
+
+
+def _as_envelope(status: int, payload: bytes) -> bytes:
+    """The engine's error, in the OpenAI envelope whatever shape the engine used."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
+        return payload
+    if isinstance(data, dict) and isinstance(data.get("detail"), str | list):
+        message = data["detail"] if isinstance(data["detail"], str) else json.dumps(data["detail"])
+    else:
+        message = payload.decode("utf-8", "replace").strip()[:500] or f"engine answered HTTP {status}"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return json.dumps(error_body(f"engine error: {message}", kind, "engine_error")).encode()
+
+
+async def _stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=200)
+    response.content_type = "text/event-stream"
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    response.headers.update(extra_headers)
+    await response.prepare(request)
+    # iter_any hands over whatever bytes have arrived: no line splitting, no waiting for more.
+    chunks = upstream.content.iter_any()
+    while True:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            break
+        except aiohttp.ClientError as exc:
+            # After the first byte there is no retry: tell the client in the stream's own format, then end it.
+            log.warning("stream from %s broke: %s", url, exc)
+            await response.write(sse_error_event(f"engine stream broke: {exc}", "engine_failed"))
+            break
+        # A client that went away makes this raise ConnectionResetError; forward() then drops the engine's
+        # connection, which cancels its work.
+        await response.write(chunk)
+    await response.write_eof()
+    return response

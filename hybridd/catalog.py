@@ -1,0 +1,91 @@
+"""The models this node serves: configured entries, GGUF files found in library dirs, or the demo default."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hybridd.config import Config, ModelEntry
+from hybridd.errors import ModelNotFound
+
+log = logging.getLogger("hybridd")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Model ids and aliases to entries; the answer to 'what can I ask for'."""
+
+    models: tuple[ModelEntry, ...]
+
+    def resolve(self, name: str) -> ModelEntry:
+        """The entry whose name or alias is name; ModelNotFound lists what exists."""
+        for model in self.models:
+            if name == model.name or name in model.aliases:
+                return model
+        known = ", ".join(m.name for m in self.models) or "none configured"
+        raise ModelNotFound(f"model '{name}' does not exist here (available: {known})")
+
+
+def model_id_for(path: Path) -> str:
+    """The id a scanned GGUF is served under: its file stem, split suffix dropped, lower case."""
+    stem = path.name.removesuffix(".gguf")
+    if split_part(path) is not None:
+        stem = stem.rsplit("-", 3)[0]
+    return stem.lower()
+
+
+def split_part(path: Path) -> int | None:
+    """N for a split GGUF named ...-0000N-of-0000M.gguf, None for a single file."""
+    parts = path.name.removesuffix(".gguf").rsplit("-", 3)
+    # Qwen3-...-00001-of-00003.gguf is one model in three files; llama.cpp opens the first.
+    if len(parts) == 4 and parts[2] == "of" and parts[1].isdigit() and parts[3].isdigit():
+        return int(parts[1])
+    return None
+
+
+def scan_library(dirs: Iterable[Path]) -> list[Path]:
+    """GGUF files under dirs (first part only of split files), sorted; unreadable dirs are skipped."""
+    found: list[Path] = []
+    for folder in dirs:
+        if not folder.is_dir():
+            log.warning("library dir %s does not exist; skipping it", folder)
+            continue
+        for path in sorted(folder.rglob("*.gguf")):
+            if split_part(path) not in (None, 1):
+                continue
+            if "mmproj" in path.name.lower():
+                continue  # vision projectors are not models of their own
+            found.append(path)
+    return found
+
+
+def build_catalog(config: Config, scanned: Iterable[Path]) -> Catalog:
+    """Configured models first; scanned files add ids not already taken, with the engine defaults."""
+    models = list(config.models)
+    taken = {name for m in models for name in (m.name, *m.aliases)}
+    configured_paths = {m.path.resolve() for m in models if m.path is not None}
+    defaults = config.engine
+    for path in scanned:
+        name = model_id_for(path)
+        if name in taken or path.resolve() in configured_paths:
+            continue
+        taken.add(name)
+        models.append(ModelEntry(
+            name=name, path=path, engine=defaults.kind, ctx=defaults.ctx, type_k=defaults.type_k,
+            type_v=defaults.type_v, flash_attn=defaults.flash_attn, n_gpu_layers=defaults.n_gpu_layers,
+            idle_ttl_s=defaults.idle_ttl_s, load_timeout_s=defaults.load_timeout_s, options=dict(defaults.options),
+        ))
+    return Catalog(tuple(models))
+
+
+def with_demo_model(config: Config, path: Path, name: str) -> Config:
+    """The config plus one demo model entry (used when no config file exists at all)."""
+    d = config.engine
+    demo = ModelEntry(
+        name=name, path=path, aliases=("default",), ctx=min(d.ctx, 8192), type_k=d.type_k, type_v=d.type_v,
+        flash_attn=d.flash_attn, n_gpu_layers=d.n_gpu_layers, idle_ttl_s=d.idle_ttl_s,
+        load_timeout_s=d.load_timeout_s, options=dict(d.options),
+    )
+    return replace(config, models=(*config.models, demo))

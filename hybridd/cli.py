@@ -1,0 +1,186 @@
+"""The `hybridd` command. Every flag also reads an environment variable HYBRIDD_<FLAG>.
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 startup failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hybridd import __version__
+from hybridd.config import Config, config_path, is_loopback_host, load_config, state_dir, with_listen
+from hybridd.errors import ConfigError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _flag(parser: argparse.ArgumentParser, *names: str, env: str, **kwargs: Any) -> None:
+    """Add a flag whose default comes from the environment variable env."""
+    value = os.environ.get(env)
+    if kwargs.get("action") == "store_true":
+        kwargs["default"] = value is not None and value.strip().lower() in _TRUE
+    elif value is not None:
+        kwargs["default"] = value
+    kwargs["help"] = f"{kwargs.get('help', '')} [env {env}]".strip()
+    parser.add_argument(*names, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="hybridd", description="Local OpenAI-compatible endpoint that places "
+                                     "each request on local GPUs or a DGX Spark peer.")
+    parser.add_argument("--version", action="version", version=f"hybridd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    _config_flag(serve)
+    _flag(serve, "--listen", env="HYBRIDD_LISTEN", metavar="HOST:PORT", help="override server.listen")
+    _flag(serve, "--log-level", env="HYBRIDD_LOG_LEVEL", choices=("debug", "info", "warning", "error"),
+          help="override server.log_level")
+
+    status = commands.add_parser("status", help="show the running daemon's models and engines")
+    _url_flags(status)
+    _flag(status, "--json", env="HYBRIDD_JSON", action="store_true", help="print the status object as JSON")
+
+    models = commands.add_parser("models", help="list the models the running daemon serves")
+    _url_flags(models)
+    _flag(models, "--json", env="HYBRIDD_JSON", action="store_true", help="print the model list as JSON")
+    return parser
+
+
+def _config_flag(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--config", env="HYBRIDD_CONFIG", metavar="PATH",
+          help=f"config file (default {config_path()})")
+
+
+def _url_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--url", env="HYBRIDD_URL", help="the daemon's URL (default: from the config's server.listen)")
+    _config_flag(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `hybridd status | head`
+        return EXIT_OK
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, bool]:
+    """The config from --config, else the default file; (config, True) when a file was found."""
+    if args.config:
+        return load_config(Path(args.config)), True
+    path = config_path()
+    if path.exists():
+        return load_config(path), True
+    return Config(), False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground."""
+    from hybridd.catalog import build_catalog, scan_library, with_demo_model
+    from hybridd.daemon import StartupError, serve
+
+    try:
+        config, found = _load(args)
+        if args.listen:
+            config = with_listen(config, args.listen)
+    except ConfigError as exc:
+        print(f"hybridd: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    if args.log_level:
+        config = replace(config, server=replace(config.server, log_level=args.log_level))
+    _setup_logging(config.server.log_level)
+    log = logging.getLogger("hybridd")
+    if not found:
+        from hybridd.demo_model import demo_model
+
+        name, path = demo_model((config.state_dir or state_dir()) / "models")
+        log.info("no config at %s: serving the demo model %s (write a config to serve your own models)",
+                 config_path(), name)
+        config = with_demo_model(config, path, name)
+    catalog = build_catalog(config, scan_library(config.library_dirs))
+    missing = [m for m in catalog.models if m.path is not None and not m.path.exists()]
+    for model in missing:
+        log.warning("model %s: file %s does not exist; requests for it will fail", model.name, model.path)
+    try:
+        return asyncio.run(serve(config, catalog))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_STARTUP
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd the journal stamps each line; elsewhere we do.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=level.upper(), format=stamp + "%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _daemon_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    config, _ = _load(args)
+    host = config.server.host
+    if host in ("0.0.0.0", "::") or not is_loopback_host(host) and config.server.allow_non_loopback:
+        host = "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{config.server.port}"
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (our own daemon's URL)
+        return json.load(response)
+
+
+def _ask(args: argparse.Namespace, path: str) -> Any:
+    try:
+        base = _daemon_url(args)
+    except ConfigError as exc:
+        raise SystemExit(f"hybridd: {exc}") from exc
+    try:
+        return _get_json(base + path)
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"hybridd: the daemon at {base} answered HTTP {exc.code} for {path}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SystemExit(f"hybridd: the daemon is not running at {base} ({reason}); start it with "
+                         "'hybridd serve'") from exc
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print what the running daemon is doing."""
+    from hybridd.status_view import render_status
+
+    status = _ask(args, "/hybridd/v1/status")
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the models the running daemon serves."""
+    from hybridd.status_view import render_models
+
+    models = _ask(args, "/v1/models")
+    print(json.dumps(models, indent=2) if args.json else render_models(models))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

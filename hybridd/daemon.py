@@ -1,0 +1,89 @@
+"""`hybridd serve`: wire config, catalog and app; serve until a signal; drain; stop every engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from hybridd.api.app import make_app
+from hybridd.api.keys import POOL
+from hybridd.catalog import Catalog
+from hybridd.config import Config
+from hybridd.sdnotify import sd_notify
+
+log = logging.getLogger("hybridd")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+
+
+class StartupError(Exception):
+    """The daemon could not start (port taken, bad address): exit code 3."""
+
+
+async def serve(config: Config, catalog: Catalog) -> int:
+    """Run the node until SIGTERM or SIGINT; return the process exit code."""
+    app = make_app(config, catalog)
+    server = config.server
+    # handler_cancellation: a client that disconnects cancels its handler, which drops the engine request.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=server.shutdown_grace_s,
+                           access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(f"cannot listen on {server.listen}: {exc.strerror or exc}") from exc
+    url = _bound_url(site)
+    names = ", ".join(m.name for m in catalog.models) or "no models (add [[models]] to the config)"
+    log.info("hybridd serving on %s; models: %s", url, names)
+    sd_notify(f"READY=1\nSTATUS=serving on {url}\nMAINPID={os.getpid()}")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: no new connections; draining in-flight requests (up to %g s)", sig.name,
+                     server.shutdown_grace_s)
+            stop.set()
+        elif sig is signal.SIGINT:
+            log.warning("second SIGINT: exiting now")
+            if POOL in app:
+                app[POOL].kill_all_now()
+            os._exit(130)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await stop.wait()
+    finally:
+        sd_notify("STOPPING=1\nSTATUS=draining requests and stopping engines")
+        try:
+            # Stops listening, waits for in-flight handlers, then runs cleanup_ctx (which stops engines).
+            # The signal handlers stay: a second SIGINT during the drain exits at once.
+            await runner.cleanup()
+        finally:
+            if POOL in app:
+                app[POOL].kill_all_now()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    log.info("hybridd stopped")
+    return EXIT_OK
+
+
+def _bound_url(site: web.TCPSite) -> str:
+    """The URL actually bound (port 0 becomes the port the kernel chose)."""
+    server = site._server  # aiohttp keeps the asyncio server here; no public accessor exists
+    if server is not None and getattr(server, "sockets", None):
+        host, port = server.sockets[0].getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+    return site.name

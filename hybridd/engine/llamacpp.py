@@ -1,0 +1,118 @@
+"""llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`) as a managed engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+import aiohttp
+
+from hybridd.config import KV_CACHE_TYPES, ModelEntry
+from hybridd.engine.base import EngineState
+from hybridd.engine.process import ManagedProcess, free_loopback_port
+from hybridd.errors import EngineLoadFailed
+
+HEALTH_PATH = "/v1/models"
+
+
+def llama_cpp_argv(model: ModelEntry, port: int, python: str = "") -> list[str]:
+    """The command line that serves model on 127.0.0.1:port."""
+    assert model.path is not None
+    argv = [
+        python or sys.executable, "-m", "llama_cpp.server",
+        "--model", str(model.path),
+        "--model_alias", model.name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--n_ctx", str(model.ctx),
+        "--n_gpu_layers", str(model.n_gpu_layers),
+        "--type_k", str(KV_CACHE_TYPES[model.type_k]),
+        "--type_v", str(KV_CACHE_TYPES[model.type_v]),
+        "--flash_attn", str(model.flash_attn),
+        "--embedding", str(model.embeddings),
+        # llama_cpp.server otherwise ends a running stream when another request arrives.
+        "--interrupt_requests", "False",
+    ]
+    for key, value in model.options.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+class LlamaCppEngine:
+    """One llama_cpp.server process on a free loopback port, health-checked before it gets traffic."""
+
+    kind = "llama-cpp-python"
+
+    def __init__(self, model: ModelEntry, http: aiohttp.ClientSession, python: str = "") -> None:
+        self.model = model
+        self.http = http
+        self.python = python
+        self.state = EngineState.STOPPED
+        self.port: int | None = None
+        self.process = ManagedProcess(model.name)
+        self.load_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def is_alive(self) -> bool:
+        return self.state is EngineState.READY and self.process.is_running()
+
+    async def start(self) -> None:
+        """Spawn the server and wait until it answers, or fail with its last log lines."""
+        self.state = EngineState.STARTING
+        self.port = free_loopback_port()
+        started = time.monotonic()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        try:
+            await self.process.spawn(llama_cpp_argv(self.model, self.port, self.python), env)
+            await self._wait_healthy(started + self.model.load_timeout_s)
+        except BaseException:
+            self.state = EngineState.FAILED
+            await self.process.stop(grace_s=2.0)
+            raise
+        self.load_seconds = time.monotonic() - started
+        self.state = EngineState.READY
+
+    async def _wait_healthy(self, deadline: float) -> None:
+        delay = 0.02
+        while True:
+            if not self.process.is_running():
+                await self.process.wait_exit(1.0)
+                raise EngineLoadFailed(
+                    f"engine for model '{self.model.name}' exited with code {self.process.returncode} while "
+                    f"loading: {self.process.summary()}"
+                )
+            if await self._answers():
+                return
+            if time.monotonic() > deadline:
+                raise EngineLoadFailed(
+                    f"engine for model '{self.model.name}' was not ready after {self.model.load_timeout_s:g} s "
+                    f"(engine.load_timeout_s): {self.process.summary()}"
+                )
+            await asyncio.sleep(delay)  # polling the engine's port: the backoff is the deadline's step
+            delay = min(delay * 1.5, 0.25)
+
+    async def _answers(self) -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=2.0)
+            async with self.http.get(self.base_url + HEALTH_PATH, timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def stop(self) -> None:
+        self.state = EngineState.STOPPING
+        await self.process.stop()
+        self.state = EngineState.STOPPED
+
+    def kill_now(self) -> None:
+        self.process.kill_now()
+        self.state = EngineState.STOPPED

@@ -1,0 +1,96 @@
+"""One exception root for hybridd; every error knows the HTTP status and OpenAI error type it maps to.
+
+    HybriddError
+    ├── ConfigError                 bad config: names the dotted key and the valid choices (exit 3)
+    ├── RequestError                the client's mistake (4xx)
+    │   ├── BadRequest              malformed JSON, wrong types (400, invalid_request_error)
+    │   ├── ModelNotFound           unknown model id (404, model_not_found)
+    │   ├── BodyTooLarge            body over the cap (413)
+    │   ├── Forbidden               foreign Host or Origin (403)
+    │   └── NotFoundRoute           no such path (404)
+    └── UpstreamError               the engine's or peer's failure (5xx)
+        ├── EngineLoadFailed        could not start or health-check an engine (503)
+        └── EngineFailed            engine broke while serving (502)
+"""
+
+from __future__ import annotations
+
+
+class HybriddError(Exception):
+    """Base of every error hybridd raises on purpose."""
+
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(HybriddError):
+    """The config text is invalid; the message is one line naming the dotted key."""
+
+
+class RequestError(HybriddError):
+    """The client sent something we refuse."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class BadRequest(RequestError):
+    """Malformed body or fields of the wrong type."""
+
+    code = "invalid_request"
+
+
+class ModelNotFound(RequestError):
+    """The requested model id is not served here."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class BodyTooLarge(RequestError):
+    """The request body is larger than the configured cap."""
+
+    status = 413
+    code = "request_too_large"
+
+
+class Forbidden(RequestError):
+    """The request came through a foreign Host or Origin."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
+class NotFoundRoute(RequestError):
+    """No route at this path."""
+
+    status = 404
+    code = "not_found"
+
+
+class UpstreamError(HybriddError):
+    """An engine or peer failed us."""
+
+    status = 502
+    error_type = "server_error"
+    code = "upstream_error"
+
+
+class EngineLoadFailed(UpstreamError):
+    """The engine could not be started or never became healthy."""
+
+    status = 503
+    code = "engine_load_failed"
+
+
+class EngineFailed(UpstreamError):
+    """The engine failed while serving a request."""
+
+    status = 502
+    code = "engine_failed"

@@ -1,0 +1,55 @@
+"""Render the daemon's status and model list as text a person reads at a glance. Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def duration(seconds: float | None) -> str:
+    """'-', '42s', '5m03s', '2h04m', '3d02h'."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The `hybridd status` text."""
+    models = status.get("models", [])
+    loaded = sum(1 for m in models if m.get("loaded"))
+    head = (f"hybridd {status.get('version')} · http://{status.get('listen')} · up "
+            f"{duration(status.get('uptime_s'))} · {loaded} of {len(models)} models loaded")
+    rows = []
+    for m in models:
+        state = m["state"] + (f" ({m['last_error'][:60]}…)" if m.get("last_error") else "")
+        rows.append([
+            m["name"], state, m["engine"], str(m["ctx"]), f"{m['type_k']}/{m['type_v']}",
+            duration(m.get("idle_s")) if m.get("loaded") else "-", str(m["in_flight"]), str(m["requests"]),
+            str(m["pid"] or "-"),
+        ])
+    body = table(["MODEL", "STATE", "ENGINE", "CTX", "KV", "IDLE", "ACTIVE", "REQUESTS", "PID"], rows)
+    return f"{head}\n\n{body}" if rows else f"{head}\n\nno models configured"
+
+
+def render_models(listing: dict[str, Any]) -> str:
+    """The `hybridd models` text."""
+    rows = []
+    for m in listing.get("data", []):
+        info = m.get("hybridd", {})
+        rows.append([m["id"], ", ".join(m.get("aliases", [])) or "-", str(m.get("context_length", "-")),
+                     info.get("placement", "-"), info.get("state", "-")])
+    return table(["MODEL", "ALIASES", "CTX", "WHERE", "STATE"], rows)

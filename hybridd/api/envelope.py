@@ -49,8 +49,8 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     except HybriddError as exc:
         return response_for(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, f"request body is too large (limit {exc.max_size} bytes)",
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"request body is too large (limit {request.app._client_max_size} bytes)",
                               code="request_too_large")
     except web.HTTPException as exc:
         if exc.status < 400:

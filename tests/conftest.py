@@ -1,0 +1,193 @@
+"""Shared fixtures: tiny real GGUF models, a real daemon process, fake upstreams as real aiohttp servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll predicate until it returns something truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama GGUF (random weights, byte vocabulary) that llama.cpp loads in milliseconds."""
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf", TinyLlama())
+
+
+def engine_processes(daemon_pid: int) -> list[psutil.Process]:
+    """llama_cpp.server processes whose parent is the daemon."""
+    try:
+        children = psutil.Process(daemon_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in children if _is_engine(p)]
+
+
+def _is_engine(proc: psutil.Process) -> bool:
+    try:
+        return "llama_cpp.server" in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
+
+
+@dataclass
+class Daemon:
+    """A real `hybridd serve` subprocess; its URL comes from its sd_notify READY message."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    notify: socket.socket
+    engines_seen: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict:  # type: ignore[type-arg]
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/hybridd/v1/status", timeout=10) as response:
+            return json.load(response)  # type: ignore[no-any-return]
+
+    def model_status(self, name: str) -> dict:  # type: ignore[type-arg]
+        return next(m for m in self.status()["models"] if m["name"] == name)
+
+    def notifications(self, timeout: float = 0.0) -> list[str]:
+        self.notify.settimeout(timeout)
+        messages = []
+        try:
+            while True:
+                messages.append(self.notify.recv(4096).decode())
+                self.notify.settimeout(0.0)
+        except (BlockingIOError, TimeoutError):
+            pass
+        return messages
+
+
+def start_daemon(config_text: str, tmp_path: Path, extra_env: dict[str, str] | None = None,
+                 timeout: float = 60.0) -> Daemon:
+    """Start `hybridd serve` with config_text and wait (with a deadline) for READY=1."""
+    config = tmp_path / "config.toml"
+    config.write_text(config_text)
+    sock_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sock_path))
+    log_path = tmp_path / "daemon.log"
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "XDG_STATE_HOME": str(tmp_path / "state"),
+           "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "hybridd", "serve", "--config", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + timeout
+    url = None
+    while url is None:
+        if proc.poll() is not None:
+            notify.close()
+            raise AssertionError(f"daemon exited with {proc.returncode}: {log_path.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            notify.close()
+            raise AssertionError(f"daemon not ready after {timeout} s: {log_path.read_text()}")
+        notify.settimeout(0.2)
+        try:
+            message = notify.recv(4096).decode()
+        except TimeoutError:
+            continue
+        fields = dict(line.split("=", 1) for line in message.splitlines() if "=" in line)
+        if fields.get("READY") == "1":
+            url = fields["STATUS"].rsplit(" ", 1)[-1]
+    return Daemon(proc, url, log_path, notify)
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    """SIGTERM, then SIGKILL if needed; reap every engine it started."""
+    engines = engine_processes(daemon.pid)
+    if daemon.proc.poll() is None:
+        daemon.proc.send_signal(signal.SIGTERM)
+        try:
+            daemon.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.proc.kill()
+            daemon.proc.wait()
+    for engine in engines:  # belt and braces: a failing test must not leak processes
+        try:
+            engine.kill()
+        except psutil.NoSuchProcess:
+            pass
+    daemon.notify.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """Start daemons from config text; all are stopped at teardown."""
+    started: list[Daemon] = []
+    counter = iter(range(1000))
+
+    def make(config_text: str, **kwargs) -> Daemon:  # type: ignore[no-untyped-def]
+        folder = tmp_path / f"daemon{next(counter)}"
+        folder.mkdir()
+        daemon = start_daemon(config_text, folder, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        stop_daemon(daemon)
+
+
+@dataclass
+class Reply:
+    """A plain HTTP reply: status, headers, body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):  # type: ignore[no-untyped-def]
+        return json.loads(self.body)
+
+
+def http(method: str, url: str, body: object = None, headers: dict[str, str] | None = None,
+         timeout: float = 60) -> Reply:
+    """One HTTP request with the standard library; errors come back as replies, not exceptions."""
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None and "Content-Type" not in (headers or {}):
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return Reply(response.status, dict(response.headers), response.read())
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, dict(exc.headers), exc.read())

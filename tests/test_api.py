@@ -1,0 +1,193 @@
+"""The API in-process against a fake engine: guards, error envelopes, streaming pass-through, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from hybridd.api.app import make_app
+from hybridd.catalog import Catalog
+from hybridd.config import Config, ModelEntry, ServerConfig
+from tests.fake_upstream import FakeEngine, sse, start_fake
+
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeEngine, TestServer]]:
+    engine = FakeEngine()
+    server = await start_fake(engine)
+    yield engine, server
+    await engine.release.put(None)
+    await server.close()
+
+
+@pytest.fixture
+async def hybridd(fake: tuple[FakeEngine, TestServer]) -> AsyncIterator[str]:
+    _, upstream = fake
+    base = str(upstream.make_url("/")).rstrip("/")
+    models = (
+        ModelEntry(name="m", engine="external", base_url=base, aliases=("alias-m",), upstream_model="fake"),
+        ModelEntry(name="gguf", path=None, engine="external", base_url=base + "/v1"),
+    )
+    config = Config(server=ServerConfig(max_body_bytes=MAX_BODY))
+    server = TestServer(make_app(config, Catalog(models)), host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    yield str(server.make_url("/")).rstrip("/")
+    await server.close()
+
+
+async def post(url: str, body: bytes | dict, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:  # type: ignore[type-arg]
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session, session.post(url, data=data, headers=headers) as response:
+        return response.status, dict(response.headers), await response.json(content_type=None)
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(("body", "status", "fragment"), [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object, got an array"),
+    ({"messages": []}, 400, "'model' is required"),
+    ({"model": 7, "messages": []}, 400, "'model' must be a non-empty string, got an integer"),
+    ({"model": "m", "messages": "hi"}, 400, "'messages' must be an array, got a string"),
+    ({"model": "m", "messages": [{"content": "x"}]}, 400, "'messages[0].role' must be a string"),
+    ({**CHAT, "stream": "yes"}, 400, "'stream' must be a boolean, got a string"),
+    ({**CHAT, "max_tokens": 0}, 400, "'max_tokens' must be >= 1"),
+    ({**CHAT, "temperature": "hot"}, 400, "'temperature' must be a number"),
+    ({**CHAT, "model": "nope"}, 404, "model 'nope' does not exist here (available: m, gguf)"),
+])
+async def test_bad_inputs_get_envelope_and_status(hybridd: str, body, status: int, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    code, _, reply = await post(hybridd + "/v1/chat/completions", body)
+    assert code == status
+    assert set(reply["error"]) >= {"message", "type", "code"}
+    assert fragment in reply["error"]["message"]
+
+
+async def test_oversize_body_is_413_declared_or_chunked(hybridd: str) -> None:
+    big = json.dumps({**CHAT, "pad": "x" * MAX_BODY}).encode()
+    code, _, reply = await post(hybridd + "/v1/chat/completions", big)
+    assert code == 413 and reply["error"]["code"] == "request_too_large"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b" " * (MAX_BODY // 2)
+
+    async with aiohttp.ClientSession() as session, \
+            session.post(hybridd + "/v1/chat/completions", data=chunks()) as response:
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({"Host": "evil.example"}, 403),
+    ({"Host": "evil.example:11435"}, 403),
+    ({"Host": "192.168.1.20:11435"}, 403),
+    ({"Host": "localhost:11435"}, 200),
+    ({"Host": "[::1]:11435"}, 200),
+    ({"Origin": "https://evil.example"}, 403),
+    ({"Origin": "null"}, 403),
+    ({"Origin": "http://localhost:3000"}, 200),
+    ({"Origin": "http://127.0.0.1:8080"}, 200),
+])
+async def test_host_and_origin_guards(hybridd: str, headers: dict[str, str], status: int) -> None:
+    code, _, reply = await post(hybridd + "/v1/chat/completions", CHAT, headers)
+    assert code == status
+    if status == 403:
+        assert reply["error"]["type"] == "permission_error"
+
+
+async def test_wrong_path_and_method(hybridd: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(hybridd + "/v2/whatever") as response:
+            assert response.status == 404
+            assert "no route for GET /v2/whatever" in (await response.json())["error"]["message"]
+        async with session.delete(hybridd + "/v1/chat/completions") as response:
+            assert response.status == 405
+            assert (await response.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_non_streaming_pass_through_rewrites_upstream_model(hybridd: str, fake) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = fake
+    code, headers, reply = await post(hybridd + "/v1/chat/completions", {**CHAT, "model": "alias-m"})
+    assert code == 200 and reply["choices"][0]["message"]["content"] == "ok"
+    assert headers["x-hybridd-placement"] == "local"
+    assert "external server" in headers["x-hybridd-reason"]
+    assert engine.requests[-1]["model"] == "fake"  # upstream_model replaces the client's id
+
+
+async def test_upstream_error_is_enveloped_with_its_status(hybridd: str, fake) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = fake
+    engine.status, engine.error_body = 422, b'{"detail": "context too long"}'
+    code, _, reply = await post(hybridd + "/v1/chat/completions", CHAT)
+    assert code == 422
+    assert reply["error"]["message"] == "engine error: context too long"
+
+
+async def test_unreachable_upstream_is_502(hybridd: str, fake) -> None:  # type: ignore[no-untyped-def]
+    _, upstream = fake
+    await upstream.close()
+    code, _, reply = await post(hybridd + "/v1/chat/completions", CHAT)
+    assert code == 502 and reply["error"]["code"] == "engine_failed"
+
+
+async def test_stream_chunks_arrive_before_the_engine_finishes(hybridd: str, fake) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = fake
+    async with aiohttp.ClientSession() as session, \
+            session.post(hybridd + "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["x-hybridd-placement"] == "local"
+        for word in ("one", "two", "three"):
+            await engine.release.put(sse(word))
+            # The engine has sent exactly this chunk and is waiting: hybridd must not hold it back.
+            chunk = await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout=5)
+            assert json.loads(chunk[6:])["choices"][0]["delta"]["content"] == word
+        await engine.release.put(None)
+        assert (await response.content.read()).strip() == b"data: [DONE]"
+
+
+async def test_client_disconnect_mid_stream_cancels_engine_work(hybridd: str, fake) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = fake
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(hybridd + "/v1/chat/completions", json={**CHAT, "stream": True})
+        await engine.release.put(sse("first"))
+        await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout=5)
+        response.close()  # the client goes away mid-stream
+    await asyncio.wait_for(engine.disconnected.wait(), timeout=5)
+
+
+async def test_embeddings_pass_through(hybridd: str) -> None:
+    code, headers, reply = await post(hybridd + "/v1/embeddings", {"model": "m", "input": "hello"})
+    assert code == 200 and reply["data"][0]["embedding"] == [0.5, 0.25]
+    code, _, reply = await post(hybridd + "/v1/embeddings", {"model": "m", "input": "x", "stream": True})
+    assert code == 400 and "not supported for embeddings" in reply["error"]["message"]
+
+
+async def test_models_list_and_status(hybridd: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(hybridd + "/v1/models") as response:
+            listing = await response.json()
+        assert [m["id"] for m in listing["data"]] == ["m", "gguf"]
+        assert listing["data"][0]["aliases"] == ["alias-m"]
+        async with session.get(hybridd + "/v1/models/alias-m") as response:
+            assert (await response.json())["id"] == "m"
+        async with session.get(hybridd + "/hybridd/v1/status") as response:
+            status = await response.json()
+        assert status["version"] and status["uptime_s"] >= 0
+        assert {m["name"] for m in status["models"]} == {"m", "gguf"}
+
+
+def test_config_unused_replace_guard() -> None:
+    # ServerConfig is frozen: handlers can't mutate shared config by accident.
+    server = ServerConfig()
+    with pytest.raises(AttributeError):
+        server.port = 1  # type: ignore[misc]
+    assert replace(server, port=1).port == 1

@@ -1,0 +1,95 @@
+"""Config loading is pure; every error is one line naming the dotted key and the valid choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hybridd.config import DEFAULT_LISTEN, Config, config_path, load_config, parse_config, state_dir, with_listen
+from hybridd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_listen_on_loopback() -> None:
+    config = parse_config("")
+    assert config.server.listen == DEFAULT_LISTEN
+    assert config.models == ()
+    assert config == Config(source="<string>")
+
+
+def test_example_config_is_valid_and_pinned() -> None:
+    config = load_config(REPO / "examples" / "config.toml")
+    assert config.server.listen == "127.0.0.1:11435"
+    assert [m.name for m in config.models] == ["qwen3-coder-30b", "nomic-embed", "llama-server-8b"]
+    coder, embed, external = config.models
+    assert coder.aliases == ("coder",) and coder.ctx == 65536 and (coder.type_k, coder.type_v) == ("q8_0", "q8_0")
+    assert coder.path == Path("~/models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf").expanduser()
+    assert coder.options == {"n_threads": 8} and coder.idle_ttl_s == 3600
+    assert embed.embeddings and embed.ctx == 8192 and not coder.embeddings
+    assert external.engine == "external" and external.base_url == "http://127.0.0.1:8080"
+    assert external.upstream_model == "llama-3.1-8b" and not external.managed
+    assert config.library_dirs == (Path("~/models").expanduser(),)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[server]\nlisten = 11435", 'server.listen: expected a string, got an integer'),
+    ('[server]\nlisten = "localhost"', 'server.listen: expected "host:port"'),
+    ('[server]\nlisten = "0.0.0.0:11435"', "server.listen: \"0.0.0.0:11435\" is not a loopback address"),
+    ("[server]\nport = 1", "server.port: unknown key (valid: allow_non_loopback, extra_hosts, listen, log_level,"),
+    ('[server]\nlog_level = "loud"', 'server.log_level: unknown value "loud" (valid: debug, info, warning, error)'),
+    ("[server]\nmax_body_bytes = 10", "server.max_body_bytes: must be >= 1024"),
+    ("[server]\nshutdown_grace_s = -1", "server.shutdown_grace_s: must be > 0"),
+    ("[engine]\nctx = true", "engine.ctx: expected an integer, got a boolean"),
+    ('[engine]\ntype_k = "q9"', 'engine.type_k: unknown value "q9" (valid: bf16, f16, f32, iq4_nl, q4_0, q4_1'),
+    ('[engine]\nkind = "vllm"', 'engine.kind: unknown value "vllm" (valid: llama-cpp-python)'),
+    ('[[models]]\npath = "/m.gguf"', "models[0].name: required"),
+    ('[[models]]\nname = "a"', "models[0].path: required"),
+    ('[[models]]\nname = "a"\npath = "/a.gguf"\ntype_v = "q8_0"', 'models[0].type_v: a quantized V cache ("q8_0") '
+     "needs flash_attn = true"),
+    ('[[models]]\nname = "a"\npath = "/a.gguf"\nctx = 10', "models[0].ctx: must be between 256 and 4194304"),
+    ('[[models]]\nname = "a"\npath = "/a.gguf"\ncolour = "red"', "models[0].colour: unknown key (valid: aliases,"),
+    ('[[models]]\nname = "a"\npath = "/a.gguf"\noptions = { x = [1] }', "models[0].options.x: expected a string,"),
+    ('[[models]]\nname = "a"\nengine = "external"\nbase_url = "ftp://x"', "models[0].base_url: an external model "
+     "needs an http(s) URL"),
+    ('[[models]]\nname = "a"\npath = "/a.gguf"\n[[models]]\nname = "b"\npath = "/b.gguf"\naliases = ["a"]',
+     'models[1].aliases[0]: "a" is already used by models[0].name'),
+    ("nonsense = 1", "nonsense: unknown key (valid: engine, library, models, server, state_dir)"),
+    ("[server\n", "not valid TOML"),
+])
+def test_errors_name_the_dotted_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="cfg.toml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("cfg.toml: ")
+    assert "\n" not in str(info.value)
+
+
+def test_model_inherits_engine_defaults_and_overrides_them() -> None:
+    config = parse_config('[engine]\nctx = 4096\nidle_ttl_s = 5\noptions = { n_threads = 2 }\n'
+                          '[[models]]\nname = "a"\npath = "rel/a.gguf"\noptions = { n_batch = 64 }\n'
+                          '[[models]]\nname = "b"\npath = "/b.gguf"\nctx = 1024\n', base_dir=Path("/cfg"))
+    a, b = config.models
+    assert (a.ctx, a.idle_ttl_s, b.ctx) == (4096, 5.0, 1024)
+    assert a.options == {"n_threads": 2, "n_batch": 64}
+    assert a.path == Path("/cfg/rel/a.gguf")  # relative paths are relative to the config file
+
+
+def test_non_loopback_needs_explicit_opt_in() -> None:
+    config = parse_config('[server]\nlisten = "0.0.0.0:11435"\nallow_non_loopback = true')
+    assert config.server.host == "0.0.0.0"
+    with pytest.raises(ConfigError, match="is not a loopback address"):
+        with_listen(Config(), "192.168.1.5:11435")
+    assert with_listen(Config(), "[::1]:9000").server.listen == "[::1]:9000"
+
+
+def test_xdg_paths() -> None:
+    assert config_path({"XDG_CONFIG_HOME": "/x"}) == Path("/x/hybridd/config.toml")
+    assert config_path({"HOME": "/home/u"}) == Path("/home/u/.config/hybridd/config.toml")
+    assert state_dir({"XDG_STATE_HOME": "/s"}) == Path("/s/hybridd")
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.toml")

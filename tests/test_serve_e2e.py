@@ -1,0 +1,188 @@
+"""End to end: a real daemon, real llama-cpp-python engines on tiny GGUFs, the official openai client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from tests.conftest import engine_processes, http, wait_for
+
+
+def tiny_config(model: Path, **model_keys: object) -> str:
+    extra = "".join(f"{key} = {value!r}\n".replace("'", '"').replace("True", "true").replace("False", "false")
+                    for key, value in model_keys.items())
+    return f"""
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace_s = 20
+
+[[models]]
+name = "tiny"
+aliases = ["tiny-alias"]
+path = "{model}"
+ctx = 512
+embeddings = true
+{extra}"""
+
+
+def client(daemon) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_client_chat_completions_embeddings(daemon_factory, tiny_model: Path) -> None:
+    daemon = daemon_factory(tiny_config(tiny_model))
+    api = client(daemon)
+
+    chat = api.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+    assert chat.headers["x-hybridd-placement"] == "local"
+    assert "tiny" in chat.headers["x-hybridd-reason"] and "loaded in" in chat.headers["x-hybridd-reason"]
+    parsed = chat.parse()
+    assert parsed.choices[0].finish_reason == "length" and parsed.usage.completion_tokens == 4
+
+    stream = api.chat.completions.create(model="tiny-alias", messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=5, stream=True)
+    chunks = list(stream)
+    assert len(chunks) >= 5 and chunks[-1].choices[0].finish_reason == "length"
+
+    completion = api.completions.create(model="tiny", prompt="once upon", max_tokens=3)
+    assert completion.usage.completion_tokens == 3
+    streamed = list(api.completions.create(model="tiny", prompt="once upon", max_tokens=3, stream=True))
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+    embeddings = api.embeddings.create(model="tiny", input=["alpha", "beta"])
+    assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) == 64
+    assert embeddings.data[0].embedding != embeddings.data[1].embedding
+
+    models = api.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].model_extra["context_length"] == 512
+
+    # The status the CLI shows names the model the client just used, loaded, with its request count.
+    out = subprocess.run([sys.executable, "-m", "hybridd", "status", "--url", daemon.url],
+                         capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("tiny "))
+    assert "ready" in row and "llama-cpp-python" in row and " 512 " in row
+    status = daemon.model_status("tiny")
+    assert status["requests"] == 5 and status["loaded"] and status["in_flight"] == 0
+
+
+def test_concurrent_first_requests_start_one_engine(daemon_factory, tiny_model: Path) -> None:
+    daemon = daemon_factory(tiny_config(tiny_model))
+    api = client(daemon)
+
+    def ask(i: int) -> str:
+        reply = api.completions.create(model="tiny", prompt=f"request {i}", max_tokens=2)
+        return reply.choices[0].finish_reason
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        reasons = list(pool.map(ask, range(8)))
+    assert reasons == ["length"] * 8
+    assert len(engine_processes(daemon.pid)) == 1
+    assert daemon.model_status("tiny")["restarts"] == 0
+
+
+def test_idle_engine_is_unloaded_and_reloaded(daemon_factory, tiny_model: Path) -> None:
+    daemon = daemon_factory(tiny_config(tiny_model, idle_ttl_s=1))
+    api = client(daemon)
+    api.completions.create(model="tiny", prompt="x", max_tokens=1)
+    pid = daemon.model_status("tiny")["pid"]
+    assert psutil.pid_exists(pid)
+
+    wait_for(lambda: daemon.model_status("tiny")["state"] == "stopped", timeout=20, what="idle unload")
+    wait_for(lambda: not engine_processes(daemon.pid), timeout=10, what="engine process gone")
+    api.completions.create(model="tiny", prompt="x", max_tokens=1)
+    assert daemon.model_status("tiny")["state"] == "ready"
+
+
+def test_engine_killed_then_next_request_works(daemon_factory, tiny_model: Path) -> None:
+    daemon = daemon_factory(tiny_config(tiny_model))
+    api = client(daemon)
+    api.completions.create(model="tiny", prompt="x", max_tokens=1)
+    old_pid = daemon.model_status("tiny")["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: daemon.model_status("tiny")["state"] == "failed", what="death noticed")
+
+    reply = api.completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+    status = daemon.model_status("tiny")
+    assert status["pid"] != old_pid and status["restarts"] == 1
+
+
+def test_sigkill_of_daemon_leaves_no_engine(daemon_factory, tiny_model: Path) -> None:
+    daemon = daemon_factory(tiny_config(tiny_model))
+    client(daemon).completions.create(model="tiny", prompt="x", max_tokens=1)
+    engine = psutil.Process(daemon.model_status("tiny")["pid"])
+    assert engine.is_running()
+
+    daemon.proc.kill()
+    daemon.proc.wait()
+    wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, timeout=10,
+             what="engine to die with the daemon")
+
+
+def test_sigterm_drains_inflight_stream_then_exits_zero(daemon_factory, tiny_model: Path) -> None:
+    daemon = daemon_factory(tiny_config(tiny_model))
+    api = client(daemon)
+    stream = api.completions.create(model="tiny", prompt="x", max_tokens=200, stream=True)
+    first = next(iter(stream))
+    assert first.choices is not None
+    engine = psutil.Process(daemon.model_status("tiny")["pid"])
+
+    daemon.proc.send_signal(signal.SIGTERM)
+    rest = list(stream)  # the stream in flight finishes despite the shutdown
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert daemon.proc.wait(timeout=30) == 0
+    wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, what="engine stopped")
+    with pytest.raises(OSError):
+        http("GET", daemon.url + "/v1/models", timeout=5)
+
+
+def test_failed_load_is_503_with_engine_log_and_frees_everything(daemon_factory, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)
+    daemon = daemon_factory(tiny_config(broken).replace('name = "tiny"', 'name = "broken"'))
+    started = time.monotonic()
+    response = http("POST", daemon.url + "/v1/completions", {"model": "broken", "prompt": "x"})
+    assert response.status == 503
+    error = response.json()["error"]
+    assert error["code"] == "engine_load_failed"
+    assert "exited with code" in error["message"] and "broken" in error["message"]
+    assert time.monotonic() - started < 60
+    assert engine_processes(daemon.pid) == []
+    assert daemon.model_status("broken")["state"] == "failed"
+
+
+def test_bad_config_prints_one_line_and_exits_3(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[[models]]\nname = "m"\npath = "/x.gguf"\ntype_k = "q9"\n')
+    result = subprocess.run([sys.executable, "-m", "hybridd", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stderr.strip().count("\n") == 0
+    assert 'models[0].type_k: unknown value "q9" (valid: bf16, f16, f32' in result.stderr
+
+
+def test_port_in_use_is_startup_failure(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "HYBRIDD_LISTEN": f"127.0.0.1:{port}", "XDG_CONFIG_HOME": str(tmp_path),
+               "HYBRIDD_CONFIG": str(tmp_path / "c.toml")}
+        (tmp_path / "c.toml").write_text("")
+        result = subprocess.run([sys.executable, "-m", "hybridd", "serve"], capture_output=True, text=True,
+                                env=env, timeout=60)
+    assert result.returncode == 3
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

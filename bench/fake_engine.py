@@ -45,7 +45,7 @@ async def main(port_file: Path) -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    port_file.write_text(str(port))
+    port_file.write_text(str(port))  # noqa: ASYNC240 (once, at startup)
     await asyncio.Event().wait()
 
 

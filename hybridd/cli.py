@@ -147,14 +147,14 @@ def _daemon_url(args: argparse.Namespace) -> str:
         return str(args.url).rstrip("/")
     config, _ = _load(args)
     host = config.server.host
-    if host in ("0.0.0.0", "::") or not is_loopback_host(host) and config.server.allow_non_loopback:
+    if host in ("0.0.0.0", "::") or (not is_loopback_host(host) and config.server.allow_non_loopback):
         host = "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{config.server.port}"
 
 
 def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (our own daemon's URL)
+    with urllib.request.urlopen(url, timeout=10) as response:
         return json.load(response)
 
 

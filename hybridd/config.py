@@ -191,7 +191,7 @@ class _Reader:
         value = raw[name]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # bool is an int in Python; a TOML `true` where a number is expected is a mistake.
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             wanted = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
             raise self.fail(f"{key}.{name}" if key else name, f"expected {wanted}, got {_kind(value)}")
         return value
@@ -261,7 +261,7 @@ class _Reader:
 
     def engine(self, raw: Any) -> EngineDefaults:
         key = "engine"
-        raw = self.table(raw, key, _ENGINE_KEYS + ("kind", "python"))
+        raw = self.table(raw, key, (*_ENGINE_KEYS, "kind", "python"))
         kv = self.kv_types(raw, key, EngineDefaults.type_k, EngineDefaults.type_v, EngineDefaults.flash_attn)
         return EngineDefaults(
             kind=self.choice(raw, key, "kind", ENGINE_KINDS[:1], EngineDefaults.kind),
@@ -277,8 +277,7 @@ class _Reader:
         )
 
     def model(self, raw: Any, key: str, defaults: EngineDefaults) -> ModelEntry:
-        raw = self.table(raw, key, _ENGINE_KEYS + ("name", "path", "base_url", "api_key", "aliases", "engine",
-                                                   "embeddings", "upstream_model"))
+        raw = self.table(raw, key, (*_ENGINE_KEYS, *_MODEL_KEYS))
         name = self.get(raw, key, "name", str, None)
         if not name:
             raise self.fail(f"{key}.name", "required: the model id clients ask for")
@@ -349,6 +348,7 @@ class _Reader:
 
 
 _ENGINE_KEYS = ("ctx", "type_k", "type_v", "flash_attn", "n_gpu_layers", "idle_ttl_s", "load_timeout_s", "options")
+_MODEL_KEYS = ("name", "path", "base_url", "api_key", "aliases", "engine", "embeddings", "upstream_model")
 _TYPE_NAMES: dict[type, str] = {
     str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "a table",
 }

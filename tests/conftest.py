@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -139,10 +140,8 @@ def stop_daemon(daemon: Daemon) -> None:
             daemon.proc.kill()
             daemon.proc.wait()
     for engine in engines:  # belt and braces: a failing test must not leak processes
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             engine.kill()
-        except psutil.NoSuchProcess:
-            pass
     daemon.notify.close()
 
 

@@ -165,7 +165,7 @@ async def test_client_disconnect_mid_stream_cancels_engine_work(hybridd: str, fa
 
 
 async def test_embeddings_pass_through(hybridd: str) -> None:
-    code, headers, reply = await post(hybridd + "/v1/embeddings", {"model": "m", "input": "hello"})
+    code, _, reply = await post(hybridd + "/v1/embeddings", {"model": "m", "input": "hello"})
     assert code == 200 and reply["data"][0]["embedding"] == [0.5, 0.25]
     code, _, reply = await post(hybridd + "/v1/embeddings", {"model": "m", "input": "x", "stream": True})
     assert code == 400 and "not supported for embeddings" in reply["error"]["message"]

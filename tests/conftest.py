@@ -41,7 +41,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def engine_processes(daemon_pid: int) -> list[psutil.Process]:
-    """llama_cpp.server processes whose parent is the daemon."""
+    """Engine processes (llama_cpp.server behind our launcher) descended from the daemon."""
     try:
         children = psutil.Process(daemon_pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -51,7 +51,7 @@ def engine_processes(daemon_pid: int) -> list[psutil.Process]:
 
 def _is_engine(proc: psutil.Process) -> bool:
     try:
-        return "llama_cpp.server" in proc.cmdline()
+        return "hybridd.engine.llamacpp_main" in proc.cmdline()
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return False
 
@@ -94,11 +94,16 @@ class Daemon:
         return messages
 
 
-def start_daemon(config_text: str, tmp_path: Path, extra_env: dict[str, str] | None = None,
+def start_daemon(config_text: str | None, tmp_path: Path, extra_env: dict[str, str] | None = None,
                  timeout: float = 60.0) -> Daemon:
-    """Start `hybridd serve` with config_text and wait (with a deadline) for READY=1."""
-    config = tmp_path / "config.toml"
-    config.write_text(config_text)
+    """Start `hybridd serve` with config_text (None: no config at all) and wait for READY=1."""
+    args = [sys.executable, "-m", "hybridd", "serve"]
+    if config_text is None:
+        args += ["--listen", "127.0.0.1:0"]
+    else:
+        config = tmp_path / "config.toml"
+        config.write_text(config_text)
+        args += ["--config", str(config)]
     sock_path = tmp_path / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(sock_path))
@@ -106,8 +111,7 @@ def start_daemon(config_text: str, tmp_path: Path, extra_env: dict[str, str] | N
     env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "XDG_STATE_HOME": str(tmp_path / "state"),
            "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "hybridd", "serve", "--config", str(config)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     deadline = time.monotonic() + timeout
     url = None
     while url is None:
@@ -151,7 +155,7 @@ def daemon_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     started: list[Daemon] = []
     counter = iter(range(1000))
 
-    def make(config_text: str, **kwargs) -> Daemon:  # type: ignore[no-untyped-def]
+    def make(config_text: str | None, **kwargs) -> Daemon:  # type: ignore[no-untyped-def]
         folder = tmp_path / f"daemon{next(counter)}"
         folder.mkdir()
         daemon = start_daemon(config_text, folder, **kwargs)

@@ -187,3 +187,15 @@ def test_port_in_use_is_startup_failure(tmp_path: Path) -> None:
                                 env=env, timeout=60)
     assert result.returncode == 3
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_bare_serve_serves_the_demo_model(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    # No config file at all: the README's first command must still serve a real model.
+    daemon = daemon_factory(None)
+    api = client(daemon)
+    assert [m.id for m in api.models.list().data] == ["gemma-3-270m"]
+    reply = api.chat.completions.create(model="gemma-3-270m", max_tokens=24,
+                                        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert reply.choices[0].message.content.strip()
+    text = api.completions.create(model="default", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert len(text.choices[0].text.split()) >= 3  # real words from a real model, not random bytes

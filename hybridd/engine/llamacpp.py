@@ -17,11 +17,30 @@ from hybridd.errors import EngineLoadFailed
 HEALTH_PATH = "/v1/models"
 
 
-def llama_cpp_argv(model: ModelEntry, port: int, python: str = "") -> list[str]:
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """True when the CPU advertises AMX tiles (Sapphire Rapids and later Xeons)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    return " amx_int8" in cpuinfo or " amx_tile" in cpuinfo
+
+
+def repack_setting(model: ModelEntry, has_amx: bool) -> str:
+    """'on' or 'off': weight repacking (extra CPU buffer types) is off on AMX CPUs unless asked for."""
+    if model.repack == "auto":
+        return "off" if has_amx else "on"
+    return model.repack
+
+
+def llama_cpp_argv(model: ModelEntry, port: int, python: str = "", has_amx: bool = False) -> list[str]:
     """The command line that serves model on 127.0.0.1:port."""
     assert model.path is not None
     argv = [
-        python or sys.executable, "-m", "llama_cpp.server",
+        python or sys.executable, "-m", "hybridd.engine.llamacpp_main",
+        "--repack", repack_setting(model, has_amx),
         "--model", str(model.path),
         "--model_alias", model.name,
         "--host", "127.0.0.1",
@@ -72,7 +91,8 @@ class LlamaCppEngine:
         started = time.monotonic()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
-            await self.process.spawn(llama_cpp_argv(self.model, self.port, self.python), env)
+            argv = llama_cpp_argv(self.model, self.port, self.python, _HAS_AMX)
+            await self.process.spawn(argv, env)
             await self._wait_healthy(started + self.model.load_timeout_s)
         except BaseException:
             self.state = EngineState.FAILED
@@ -116,3 +136,6 @@ class LlamaCppEngine:
     def kill_now(self) -> None:
         self.process.kill_now()
         self.state = EngineState.STOPPED
+
+
+_HAS_AMX = cpu_has_amx()

@@ -16,6 +16,10 @@ import pytest
 
 from tests.conftest import engine_processes, http, wait_for
 
+# The tiny model's weights are random, so sampling can hit end-of-sequence (token 2) at any step; tests that
+# count tokens forbid it, as a client would with logit_bias.
+NO_EOS = {"2": -100}
+
 
 def tiny_config(model: Path, **model_keys: object) -> str:
     extra = "".join(f"{key} = {value!r}\n".replace("'", '"').replace("True", "true").replace("False", "false")
@@ -43,20 +47,21 @@ def test_openai_client_chat_completions_embeddings(daemon_factory, tiny_model: P
     api = client(daemon)
 
     chat = api.chat.completions.with_raw_response.create(
-        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, logit_bias=NO_EOS)
     assert chat.headers["x-hybridd-placement"] == "local"
     assert "tiny" in chat.headers["x-hybridd-reason"] and "loaded in" in chat.headers["x-hybridd-reason"]
     parsed = chat.parse()
     assert parsed.choices[0].finish_reason == "length" and parsed.usage.completion_tokens == 4
 
     stream = api.chat.completions.create(model="tiny-alias", messages=[{"role": "user", "content": "hi"}],
-                                         max_tokens=5, stream=True)
+                                         max_tokens=5, logit_bias=NO_EOS, stream=True)
     chunks = list(stream)
     assert len(chunks) >= 5 and chunks[-1].choices[0].finish_reason == "length"
 
-    completion = api.completions.create(model="tiny", prompt="once upon", max_tokens=3)
+    completion = api.completions.create(model="tiny", prompt="once upon", max_tokens=3, logit_bias=NO_EOS)
     assert completion.usage.completion_tokens == 3
-    streamed = list(api.completions.create(model="tiny", prompt="once upon", max_tokens=3, stream=True))
+    streamed = list(api.completions.create(model="tiny", prompt="once upon", max_tokens=3, logit_bias=NO_EOS,
+                                           stream=True))
     assert streamed[-1].choices[0].finish_reason == "length"
 
     embeddings = api.embeddings.create(model="tiny", input=["alpha", "beta"])
@@ -81,7 +86,7 @@ def test_concurrent_first_requests_start_one_engine(daemon_factory, tiny_model: 
     api = client(daemon)
 
     def ask(i: int) -> str:
-        reply = api.completions.create(model="tiny", prompt=f"request {i}", max_tokens=2)
+        reply = api.completions.create(model="tiny", prompt=f"request {i}", max_tokens=2, logit_bias=NO_EOS)
         return reply.choices[0].finish_reason
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -112,7 +117,7 @@ def test_engine_killed_then_next_request_works(daemon_factory, tiny_model: Path)
     os.kill(old_pid, signal.SIGKILL)
     wait_for(lambda: daemon.model_status("tiny")["state"] == "failed", what="death noticed")
 
-    reply = api.completions.create(model="tiny", prompt="x", max_tokens=2)
+    reply = api.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias=NO_EOS)
     assert reply.usage.completion_tokens == 2
     status = daemon.model_status("tiny")
     assert status["pid"] != old_pid and status["restarts"] == 1
@@ -133,7 +138,7 @@ def test_sigkill_of_daemon_leaves_no_engine(daemon_factory, tiny_model: Path) ->
 def test_sigterm_drains_inflight_stream_then_exits_zero(daemon_factory, tiny_model: Path) -> None:
     daemon = daemon_factory(tiny_config(tiny_model))
     api = client(daemon)
-    stream = api.completions.create(model="tiny", prompt="x", max_tokens=200, stream=True)
+    stream = api.completions.create(model="tiny", prompt="x", max_tokens=200, logit_bias=NO_EOS, stream=True)
     first = next(iter(stream))
     assert first.choices is not None
     engine = psutil.Process(daemon.model_status("tiny")["pid"])

@@ -1,0 +1,302 @@
+"""ModelSpec + RunSettings -> MemoryEstimate: weights, KV, recurrent state, compute, output, reserve (pure).
+
+Sizes follow llama.cpp (commit 0c1e570, vendored by llama-cpp-python 0.3.36):
+- context: n_ctx padded to 256; per sequence n_ctx_seq = pad(n_ctx / n_seq, 256) unless kv_unified
+  (llama_context ctor). KV tensors are [n_embd_k_gqa, n_ctx_seq, n_stream] with n_stream = 1 when unified,
+  else n_seq (llama_kv_cache ctor), so the K-cache rows use exact ggml block sizes.
+- sliding-window layers: pad(min(n_ctx_seq, n_swa * (n_seq if unified else 1) + n_ubatch), 256) cells,
+  or n_ctx_seq with swa_full (llama_kv_cache_iswa ctor).
+- MLA caches K only (kv_lora_rank + rope dims, one KV head); without flash attention V is stored transposed and
+  padded to the largest layer's V width ([TAG_V_CACHE_VARIABLE]).
+- recurrent layers: f32 conv (n_embd_r) + ssm (n_embd_s) state per sequence (llama_memory_recurrent).
+- compute buffer: the worst-case ubatch graph (n_tokens = min(n_ctx, n_ubatch)); modelled as the inputs
+  live for the whole graph (KQ masks, residual stream) plus the largest per-layer working set: attention
+  scores n_kv x n_tokens x n_head f32 without flash attention, the FFN/MoE activations, or the logits.
+  Checked against llama.cpp's reported sizes on architecture twins (tests/test_twins.py) within 15%.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from hybridd.model.ggml_types import BY_NAME, GgmlType, ggml_type, row_bytes
+from hybridd.model.spec import AttentionKind, LayerSpec, ModelSpec
+
+MIB = 1024 * 1024
+# llama.cpp pads n_ctx, n_ctx_seq and the SWA cache to 256 cells.
+CTX_PAD = 256
+F32 = 4
+# CUDA context + cuBLAS handles + the memory pool's slack; measured 300-600 MiB on recent drivers.
+DEFAULT_RUNTIME_RESERVE = 512 * MIB
+DEFAULT_CTX = 4096
+
+
+def pad(value: int, multiple: int) -> int:
+    """GGML_PAD: round up to a multiple."""
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """How llama.cpp would be run: context, slots, cache types, batch sizes (llama.cpp's defaults)."""
+
+    ctx: int = DEFAULT_CTX
+    n_seq: int = 1  # parallel slots (llama.cpp n_seq_max / llama-server --parallel)
+    kv_unified: bool = False
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = True  # llama.cpp's "auto" enables it on CUDA for these architectures
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    swa_full: bool = False
+    offload_kqv: bool = True
+    backend: str = "cuda"  # "cuda" adds the F16 copies flash attention makes of a quantized cache
+    runtime_reserve_bytes: int = DEFAULT_RUNTIME_RESERVE  # per GPU: CUDA context and allocator slack
+
+    def __post_init__(self) -> None:
+        if self.ctx <= 0:
+            raise ValueError(f"ctx must be positive, got {self.ctx}")
+        if self.n_seq <= 0:
+            raise ValueError(f"n_seq must be positive, got {self.n_seq}")
+        if self.n_batch <= 0 or self.n_ubatch <= 0:
+            raise ValueError("n_batch and n_ubatch must be positive")
+        ggml_type(self.type_k)
+        ggml_type(self.type_v)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextGeometry:
+    """The context sizes llama.cpp derives from the settings."""
+
+    n_ctx: int  # padded total context
+    n_ctx_seq: int  # cells per stream of a full-attention layer
+    n_stream: int  # 1 when unified, else one stream per sequence
+    n_ubatch: int  # tokens in the worst-case graph (min of n_ctx, n_batch, n_ubatch)
+    swa_cells: int  # cells per stream of a sliding-window layer (0 when none)
+
+
+class LayerMemory(NamedTuple):
+    """Bytes one layer needs (a NamedTuple: immutable and cheap to build, one per layer per estimate)."""
+
+    layer_index: int
+    attention: AttentionKind
+    weight_bytes: int
+    expert_bytes: int
+    kv_bytes: int
+    k_bytes: int
+    v_bytes: int
+    recurrent_bytes: int
+    cells: int  # KV cells per stream (0 for layers without a KV cache)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """Every part of the memory a model needs at some settings, in bytes."""
+
+    settings: RunSettings
+    geometry: ContextGeometry
+    layers: tuple[LayerMemory, ...]
+    token_embd_bytes: int  # host memory: llama.cpp keeps the input layer on the CPU
+    output_weight_bytes: int  # output matrix + output norm, placed on the last GPU
+    compute_bytes: int  # graph scratch on the main GPU
+    fa_copy_bytes: int  # CUDA pool: F16 copies of a quantized cache made by flash attention
+    output_buffer_bytes: int  # host logits buffer (n_vocab x n_seq f32)
+    runtime_reserve_bytes: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def layer_weight_bytes(self) -> int:
+        """Weights of the trunk layers."""
+        return sum(ly.weight_bytes for ly in self.layers)
+
+    @property
+    def weights_bytes(self) -> int:
+        """All weights llama.cpp loads: token embeddings, layers, output."""
+        return self.token_embd_bytes + self.layer_weight_bytes + self.output_weight_bytes
+
+    @property
+    def kv_bytes(self) -> int:
+        """K and V caches of all attention layers."""
+        return sum(ly.kv_bytes for ly in self.layers)
+
+    @property
+    def recurrent_bytes(self) -> int:
+        """Recurrent (conv + ssm) state of all recurrent layers."""
+        return sum(ly.recurrent_bytes for ly in self.layers)
+
+    @property
+    def total_compute_bytes(self) -> int:
+        """Compute buffer plus the flash-attention cache copies."""
+        return self.compute_bytes + self.fa_copy_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything: weights, caches, compute, output buffer and one runtime reserve."""
+        return (self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.total_compute_bytes
+                + self.output_buffer_bytes + self.runtime_reserve_bytes)
+
+
+def context_geometry(spec: ModelSpec, settings: RunSettings) -> ContextGeometry:
+    """n_ctx, n_ctx_seq, streams and SWA cells exactly as llama_context and llama_kv_cache_iswa compute them."""
+    n_ctx = pad(settings.ctx, CTX_PAD)
+    if settings.kv_unified:
+        n_ctx_seq, n_stream = n_ctx, 1
+    else:
+        n_ctx_seq, n_stream = pad(n_ctx // settings.n_seq, CTX_PAD), settings.n_seq
+        n_ctx = n_ctx_seq * settings.n_seq
+    # causal attention: the batch is limited by the context
+    n_batch = min(n_ctx, settings.n_batch)
+    n_ubatch = min(n_batch, settings.n_ubatch)
+    swa_cells = 0
+    if spec.n_swa > 0 and any(ly.attention is AttentionKind.SLIDING for ly in spec.layers):
+        if settings.swa_full:
+            swa_cells = n_ctx_seq
+        else:
+            per_stream = spec.n_swa * (settings.n_seq if settings.kv_unified else 1) + n_ubatch
+            swa_cells = pad(min(n_ctx_seq, per_stream), CTX_PAD)
+    return ContextGeometry(n_ctx, n_ctx_seq, n_stream, n_ubatch, swa_cells)
+
+
+def _cache_bytes(layer: LayerSpec, settings: RunSettings, geo: ContextGeometry,
+                 type_k: GgmlType, type_v: GgmlType, v_width_max: int) -> tuple[int, int, int, int]:
+    """(k_bytes, v_bytes, recurrent_bytes, cells) of one layer."""
+    cells = 0
+    k_bytes = v_bytes = recurrent = 0
+    if layer.attention is AttentionKind.FULL:
+        cells = geo.n_ctx_seq
+    elif layer.attention is AttentionKind.SLIDING:
+        cells = geo.swa_cells
+    if cells:
+        k_bytes = row_bytes(type_k, layer.k_values_per_token) * cells * geo.n_stream
+        # without flash attention V is stored transposed and padded to the widest layer (all layers)
+        v_width = 0 if not layer.has_v_cache else (
+            layer.v_values_per_token if settings.flash_attn else v_width_max)
+        v_bytes = row_bytes(type_v, v_width) * cells * geo.n_stream if v_width else 0
+    if layer.attention is AttentionKind.RECURRENT:
+        # one state row per sequence (mem_size = max(1, n_seq_max)); f32 conv and ssm state
+        recurrent = (layer.recurrent_conv_values + layer.recurrent_ssm_values) * F32 * max(1, settings.n_seq)
+    return k_bytes, v_bytes, recurrent, cells
+
+
+def _shape_key(layer: LayerSpec) -> tuple[object, ...]:
+    # layers of one model repeat a handful of shapes; sizes are computed once per shape
+    return (layer.attention, layer.n_head, layer.n_head_kv, layer.key_length, layer.value_length,
+            layer.has_v_cache, layer.recurrent_conv_values, layer.recurrent_ssm_values)
+
+
+def _attention_peak(spec: ModelSpec, layer: LayerSpec, cells: int, geo: ContextGeometry, flash_attn: bool) -> int:
+    """Bytes of the attention block's chain of activations for one layer in the worst-case ubatch."""
+    t = geo.n_ubatch
+    n_head = layer.n_head
+    q = layer.key_length * n_head * t * F32
+    o = layer.value_length * n_head * t * F32
+    extra = 0
+    q_chain = 0
+    if spec.is_mla:
+        # Q is built in the MLA head dim, absorbed into the latent space, then concatenated with the rope part;
+        # the attention output is decompressed back with v_b
+        q_pre = spec.key_length_mla * n_head * t * F32
+        q_abs = spec.kv_lora_rank * n_head * t * F32
+        q_chain = q_pre + q_abs + q
+        extra = spec.value_length_mla * n_head * t * F32
+    if flash_attn:
+        return max(q + o + extra, q_chain)
+    kq = cells * t * n_head * F32  # softmax runs in place on it
+    return max(kq + q + 2 * o + extra, q_chain)
+
+
+def _ffn_peak(spec: ModelSpec, geo: ContextGeometry) -> int:
+    t = geo.n_ubatch
+    dense = 3 * spec.n_ff_max * t * F32
+    moe = 0
+    if spec.n_expert > 0:
+        n_used = max(spec.n_expert_used, 1)
+        moe = (3 * spec.n_ff_exp * n_used + spec.n_embd * n_used + 3 * spec.n_expert) * t * F32
+        moe += 3 * spec.n_ff_shexp * t * F32
+    return max(dense, moe)
+
+
+def _recurrent_peak(spec: ModelSpec, geo: ContextGeometry, settings: RunSettings) -> int:
+    """Gated-DeltaNet/Mamba block: projected qkv, conv input and output, plus a copy of the states."""
+    peak = 0
+    for ly in spec.recurrent_layers:
+        channels = ly.recurrent_conv_values // max(spec.ssm_conv_kernel - 1, 1)
+        state = ly.recurrent_ssm_values * F32 * max(1, settings.n_seq)
+        # half of the gate z (value_dim, about channels / 2) is live beside them on average
+        peak = max(peak, 3 * channels * geo.n_ubatch * F32 + channels // 4 * geo.n_ubatch * F32 + state)
+    return peak
+
+
+def _compute_bytes(spec: ModelSpec, shapes: list[tuple[LayerSpec, int]], settings: RunSettings,
+                   geo: ContextGeometry) -> int:
+    t = geo.n_ubatch
+    fa = settings.flash_attn
+    mask_elem = 2 if fa else F32  # flash attention takes an f16 mask
+    masks = 0
+    if any(ly.attention is AttentionKind.FULL for ly in spec.layers):
+        masks += geo.n_ctx_seq * t * mask_elem
+    if geo.swa_cells:
+        masks += geo.swa_cells * t * mask_elem
+    base = 2 * spec.n_embd * t * F32  # residual stream + current hidden state
+    attn = max((_attention_peak(spec, ly, cells, geo, fa) for ly, cells in shapes if cells), default=0)
+    logits = (spec.n_vocab + spec.n_embd) * t * F32
+    return masks + base + max(attn, _ffn_peak(spec, geo), logits, _recurrent_peak(spec, geo, settings))
+
+
+def _fa_copy_bytes(shapes: list[tuple[LayerSpec, int]], settings: RunSettings, geo: ContextGeometry,
+                   type_k: GgmlType, type_v: GgmlType) -> int:
+    """CUDA flash attention converts a quantized K/V view to F16 for prompt processing (one layer at a time)."""
+    if settings.backend != "cuda" or not settings.flash_attn:
+        return 0
+    f16 = BY_NAME["f16"]
+    worst = 0
+    for ly, cells in shapes:
+        if not cells:
+            continue
+        size = 0
+        if type_k.block_size > 1:
+            size += row_bytes(f16, ly.k_values_per_token) * cells * geo.n_stream
+        if type_v.block_size > 1 and ly.has_v_cache:
+            size += row_bytes(f16, ly.v_values_per_token) * cells * geo.n_stream
+        worst = max(worst, size)
+    return worst
+
+
+def estimate_memory(spec: ModelSpec, settings: RunSettings) -> MemoryEstimate:
+    """Bytes for every part of running `spec` under `settings` in llama.cpp."""
+    type_k = ggml_type(settings.type_k)
+    type_v = ggml_type(settings.type_v)
+    geo = context_geometry(spec, settings)
+    trunk = spec.layers[: spec.n_layer]
+    v_width_max = max((ly.v_values_unpadded for ly in spec.layers), default=0)
+    sizes: dict[tuple[object, ...], tuple[int, int, int, int]] = {}
+    shapes: list[tuple[LayerSpec, int]] = []
+    layers = []
+    for ly in trunk:
+        key = _shape_key(ly)
+        size = sizes.get(key)
+        if size is None:
+            size = sizes[key] = _cache_bytes(ly, settings, geo, type_k, type_v, v_width_max)
+            shapes.append((ly, size[3]))
+        k_bytes, v_bytes, recurrent, cells = size
+        layers.append(LayerMemory(ly.index, ly.attention, ly.weight_bytes, ly.expert_bytes,
+                                  k_bytes + v_bytes, k_bytes, v_bytes, recurrent, cells))
+    notes = list(spec.warnings)
+    if not settings.flash_attn and (type_v.block_size > 1 or (spec.is_mla and type_k.block_size > 1)):
+        notes.append("llama.cpp refuses a quantized V cache without flash attention"
+                     + (" (MLA's V is a view of K)" if spec.is_mla else ""))
+    if settings.ctx > spec.n_ctx_train > 0:
+        notes.append(f"ctx {settings.ctx} exceeds the trained context {spec.n_ctx_train}")
+    return MemoryEstimate(
+        settings=settings,
+        geometry=geo,
+        layers=tuple(layers),
+        token_embd_bytes=spec.token_embd_bytes,
+        output_weight_bytes=spec.output_bytes + spec.other_bytes,
+        compute_bytes=_compute_bytes(spec, shapes, settings, geo),
+        fa_copy_bytes=_fa_copy_bytes(shapes, settings, geo, type_k, type_v),
+        output_buffer_bytes=spec.n_vocab * max(1, settings.n_seq) * F32,
+        runtime_reserve_bytes=settings.runtime_reserve_bytes if settings.backend == "cuda" else 0,
+        notes=tuple(notes),
+    )

@@ -53,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     _url_flags(status)
     _flag(status, "--json", env="HYBRIDD_JSON", action="store_true", help="print the status object as JSON")
 
+    plan = commands.add_parser("plan", help="what a model needs at a context, and whether it fits")
+    _flag(plan, "model", env="HYBRIDD_MODEL", nargs="?", metavar="MODEL",
+          help="a GGUF path, a configured model id, or a model profile name")
+    _flag(plan, "--quant", env="HYBRIDD_QUANT", help="quantization of a profile model (e.g. Q4_K_M)")
+    _flag(plan, "--ctx", env="HYBRIDD_CTX", type=int, help="context length in tokens")
+    _flag(plan, "--kv-type", env="HYBRIDD_KV_TYPE", metavar="T", help="K and V cache type (e.g. q8_0)")
+    _flag(plan, "--type-k", env="HYBRIDD_TYPE_K", metavar="T", help="K cache type")
+    _flag(plan, "--type-v", env="HYBRIDD_TYPE_V", metavar="T", help="V cache type")
+    _flag(plan, "--slots", env="HYBRIDD_SLOTS", type=int, default=1, help="parallel sequences (default 1)")
+    _flag(plan, "--no-flash-attn", env="HYBRIDD_NO_FLASH_ATTN", action="store_true",
+          help="plan without flash attention")
+    _flag(plan, "--hardware", env="HYBRIDD_HARDWARE", metavar="PROFILE",
+          help="plan for a hardware profile instead of this machine")
+    _flag(plan, "--json", env="HYBRIDD_JSON", action="store_true", help="print the plan as one JSON object")
+    _config_flag(plan)
+
     models = commands.add_parser("models", help="list the models the running daemon serves")
     _url_flags(models)
     _flag(models, "--json", env="HYBRIDD_JSON", action="store_true", help="print the model list as JSON")
@@ -72,7 +88,7 @@ def _url_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
-    handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models}[args.command]
+    handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -179,6 +195,33 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = _ask(args, "/hybridd/v1/status")
     print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print what a model needs and where it would fit."""
+    from hybridd.catalog import build_catalog, scan_library
+    from hybridd.errors import HybriddError
+    from hybridd.model.plan import render_plan_table
+    from hybridd.planning import PlanRequest, make_plan
+
+    if not args.model:
+        print("hybridd plan: a MODEL is required (a GGUF path, a configured model or a profile name)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config, _ = _load(args)
+        catalog = build_catalog(config, scan_library(config.library_dirs))
+        request = PlanRequest(
+            model=args.model, quant=args.quant, ctx=args.ctx, type_k=args.type_k or args.kv_type,
+            type_v=args.type_v or args.kv_type, slots=int(args.slots), flash_attn=False if args.no_flash_attn else None,
+            hardware=args.hardware,
+        )
+        result = make_plan(request, catalog)
+    except (HybriddError, ValueError, OSError) as exc:
+        print(f"hybridd plan: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(result, indent=2) if args.json else render_plan_table(result))
     return EXIT_OK
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import time
 
@@ -9,11 +11,14 @@ from aiohttp import web
 
 from hybridd import __version__
 from hybridd.api import keys
+from hybridd.errors import BadRequest
+from hybridd.planning import make_plan, plan_request_from_json
 
 
 def add_routes(app: web.Application) -> None:
-    """Register /hybridd/v1/status."""
+    """Register /hybridd/v1/status and /hybridd/v1/plan."""
     app.router.add_get("/hybridd/v1/status", status)
+    app.router.add_post("/hybridd/v1/plan", plan)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -28,3 +33,18 @@ async def status(request: web.Request) -> web.Response:
         "uptime_s": round(time.monotonic() - node.started_mono, 1),
         "models": request.app[keys.POOL].describe(),
     })
+
+
+async def plan(request: web.Request) -> web.Response:
+    """The plan for a model on this node (or a hardware profile): same object as `hybridd plan --json`."""
+    try:
+        body = json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    plan_request = plan_request_from_json(body)
+    try:
+        # Reading a GGUF header and asking NVML block: keep them off the event loop.
+        result = await asyncio.to_thread(make_plan, plan_request, request.app[keys.NODE].catalog)
+    except ValueError as exc:  # a malformed profile or GGUF header
+        raise BadRequest(str(exc)) from exc
+    return web.json_response(result)

@@ -250,9 +250,13 @@ class GpuProbe:
 def devices_from_snapshot(
     snapshot: MachineSnapshot,
     display_reserve_bytes: int = DEFAULT_DISPLAY_RESERVE_BYTES,
-    runtime_reserve_bytes: int = DEFAULT_RUNTIME_RESERVE_BYTES,
+    runtime_reserve_bytes: int = 0,
 ) -> list[Device]:
-    """The snapshot's GPUs as placement devices, in CUDA index order; a CPU-only snapshot gives none."""
+    """The snapshot's GPUs as placement devices, in CUDA index order; a CPU-only snapshot gives none.
+
+    The engine's CUDA context is charged per GPU by the memory estimate (RunSettings.runtime_reserve_bytes), so
+    by default it is not kept back here too; runtime_reserve_bytes is for anything else that must stay free.
+    """
     if not snapshot.gpus:
         return []
     from hybridd.place.devices import Device

@@ -1,0 +1,136 @@
+"""`hybridd plan` and POST /hybridd/v1/plan: every profile model on the named hardware and on this machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from hybridd.api.app import make_app
+from hybridd.catalog import Catalog
+from hybridd.config import Config
+from hybridd.planning import PlanRequest, make_plan
+from hybridd.probe.model_profiles import list_profiles
+
+REQUIRED = {"weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "total_bytes", "ctx", "fits",
+            "offload_layers", "devices"}
+GIB = 1024**3
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hybridd", "plan", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_every_profile_model_is_named() -> None:
+    assert set(list_profiles()) >= {
+        "glm-4.7-flash", "gpt-oss-120b", "gpt-oss-20b", "qwen3-coder-30b-a3b", "qwen3-coder-next",
+        "qwen3.5-397b-a17b", "qwen3.5-122b-a10b", "llama-3.1-70b", "llama-3.1-8b", "gemma-3-27b", "qwen3-32b"}
+
+
+@pytest.mark.parametrize("hardware", ["desktop-4090-5070ti", "dgx-spark", None])
+@pytest.mark.parametrize("model", list_profiles())
+def test_full_answer_for_every_profile_model(model: str, hardware: str | None) -> None:
+    plan = make_plan(PlanRequest(model=model, ctx=32768, hardware=hardware))
+    assert set(plan) >= REQUIRED
+    assert plan["weights_bytes"] > GIB and plan["kv_bytes"] > 0 and plan["ctx"] >= 32768
+    parts = plan["weights_bytes"] + plan["kv_bytes"] + plan["recurrent_bytes"] + plan["compute_bytes"]
+    assert plan["total_bytes"] >= parts
+    if hardware == "dgx-spark":
+        assert [d["name"] for d in plan["devices"]] == ["NVIDIA GB10"]
+    if hardware == "desktop-4090-5070ti":
+        assert len(plan["devices"]) == 2
+        placed = sum(d["bytes_placed"] for d in plan["devices"])
+        assert placed <= 40 * GIB
+        # A model that fits is wholly on the GPUs; one that runs only partly says how much lives in RAM.
+        if plan["fits"]:
+            assert plan["offload_layers"] == 0 and not plan["n_cpu_moe"]
+        elif plan["runs"]:
+            assert plan["offload_layers"] > 0 or plan["n_cpu_moe"] > 0
+
+
+def test_known_placements_on_the_desktop() -> None:
+    desk = "desktop-4090-5070ti"
+    assert make_plan(PlanRequest(model="glm-4.7-flash", ctx=32768, hardware=desk))["fits"]
+    assert make_plan(PlanRequest(model="llama-3.1-8b", ctx=32768, hardware=desk))["fits"]
+    assert not make_plan(PlanRequest(model="gpt-oss-120b", ctx=32768, hardware=desk))["fits"]
+    assert not make_plan(PlanRequest(model="llama-3.1-70b", quant="Q8_0", ctx=8192, hardware=desk))["fits"]
+    assert make_plan(PlanRequest(model="gpt-oss-120b", ctx=131072, hardware="dgx-spark"))["fits"]
+
+
+def test_cli_json_and_table(tmp_path: Path) -> None:
+    result = run_plan("glm-4.7-flash", "--ctx", "114688", "--kv-type", "q8_0", "--hardware",
+                      "desktop-4090-5070ti", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["ctx"] == 114688 and plan["type_k"] == plan["type_v"] == "q8_0" and plan["fits"]
+    # llama.cpp users report ~3.1 GiB of KV for GLM-4.7-Flash Q8_0 at 112k (MLA caches K only).
+    assert 2.9 * GIB < plan["kv_bytes"] < 3.3 * GIB
+    table = run_plan("gpt-oss-120b", "--hardware", "desktop-4090-5070ti")
+    assert table.returncode == 0
+    assert "weights" in table.stdout and "KV cache" in table.stdout and "in RAM" in table.stdout
+
+
+def test_cli_plans_a_gguf_file_on_this_machine(tiny_model: Path) -> None:
+    result = run_plan(str(tiny_model), "--ctx", "1024", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["architecture"] == "llama" and plan["ctx"] == 1024
+    assert plan["hardware"].startswith("this machine")
+    # 2 layers x 1 KV head x 32 dims x (K + V) x 2 bytes x 1024 cells
+    assert plan["kv_bytes"] == 2 * 32 * 2 * 2 * 1024
+
+
+def test_cli_uses_a_configured_models_settings(tmp_path: Path, tiny_model: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[models]]\nname = "mine"\npath = "{tiny_model}"\nctx = 2048\n'
+                      'type_k = "q8_0"\ntype_v = "q8_0"\nflash_attn = true\n')
+    plan = json.loads(run_plan("mine", "--config", str(config), "--json").stdout)
+    assert (plan["ctx"], plan["type_k"], plan["type_v"]) == (2048, "q8_0", "q8_0")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["no-such-model"], "is not a GGUF path, a configured model (none) or a model profile"),
+    (["glm-4.7-flash", "--hardware", "laptop"], "unknown hardware profile 'laptop' (valid: asus-ascent-gx10"),
+    (["glm-4.7-flash", "--kv-type", "q9"], "type_k: unknown cache type 'q9'"),
+    (["glm-4.7-flash", "--type-v", "q8_0", "--no-flash-attn"], "needs flash attention"),
+])
+def test_cli_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run_plan(*args)
+    assert result.returncode == 1
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[str]:
+    server = TestServer(make_app(Config(), Catalog(())), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("/hybridd/v1/plan"))
+    await server.close()
+
+
+async def test_api_answers_the_same_json_as_the_cli(api: str) -> None:
+    cli = json.loads(run_plan("qwen3-coder-next", "--ctx", "262144", "--hardware", "dgx-spark", "--json").stdout)
+    async with aiohttp.ClientSession() as session, session.post(api, json={
+            "model": "qwen3-coder-next", "ctx": 262144, "hardware": "dgx-spark"}) as response:
+        assert response.status == 200
+        assert await response.json() == cli
+
+
+@pytest.mark.parametrize(("body", "status", "fragment"), [
+    ({"model": "glm-4.7-flash", "colour": 1}, 400, "unknown field 'colour'"),
+    ({"ctx": 4096}, 400, "'model' is required"),
+    ({"model": "glm-4.7-flash", "ctx": "big"}, 400, "'ctx' must be an integer"),
+    ({"model": "nope"}, 404, "is not a GGUF path"),
+    ({"model": "/etc/passwd.gguf"}, 404, "no GGUF file at"),
+])
+async def test_api_bad_plan_requests(api: str, body: dict, status: int, fragment: str) -> None:  # type: ignore[type-arg]
+    async with aiohttp.ClientSession() as session, session.post(api, json=body) as response:
+        assert response.status == status
+        assert fragment in (await response.json())["error"]["message"]

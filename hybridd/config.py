@@ -18,7 +18,7 @@ from hybridd.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:11435"
 DEFAULT_PORT = 11435
-ENGINE_KINDS = ("llama-cpp-python", "external")
+ENGINE_KINDS = ("llama-cpp-python", "external", "peer-only")
 # ggml type ids as llama.cpp numbers them (ggml.h enum ggml_type); llama_cpp.server takes the id.
 KV_CACHE_TYPES = {
     "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30,
@@ -81,6 +81,8 @@ class ModelEntry:
     base_url: str | None = None
     api_key: str | None = None
     upstream_model: str | None = None
+    profile: str | None = None
+    quant: str | None = None
     aliases: tuple[str, ...] = ()
     engine: str = "llama-cpp-python"
     ctx: int = 8192
@@ -98,7 +100,52 @@ class ModelEntry:
     @property
     def managed(self) -> bool:
         """True when hybridd runs the engine process itself."""
-        return self.engine != "external"
+        return self.engine == "llama-cpp-python"
+
+    @property
+    def local(self) -> bool:
+        """True when this node can serve the model itself (a GGUF here or an external URL)."""
+        return self.engine != "peer-only"
+
+
+@dataclass(frozen=True)
+class BudgetDevice:
+    """A device given by config instead of probed: a memory budget hybridd may fill (tests, or a cap)."""
+
+    name: str
+    memory_bytes: int
+    bandwidth_bytes_s: float = 1.0e12
+    unified: bool = False
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """This node's identity and the resources placement may count on."""
+
+    name: str = ""
+    hardware: str = ""
+    devices: tuple[BudgetDevice, ...] = ()
+    ram_bytes: int | None = None
+    ram_bandwidth_bytes_s: float = 60e9
+    disk_read_bytes_s: float = 2e9
+    display_reserve_bytes: int = 1024**3
+    queue_limit: int = 16
+    default_max_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A statically configured peer: an OpenAI-compatible URL with the hardware it runs on."""
+
+    name: str
+    base_url: str
+    hardware: str
+    models: tuple[str, ...] = ()
+    api_key: str | None = None
+
+    def serves(self, model: str) -> bool:
+        """True if this peer serves model (an empty list means every model)."""
+        return not self.models or model in self.models
 
 
 @dataclass(frozen=True)
@@ -107,6 +154,8 @@ class Config:
 
     server: ServerConfig = ServerConfig()
     engine: EngineDefaults = EngineDefaults()
+    node: NodeConfig = NodeConfig()
+    peers: tuple[PeerConfig, ...] = ()
     models: tuple[ModelEntry, ...] = ()
     library_dirs: tuple[Path, ...] = ()
     state_dir: Path | None = None
@@ -225,8 +274,14 @@ class _Reader:
         return path if path.is_absolute() else self.base_dir / path
 
     def config(self, raw: dict[str, Any]) -> Config:
-        self.table(raw, "", ("server", "engine", "models", "library", "state_dir"))
+        self.table(raw, "", ("server", "engine", "node", "peers", "models", "library", "state_dir"))
         server = self.server(raw.get("server", {}))
+        node = self.node(raw.get("node", {}))
+        peers = tuple(self.peer(item, f"peers[{i}]") for i, item in enumerate(self.get(raw, "", "peers", list, [])))
+        names = [p.name for p in peers]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise self.fail(f"peers[{i}].name", f'"{name}" is already used by peers[{names.index(name)}]')
         engine = self.engine(raw.get("engine", {}))
         library = self.table(raw.get("library", {}), "library", ("dirs",))
         dirs = self.get(library, "library", "dirs", list, [])
@@ -240,6 +295,8 @@ class _Reader:
         return Config(
             server=server,
             engine=engine,
+            node=node,
+            peers=peers,
             models=models,
             library_dirs=tuple(self.path(d) for d in dirs),
             state_dir=self.path(state) if state else None,
@@ -271,6 +328,51 @@ class _Reader:
         _check_loopback(server, self.source)
         return server
 
+    def node(self, raw: Any) -> NodeConfig:
+        key = "node"
+        raw = self.table(raw, key, ("name", "hardware", "devices", "ram_bytes", "ram_bandwidth_bytes_s",
+                                    "disk_read_bytes_s", "display_reserve_bytes", "queue_limit",
+                                    "default_max_tokens"))
+        devices = []
+        for i, item in enumerate(self.get(raw, key, "devices", list, [])):
+            where = f"node.devices[{i}]"
+            item = self.table(item, where, ("name", "memory_bytes", "bandwidth_bytes_s", "unified"))
+            name = self.get(item, where, "name", str, f"budget{i}")
+            devices.append(BudgetDevice(
+                name=name, memory_bytes=int(self.positive(item, where, "memory_bytes", 0) or 0),
+                bandwidth_bytes_s=self.positive(item, where, "bandwidth_bytes_s", BudgetDevice.bandwidth_bytes_s),
+                unified=self.get(item, where, "unified", bool, False),
+            ))
+        ram = self.get(raw, key, "ram_bytes", int, None)
+        return NodeConfig(
+            name=self.get(raw, key, "name", str, ""),
+            hardware=self.get(raw, key, "hardware", str, ""),
+            devices=tuple(devices),
+            ram_bytes=ram,
+            ram_bandwidth_bytes_s=self.positive(raw, key, "ram_bandwidth_bytes_s", NodeConfig.ram_bandwidth_bytes_s),
+            disk_read_bytes_s=self.positive(raw, key, "disk_read_bytes_s", NodeConfig.disk_read_bytes_s),
+            display_reserve_bytes=self.get(raw, key, "display_reserve_bytes", int, NodeConfig.display_reserve_bytes),
+            queue_limit=int(self.positive(raw, key, "queue_limit", NodeConfig.queue_limit)),
+            default_max_tokens=int(self.positive(raw, key, "default_max_tokens", NodeConfig.default_max_tokens)),
+        )
+
+    def peer(self, raw: Any, key: str) -> PeerConfig:
+        raw = self.table(raw, key, ("name", "base_url", "hardware", "models", "api_key"))
+        name = self.get(raw, key, "name", str, None)
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise self.fail(f"{key}.name", "required: letters, digits, '-', '_' or '.' (it appears in headers)")
+        base_url = self.get(raw, key, "base_url", str, None)
+        if not base_url or not base_url.startswith(("http://", "https://")):
+            raise self.fail(f"{key}.base_url", 'required: the peer\'s OpenAI URL, e.g. "http://spark.local:11435"')
+        hardware = self.get(raw, key, "hardware", str, None)
+        if not hardware:
+            raise self.fail(f"{key}.hardware", 'required: a hardware profile name, e.g. "dgx-spark"')
+        models = self.get(raw, key, "models", list, [])
+        if not all(isinstance(m, str) for m in models):
+            raise self.fail(f"{key}.models", "expected an array of model ids")
+        return PeerConfig(name=name, base_url=base_url.rstrip("/").removesuffix("/v1"), hardware=hardware,
+                          models=tuple(models), api_key=self.get(raw, key, "api_key", str, None))
+
     def engine(self, raw: Any) -> EngineDefaults:
         key = "engine"
         raw = self.table(raw, key, (*_ENGINE_KEYS, "kind", "python"))
@@ -299,8 +401,13 @@ class _Reader:
             raise self.fail(f"{key}.aliases", "expected an array of non-empty strings")
         path = self.get(raw, key, "path", str, None)
         base_url = self.get(raw, key, "base_url", str, None)
-        engine = self.choice(raw, key, "engine", ENGINE_KINDS, "external" if base_url else defaults.kind)
-        if engine == "external":
+        profile = self.get(raw, key, "profile", str, None)
+        implied = "external" if base_url else "peer-only" if profile and not path else defaults.kind
+        engine = self.choice(raw, key, "engine", ENGINE_KINDS, implied)
+        if engine == "peer-only":
+            if not profile:
+                raise self.fail(f"{key}.profile", "a model served only by peers needs a model profile name")
+        elif engine == "external":
             if not base_url or not base_url.startswith(("http://", "https://")):
                 raise self.fail(f"{key}.base_url", 'an external model needs an http(s) URL, e.g. "http://127.0.0.1:8080"')
             if path:
@@ -314,6 +421,8 @@ class _Reader:
             base_url=base_url.rstrip("/") if base_url else None,
             api_key=self.get(raw, key, "api_key", str, None),
             upstream_model=self.get(raw, key, "upstream_model", str, None),
+            profile=profile,
+            quant=self.get(raw, key, "quant", str, None),
             aliases=tuple(aliases),
             engine=engine,
             ctx=self.ctx(raw, key, defaults.ctx),
@@ -363,7 +472,8 @@ class _Reader:
 
 _ENGINE_KEYS = ("ctx", "type_k", "type_v", "flash_attn", "n_gpu_layers", "idle_ttl_s", "load_timeout_s", "options",
                 "repack")
-_MODEL_KEYS = ("name", "path", "base_url", "api_key", "aliases", "engine", "embeddings", "upstream_model")
+_MODEL_KEYS = ("name", "path", "base_url", "api_key", "aliases", "engine", "embeddings", "upstream_model", "profile",
+               "quant")
 _TYPE_NAMES: dict[type, str] = {
     str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "a table",
 }

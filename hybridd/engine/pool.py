@@ -26,7 +26,9 @@ class ModelSlot:
 
     model: ModelEntry
     engine: Engine | None = None
+    running: ModelEntry | None = None  # the settings the live engine was started with (ctx may exceed model.ctx)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: int = 0
     requests: int = 0
     last_used: float = 0.0
@@ -56,50 +58,69 @@ class EnginePool:
     """Owns every engine of this node; the only place that starts or stops one."""
 
     def __init__(
-        self, models: tuple[ModelEntry, ...], factory: EngineFactory, clock: Callable[[], float] = time.monotonic
+        self, models: tuple[ModelEntry, ...], factory: EngineFactory, clock: Callable[[], float] = time.monotonic,
+        on_stopped: Callable[[str], None] | None = None,
     ) -> None:
-        self.slots = {model.name: ModelSlot(model) for model in models}
+        self.slots = {model.name: ModelSlot(model) for model in models if model.local}
+        for slot in self.slots.values():
+            slot.idle.set()
         self.factory = factory
         self.clock = clock
+        self.on_stopped = on_stopped or (lambda name: None)
         self._wake = asyncio.Event()
         self._closed = False
 
     @contextlib.asynccontextmanager
-    async def lease(self, model: ModelEntry) -> AsyncIterator[Lease]:
-        """Hold a ready engine for model for the duration of one request."""
+    async def lease(self, model: ModelEntry, run: ModelEntry | None = None) -> AsyncIterator[Lease]:
+        """Hold a ready engine for model, started with the settings run (default: model's own), for one request."""
         slot = self.slots[model.name]
-        cold_start = await self._ensure_ready(slot)
+        cold_start = await self._ensure_ready(slot, run or slot.model)
         assert slot.engine is not None
         slot.in_flight += 1
         slot.requests += 1
+        slot.idle.clear()
         try:
             yield Lease(slot.engine, cold_start)
         finally:
             slot.in_flight -= 1
             slot.last_used = self.clock()
+            if not slot.in_flight:
+                slot.idle.set()
             self._wake.set()
 
-    async def _ensure_ready(self, slot: ModelSlot) -> float | None:
+    def serves(self, slot: ModelSlot, run: ModelEntry) -> bool:
+        """True if the live engine can take a request that needs the settings run."""
+        live = slot.running
+        return (slot.engine is not None and slot.engine.is_alive() and live is not None
+                and live.ctx >= run.ctx and live.n_gpu_layers == run.n_gpu_layers)
+
+    async def _ensure_ready(self, slot: ModelSlot, run: ModelEntry) -> float | None:
         async with slot.lock:
             if self._closed:
                 raise EngineLoadFailed("hybridd is shutting down; no new engine starts")
+            if self.serves(slot, run):
+                return None
             engine = slot.engine
             if engine is not None and engine.is_alive():
-                return None
-            if engine is not None:
+                # It runs with too small a context (or other layers): let its requests finish, then reload.
+                log.info("reloading %s at ctx %d (was %d)", slot.model.name, run.ctx, slot.running.ctx if slot.running
+                         else 0)
+                await slot.idle.wait()
+                await self._stop(slot)
+            elif engine is not None:
                 log.warning("engine for %s died (state %s); restarting it", slot.model.name, slot.state)
                 slot.restarts += 1
-                await engine.stop()
-                slot.engine = None
-            engine = self.factory(slot.model)
+                await self._stop(slot)
+            engine = self.factory(run)
             started = self.clock()
             try:
                 await engine.start()
             except Exception as exc:
                 slot.last_error = str(exc)
                 log.error("%s", exc)
+                self.on_stopped(slot.model.name)
                 raise
-            slot.engine = engine
+            slot.engine, slot.running = engine, run
             slot.last_error = None
             slot.loaded_at = slot.last_used = self.clock()
             slot.load_seconds = slot.loaded_at - started
@@ -113,9 +134,14 @@ class EnginePool:
             if slot.engine is None or slot.in_flight:
                 return False
             log.info("unloading %s: %s", name, reason)
-            engine, slot.engine, slot.loaded_at = slot.engine, None, None
-            await engine.stop()
+            await self._stop(slot)
             return True
+
+    async def _stop(self, slot: ModelSlot) -> None:
+        engine, slot.engine, slot.running, slot.loaded_at = slot.engine, None, None, None
+        if engine is not None:
+            await engine.stop()
+        self.on_stopped(slot.model.name)
 
     def _loaded(self) -> list[LoadedEngine]:
         return [
@@ -139,10 +165,8 @@ class EnginePool:
     async def stop_all(self) -> None:
         """Stop every engine; no new engine starts after this."""
         self._closed = True
-        engines = [slot.engine for slot in self.slots.values() if slot.engine is not None]
-        for slot in self.slots.values():
-            slot.engine = None
-        await asyncio.gather(*(engine.stop() for engine in engines), return_exceptions=True)
+        await asyncio.gather(*(self._stop(slot) for slot in self.slots.values() if slot.engine is not None),
+                             return_exceptions=True)
 
     def kill_all_now(self) -> None:
         """SIGKILL every engine synchronously (last-resort exit path)."""
@@ -163,7 +187,7 @@ class EnginePool:
                 "engine": slot.model.engine,
                 "state": slot.state.value,
                 "loaded": loaded,
-                "ctx": slot.model.ctx,
+                "ctx": slot.running.ctx if slot.running else slot.model.ctx,
                 "type_k": slot.model.type_k,
                 "type_v": slot.model.type_v,
                 "path": str(slot.model.path) if slot.model.path else None,

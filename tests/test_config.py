@@ -22,8 +22,13 @@ def test_defaults_listen_on_loopback() -> None:
 def test_example_config_is_valid_and_pinned() -> None:
     config = load_config(REPO / "examples" / "config.toml")
     assert config.server.listen == "127.0.0.1:11435"
-    assert [m.name for m in config.models] == ["qwen3-coder-30b", "nomic-embed", "llama-server-8b"]
-    coder, embed, external = config.models
+    assert [m.name for m in config.models] == ["qwen3-coder-30b", "nomic-embed", "gpt-oss-120b", "llama-server-8b"]
+    coder, embed, peer_only, external = config.models
+    assert peer_only.engine == "peer-only" and not peer_only.local and peer_only.quant == "MXFP4"
+    (spark,) = config.peers
+    assert (spark.name, spark.base_url, spark.hardware) == ("spark", "http://spark.local:11435", "dgx-spark")
+    assert spark.serves("gpt-oss-120b") and not spark.serves("nomic-embed")
+    assert config.node.name == "desktop" and config.node.queue_limit == 16 and config.node.devices == ()
     assert coder.aliases == ("coder",) and coder.ctx == 65536 and (coder.type_k, coder.type_v) == ("q8_0", "q8_0")
     assert coder.path == Path("~/models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf").expanduser()
     assert coder.options == {"n_threads": 8} and coder.idle_ttl_s == 3600

@@ -26,7 +26,8 @@ def add_routes(app: web.Application) -> None:
 
 def _model_object(request: web.Request, model: ModelEntry) -> dict[str, Any]:
     node = request.app[keys.NODE]
-    slot = request.app[keys.POOL].slots[model.name]
+    slot = request.app[keys.POOL].slots.get(model.name)
+    state = slot.state.value if slot else "remote"
     return {
         "id": model.name,
         "object": "model",
@@ -34,8 +35,8 @@ def _model_object(request: web.Request, model: ModelEntry) -> dict[str, Any]:
         "owned_by": "hybridd",
         "context_length": model.ctx,
         "aliases": list(model.aliases),
-        "hybridd": {"placement": "local", "engine": model.engine, "state": slot.state.value,
-                    "loaded": slot.state.value == "ready"},
+        "hybridd": {"placement": "local" if model.local else "peer", "engine": model.engine, "state": state,
+                    "loaded": state == "ready"},
     }
 
 

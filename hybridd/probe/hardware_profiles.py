@@ -20,7 +20,11 @@ from typing import TYPE_CHECKING, Any
 from hybridd.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from hybridd.model.spec import ModelSpec
     from hybridd.place.devices import Device
+    from hybridd.place.hardware import Hardware, SpeedPoint
 
 PROFILES_DIR_ENV = "HYBRIDD_PROFILES_DIR"
 _REPO_PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
@@ -85,6 +89,59 @@ class HardwareProfile:
             )
             for spec in self.device_specs
         ]
+
+    def hardware(self, spec_for: Callable[[str, str | None], ModelSpec | None] | None = None,
+                 disk_read_bytes_s: float | None = None) -> Hardware:
+        """This profile as placement `Hardware` (idle devices), its measured points resolved to model specs.
+
+        `spec_for(model, quant)` resolves a point's model; the default reads the model profiles and returns None
+        for a model or quant without one (the point is then kept but cannot calibrate).
+        """
+        from hybridd.place.hardware import DEFAULT_DISK_READ_BYTES_S, Hardware
+
+        resolve = spec_for or _spec_from_model_profile
+        devices = tuple(self.devices())
+        return Hardware(
+            name=self.name,
+            devices=devices,
+            ram_bytes=0 if any(d.unified for d in devices) else self.system_ram_bytes,
+            ram_bandwidth_bytes_s=self.system_ram_bandwidth_bytes_s,
+            disk_read_bytes_s=disk_read_bytes_s or DEFAULT_DISK_READ_BYTES_S,
+            measured=tuple(_speed_point(p, resolve(p.model, p.quant)) for p in self.measured),
+        )
+
+
+def _speed_point(point: MeasuredPoint, spec: ModelSpec | None) -> SpeedPoint:
+    from hybridd.place.hardware import SpeedPoint
+
+    # a published range stands for its midpoint: runs and quants spread over it
+    decode = point.decode_tok_s if point.decode_tok_s_high is None else (point.decode_tok_s +
+                                                                          point.decode_tok_s_high) / 2
+    return SpeedPoint(model=point.model, engine=point.engine, decode_tok_s=decode, spec=spec,
+                      prefill_tok_s=point.prefill_tok_s, context_tokens=point.context_tokens or 0,
+                      cpu_layers=point.cpu_layers, nodes=point.nodes)
+
+
+_SPEC_CACHE: dict[tuple[str, str, str | None], ModelSpec | None] = {}
+
+
+def _spec_from_model_profile(model: str, quant: str | None) -> ModelSpec | None:
+    """The spec of a model profile at `quant` (an unnamed quant is the profile's first); None if unknown."""
+    from hybridd.probe.model_profiles import models_dir
+
+    key = (str(models_dir()), model, quant)
+    if key not in _SPEC_CACHE:
+        from hybridd.model.spec import model_spec
+        from hybridd.probe.model_profiles import ProfileError as ModelProfileError
+        from hybridd.probe.model_profiles import load_profile, profile_header
+
+        try:
+            header = profile_header(load_profile(model), quant)
+        except ModelProfileError:
+            _SPEC_CACHE[key] = None
+        else:
+            _SPEC_CACHE[key] = model_spec(header.metadata, header.tensors)
+    return _SPEC_CACHE[key]
 
 
 def profiles_dir() -> Path:

@@ -1,0 +1,413 @@
+"""The placement decision: where a request finishes first, or why it cannot run (pure; `now` is an argument).
+
+For a request it weighs (a) each engine already loaded (or loading) with enough context, (b) a new load on the
+local GPUs, after evicting idle engines least recently used first if needed, (c) a new local load with part of the
+model in system RAM, (d) each peer that serves the model; and predicts for each
+
+    total_s = queue wait + load time if not loaded + prompt / prefill tok/s + max_tokens / decode tok/s (+ RTT)
+
+The fastest wins; a local option within TIE_TOLERANCE of the best peer wins over it. The decision reserves
+nothing: the caller commits it with Ledger.reserve(option.engine_key, option.reserve) after evicting
+option.evict, and a refused reserve means the snapshot was stale: decide again.
+
+Refusals (placement "none") carry an honest HTTP status:
+- 400 context_length_exceeded: the needed context is beyond the model's trained context, or the model fits
+  somewhere at a smaller context but nowhere at this one.
+- 400 placement_unavailable: the placement hint leaves no candidate (e.g. `peer` and no peer serves the model).
+- 429 queue_full: every option that could run it has a full queue (Retry-After: retry_after_s).
+- 503 capacity_busy: it would fit on idle hardware but not now (engines in flight, peers down); retry later.
+- 507 insufficient_memory: the model does not fit anywhere even idle at the smallest context bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from hybridd.model.memory import CTX_PAD, MemoryEstimate, RunSettings, estimate_memory, pad
+from hybridd.model.spec import ModelSpec
+from hybridd.place.buckets import MIN_BUCKET, context_bucket
+from hybridd.place.devices import Device
+from hybridd.place.fit import Fit, fit_model
+from hybridd.place.hardware import Hardware
+from hybridd.place.ledger import HOST, Ledger
+from hybridd.place.speed import Calibration, SpeedModel, speed_model
+
+GIB = 1024**3
+# Process start, CUDA context and warm-up of a llama.cpp engine on top of reading the weights.
+LOAD_OVERHEAD_S = 2.0
+# Predictions are this rough: a local option at most 5% slower than the best peer still stays local.
+TIE_TOLERANCE = 0.05
+LOCAL_NODE = "local"
+
+
+class Hint(StrEnum):
+    """The client's placement hint (header x-hybridd-placement or body field)."""
+
+    AUTO = "auto"
+    LOCAL = "local"
+    PEER = "peer"
+
+
+class Placement(StrEnum):
+    """Where a request runs; peers are PEER plus a name (`peer:<name>`)."""
+
+    LOCAL = "local"
+    LOCAL_OFFLOAD = "local-offload"
+    PEER = "peer"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestNeed:
+    """One request as the scheduler sees it: model, token counts, cache settings, client hints."""
+
+    model: str
+    spec: ModelSpec
+    prompt_tokens: int
+    max_tokens: int
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = True
+    hint: Hint = Hint.AUTO
+    min_ctx: int = 0
+
+    @property
+    def needed_ctx(self) -> int:
+        """Tokens the context must hold: prompt + completion budget, at least min_ctx."""
+        return max(self.prompt_tokens + self.max_tokens, self.min_ctx, 1)
+
+    def settings(self, ctx: int) -> RunSettings:
+        """llama.cpp run settings at `ctx` with this request's cache types."""
+        return RunSettings(ctx=ctx, type_k=self.type_k, type_v=self.type_v, flash_attn=self.flash_attn)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineState:
+    """A local engine, loaded or loading: what it holds, how busy it is, how fast it runs."""
+
+    key: str  # its ledger key
+    model: str
+    ctx: int
+    speed: SpeedModel  # as predicted when it was placed (Option.speed)
+    placement: Placement = Placement.LOCAL
+    in_flight: int = 0
+    queued: int = 0
+    last_used: float = 0.0
+    loading: bool = False
+    ready_at: float = 0.0  # predicted end of the load, when loading
+    request_s: float = 0.0  # predicted (or recent mean) seconds per request, for queue waits
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight, queued or loading: the only kind of engine eviction may take."""
+        return self.in_flight == 0 and self.queued == 0 and not self.loading
+
+
+@dataclass(frozen=True, slots=True)
+class LocalState:
+    """This node: its hardware, the ledger (capacities and reservations) and its engines."""
+
+    hardware: Hardware
+    ledger: Ledger
+    engines: tuple[EngineState, ...] = ()
+    node: str = LOCAL_NODE
+
+
+@dataclass(frozen=True, slots=True)
+class PeerState:
+    """A peer as last reported: its hardware (free bytes now), what it serves and has loaded, how busy it is."""
+
+    name: str
+    hardware: Hardware
+    models: frozenset[str]
+    loaded: Mapping[str, int] = field(default_factory=dict)  # model -> ctx it is loaded with
+    up: bool = True
+    queue_depth: int = 0
+    rtt_s: float = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One way to serve the request, with its predicted times; infeasible options say why not."""
+
+    placement: str  # "local", "local-offload", "peer:<name>"
+    feasible: bool
+    why_not: str = ""
+    ctx: int = 0
+    engine: str | None = None  # existing engine reused (option a)
+    engine_key: str | None = None  # ledger key for a new local load
+    reserve: Mapping[str, int] = field(default_factory=dict)  # bytes per device to reserve (new local loads)
+    evict: tuple[str, ...] = ()  # engine keys to unload first
+    need_bytes: int = 0  # bytes on the GPUs (or the peer's pool)
+    free_bytes: int = 0  # GPU bytes free for it (after evictions)
+    offload_layers: int = 0
+    n_cpu_moe: int = 0
+    speed: SpeedModel | None = None
+    factor: float = 1.0  # online calibration applied
+    predicted_tok_s: float = 0.0
+    base_tok_s: float = 0.0  # before the online correction: what Calibration.observe wants
+    prefill_tok_s: float = 0.0
+    wait_s: float = 0.0
+    load_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    network_s: float = 0.0
+    queue_full: bool = False
+
+    @property
+    def total_s(self) -> float:
+        """Predicted seconds from now to the last token."""
+        return self.wait_s + self.load_s + self.prefill_s + self.decode_s + self.network_s
+
+    @property
+    def local(self) -> bool:
+        """True for options on this node."""
+        return not self.placement.startswith(Placement.PEER)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The chosen option (None when refused), every option considered, and a reason a person can read."""
+
+    placement: str  # "local", "local-offload", "peer:<name>" or "none"
+    chosen: Option | None
+    options: tuple[Option, ...]
+    reason: str
+    ctx: int
+    status: int = 200  # HTTP status for a refusal
+    code: str = ""  # OpenAI error code for a refusal
+    retry_after_s: float | None = None
+
+
+def queue_full(engine: EngineState, limit: int) -> bool:
+    """Whether the engine's bounded queue is full (a new request would wait beyond `limit`)."""
+    return engine.queued >= limit
+
+
+def ledger_for(hardware: Hardware) -> Ledger:
+    """A ledger whose capacities are the hardware's usable bytes now (reserves kept back) and its free RAM."""
+    ledger = Ledger({d.name: d.usable_bytes for d in hardware.devices})
+    if not hardware.unified and hardware.devices:
+        ledger.set_capacity(HOST, hardware.ram_bytes)
+    return ledger
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def _gpu_need(fit: Fit) -> int:
+    return sum(d.bytes_placed for d in fit.devices)
+
+
+def _reservation(fit: Fit, hardware: Hardware) -> dict[str, int]:
+    reserve = {d.name: d.bytes_placed for d in fit.devices if d.bytes_placed}
+    if fit.host_bytes and not hardware.unified:
+        reserve[HOST] = fit.host_bytes
+    return reserve
+
+
+def _load_s(est: MemoryEstimate, hardware: Hardware) -> float:
+    return est.weights_bytes / hardware.disk_read_bytes_s + LOAD_OVERHEAD_S
+
+
+def _timed(option: Option, need: RequestNeed, speed: SpeedModel, factor: float) -> Option:
+    # mean context during decode: the prompt plus half the completion
+    position = need.prompt_tokens + need.max_tokens // 2
+    base = speed.decode_tok_s(position)
+    tok_s = base * factor
+    prefill = speed.prefill_tok_s * factor
+    return replace(option, speed=speed, factor=factor, predicted_tok_s=tok_s, base_tok_s=base, prefill_tok_s=prefill,
+                   prefill_s=need.prompt_tokens / prefill, decode_s=need.max_tokens / tok_s)
+
+
+def _hardware_with_free(hardware: Hardware, free: Mapping[str, int]) -> Hardware:
+    devices = tuple(Device(d.name, d.total_bytes, max(0, free.get(d.name, 0)), d.unified, 0, d.bandwidth_bytes_s)
+                    for d in hardware.devices)
+    ram = free.get(HOST, hardware.ram_bytes) if not hardware.unified else 0
+    return replace(hardware, devices=devices, ram_bytes=max(0, ram))
+
+
+def _ctx_candidates(need: RequestNeed) -> list[int]:
+    """The bucket first; the exact need (padded) too, so a long request can still fit below its bucket."""
+    bucket = context_bucket(need.needed_ctx, need.spec.n_ctx_train)
+    exact = pad(need.needed_ctx, CTX_PAD)
+    return [bucket, exact] if MIN_BUCKET < exact < bucket else [bucket]
+
+
+def _reuse_options(need: RequestNeed, local: LocalState, now: float, calibration: Calibration,
+                   queue_limit: int | None) -> list[Option]:
+    options = []
+    for e in local.engines:
+        if e.model != need.model or e.ctx < need.needed_ctx:
+            continue
+        wait = e.in_flight * e.request_s / 2 + e.queued * e.request_s
+        if e.loading:
+            wait += max(0.0, e.ready_at - now)
+        full = queue_limit is not None and queue_full(e, queue_limit)
+        option = Option(str(e.placement), not full, "queue full" if full else "", e.ctx, engine=e.key,
+                        wait_s=wait, queue_full=full)
+        options.append(_timed(option, need, e.speed, calibration.factor(local.node, need.model)))
+    return options
+
+
+def _new_load_options(need: RequestNeed, local: LocalState, calibration: Calibration) -> list[Option]:
+    """(b) all on GPUs, fewest evictions; (c) part in RAM, fewest evictions; at the bucket, else the exact ctx."""
+    hw = local.hardware
+    if not hw.devices:
+        return []
+    idle = sorted((e for e in local.engines if e.idle), key=lambda e: (e.last_used, e.key))
+    factor = calibration.factor(local.node, need.model)
+    found: dict[Placement, Option] = {}
+    why_not = ""
+    existing = {e.key for e in local.engines}
+    for ctx in _ctx_candidates(need):
+        if f"{need.model}@{ctx}" in existing:
+            continue  # that engine is loaded or loading: reusing it is option (a), a second copy is not an option
+        est = estimate_memory(need.spec, need.settings(ctx))
+        for k in range(len(idle) + 1):
+            evict = tuple(e.key for e in idle[:k])
+            free = local.ledger.free()
+            for key in evict:
+                for device, held in local.ledger.held(key).items():
+                    free[device] = free.get(device, 0) + held
+            avail = _hardware_with_free(hw, free)
+            fit = fit_model(est, avail.devices, avail.ram_bytes)
+            if not fit.runs:
+                why_not = fit.reason
+                continue
+            kind = Placement.LOCAL if fit.fits else Placement.LOCAL_OFFLOAD
+            if kind in found:
+                continue
+            gpu_free = sum(free.get(d.name, 0) for d in hw.devices)
+            option = Option(str(kind), True, ctx=ctx, engine_key=f"{need.model}@{ctx}", reserve=_reservation(fit, hw),
+                            evict=evict, need_bytes=_gpu_need(fit), free_bytes=gpu_free,
+                            offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe, load_s=_load_s(est, hw))
+            found[kind] = _timed(option, need, speed_model(need.spec, est, fit, hw), factor)
+            if fit.fits:
+                break
+        if Placement.LOCAL in found:
+            break
+    if not found:
+        return [Option(str(Placement.LOCAL), False, why_not or "does not fit", ctx=_ctx_candidates(need)[-1])]
+    # an offload only counts when no full-GPU load exists or it avoids evictions
+    return list(found.values())
+
+
+def _peer_option(need: RequestNeed, peer: PeerState, calibration: Calibration) -> Option:
+    label = f"{Placement.PEER}:{peer.name}"
+    if not peer.up:
+        return Option(label, False, f"{peer.name} is down")
+    loaded_ctx = peer.loaded.get(need.model, 0)
+    ctx = loaded_ctx if loaded_ctx >= need.needed_ctx else context_bucket(need.needed_ctx, need.spec.n_ctx_train)
+    est = estimate_memory(need.spec, need.settings(ctx))
+    hw = peer.hardware
+    if loaded_ctx >= need.needed_ctx:
+        # the model is resident there: judge the speed on the peer's idle layout
+        fit = fit_model(est, hw.idle().devices, hw.idle().ram_bytes)
+    else:
+        fit = fit_model(est, hw.devices, hw.ram_bytes)
+    if not fit.runs:
+        return Option(label, False, f"{peer.name}: {fit.reason}", ctx=ctx, need_bytes=est.total_bytes)
+    speed = speed_model(need.spec, est, fit, hw)
+    option = Option(label, True, ctx=ctx, need_bytes=_gpu_need(fit),
+                    free_bytes=sum(d.usable_bytes for d in hw.devices), offload_layers=fit.offload_layers,
+                    n_cpu_moe=fit.n_cpu_moe, load_s=0.0 if loaded_ctx >= need.needed_ctx else _load_s(est, hw),
+                    network_s=peer.rtt_s)
+    timed = _timed(option, need, speed, calibration.factor(peer.name, need.model))
+    return replace(timed, wait_s=peer.queue_depth * (timed.prefill_s + timed.decode_s))
+
+
+def _allowed(option: Option, hint: Hint) -> bool:
+    return hint is Hint.AUTO or (hint is Hint.LOCAL) == option.local
+
+
+def _describe(option: Option) -> str:
+    where = option.placement.removeprefix(f"{Placement.PEER}:")
+    return f"{where} predicted {option.predicted_tok_s:.0f} tok/s ({option.total_s:.1f} s)"
+
+
+def _reason(chosen: Option, others: Sequence[Option]) -> str:
+    if chosen.engine is not None:
+        head = (f"{chosen.placement}: engine {chosen.engine} loaded at {chosen.ctx} ctx, "
+                f"{chosen.wait_s:.1f} s wait, predicted {chosen.predicted_tok_s:.0f} tok/s")
+    else:
+        head = (f"{chosen.placement}: needs {_gib(chosen.need_bytes)} at {chosen.ctx} ctx, "
+                f"{_gib(chosen.free_bytes)} free, predicted {chosen.predicted_tok_s:.0f} tok/s")
+        if chosen.n_cpu_moe:
+            head += f", experts of {chosen.n_cpu_moe} layers in RAM"
+        if chosen.offload_layers:
+            head += f", {chosen.offload_layers} layers in RAM"
+        if chosen.evict:
+            head += f", evicts {', '.join(chosen.evict)}"
+    head += f" ({chosen.total_s:.1f} s)"
+    rest = [_describe(o) for o in others if o.feasible and o is not chosen and o.placement != chosen.placement]
+    return head + ("; " + "; ".join(rest) if rest else "")
+
+
+def _fits_idle(need: RequestNeed, local: LocalState, peers: Sequence[PeerState], ctx: int) -> bool:
+    """Whether some hint-allowed place could hold the model at `ctx` if it were idle."""
+    est = estimate_memory(need.spec, need.settings(ctx))
+    places = []
+    if need.hint is not Hint.PEER and local.hardware.devices:
+        places.append(local.hardware.idle())
+    if need.hint is not Hint.LOCAL:
+        places += [p.hardware.idle() for p in peers if need.model in p.models]
+    return any(fit_model(est, hw.devices, hw.ram_bytes).runs for hw in places)
+
+
+def _refusal(need: RequestNeed, local: LocalState, peers: Sequence[PeerState], options: Sequence[Option],
+             ctx: int) -> Decision:
+    def refuse(status: int, code: str, message: str, retry: float | None = None) -> Decision:
+        return Decision(str(Placement.NONE), None, tuple(options), message, ctx, status, code, retry)
+
+    allowed = [o for o in options if _allowed(o, need.hint)]
+    if not allowed:
+        return refuse(400, "placement_unavailable",
+                      f"placement hint '{need.hint}' leaves no option for {need.model}")
+    full = [o for o in allowed if o.queue_full]
+    if full:
+        return refuse(429, "queue_full", f"queue full for {need.model}; retry in {min(o.wait_s for o in full):.0f} s",
+                      max(1.0, min(o.wait_s for o in full)))
+    est = estimate_memory(need.spec, need.settings(ctx))
+    why = "; ".join(f"{o.placement}: {o.why_not}" for o in allowed)
+    if _fits_idle(need, local, peers, ctx):
+        busy = [e.request_s for e in local.engines if not e.idle and e.request_s > 0]
+        return refuse(503, "capacity_busy", f"needs {_gib(est.total_bytes)} at {ctx} ctx; nothing can hold it now "
+                      f"({why})", max(1.0, min(busy, default=1.0)))
+    if _fits_idle(need, local, peers, MIN_BUCKET):
+        return refuse(400, "context_length_exceeded", f"needs {_gib(est.total_bytes)} at {ctx} ctx; no node can hold "
+                      f"that context ({why})")
+    return refuse(507, "insufficient_memory", f"{need.model} needs {_gib(est.total_bytes)} at {ctx} ctx; it fits "
+                  f"nowhere even idle ({why})")
+
+
+def decide(need: RequestNeed, local: LocalState, peers: Sequence[PeerState], now: float,
+           calibration: Calibration | None = None, queue_limit: int | None = None) -> Decision:
+    """Where `need` finishes first at time `now`, or a refusal with an HTTP status; reserves nothing."""
+    calibration = calibration or Calibration()
+    train = need.spec.n_ctx_train
+    ctx = context_bucket(need.needed_ctx, train)
+    if train > 0 and need.needed_ctx > train:
+        return Decision(str(Placement.NONE), None, (), f"needs {need.needed_ctx} ctx ({need.prompt_tokens} prompt + "
+                        f"{need.max_tokens} completion); {need.model} was trained for {train}", train, 400,
+                        "context_length_exceeded")
+    options: list[Option] = []
+    if need.hint is not Hint.PEER:
+        options += _reuse_options(need, local, now, calibration, queue_limit)
+        options += _new_load_options(need, local, calibration)
+    if need.hint is not Hint.LOCAL:
+        options += [_peer_option(need, p, calibration) for p in peers if need.model in p.models]
+    feasible = [o for o in options if o.feasible and _allowed(o, need.hint)]
+    if not feasible:
+        return _refusal(need, local, peers, options, ctx)
+    best_local = min((o for o in feasible if o.local), key=lambda o: o.total_s, default=None)
+    best_peer = min((o for o in feasible if not o.local), key=lambda o: o.total_s, default=None)
+    if best_local is not None and (best_peer is None or best_local.total_s <= best_peer.total_s * (1 + TIE_TOLERANCE)):
+        chosen = best_local
+    else:
+        assert best_peer is not None
+        chosen = best_peer
+    return Decision(chosen.placement, chosen, tuple(options), _reason(chosen, options), chosen.ctx)

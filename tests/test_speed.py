@@ -1,0 +1,120 @@
+"""Speed prediction: bandwidth model, calibration from measured points, online correction."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from hybridd.model.memory import RunSettings, estimate_memory
+from hybridd.model.spec import ModelSpec, model_spec
+from hybridd.place.fit import fit_model
+from hybridd.place.hardware import Hardware
+from hybridd.place.speed import FALLBACK_EFFICIENCY, RAM_PLACE, Calibration, calibrate, read_layout, speed_model
+from hybridd.probe.hardware_profiles import load_hardware_profile
+from hybridd.probe.model_profiles import load_profile, profile_header
+
+
+def spec_of(name: str, quant: str | None = None) -> ModelSpec:
+    header = profile_header(load_profile(name), quant)
+    return model_spec(header.metadata, header.tensors)
+
+
+@pytest.fixture(scope="module")
+def desktop() -> Hardware:
+    return load_hardware_profile("desktop-4090-5070ti").hardware()
+
+
+@pytest.fixture(scope="module")
+def spark() -> Hardware:
+    return load_hardware_profile("dgx-spark").hardware()
+
+
+def tok_s(spec: ModelSpec, hw: Hardware, ctx: int = 4096, position: int = 0) -> float:
+    est = estimate_memory(spec, RunSettings(ctx=ctx))
+    fit = fit_model(est, hw.devices, hw.ram_bytes)
+    return speed_model(spec, est, fit, hw).decode_tok_s(position)
+
+
+def test_calibrated_points_reproduce_the_measured_speeds(desktop: Hardware, spark: Hardware) -> None:
+    glm = spec_of("glm-4.7-flash", "Q4_K_M")
+    assert 109 <= tok_s(glm, desktop) <= 133
+    assert 40 <= tok_s(glm, spark) <= 46
+    assert 38 <= tok_s(spec_of("gpt-oss-120b"), spark) <= 55
+
+
+def test_moe_reads_only_active_experts(desktop: Hardware) -> None:
+    glm = spec_of("glm-4.7-flash", "Q4_K_M")
+    est = estimate_memory(glm, RunSettings(ctx=4096))
+    layout = read_layout(glm, est, fit_model(est, desktop.devices, desktop.ram_bytes))
+    read = sum(b for _, b in layout.weight_bytes)
+    assert read < glm.weight_bytes / 5  # ~3B of 30B
+    assert read == glm.active_bytes_per_token
+
+
+def test_layers_in_ram_read_at_ram_speed_and_are_slower(desktop: Hardware) -> None:
+    glm = spec_of("glm-4.7-flash", "Q4_K_M")
+    est = estimate_memory(glm, RunSettings(ctx=4096))
+    squeezed = tuple(replace(d, free_bytes=d.total_bytes // 2) for d in desktop.devices)
+    fit = fit_model(est, squeezed, desktop.ram_bytes)
+    assert fit.runs and not fit.fits
+    layout = read_layout(glm, est, fit)
+    assert dict(layout.weight_bytes)[RAM_PLACE] > 0
+    slow = speed_model(glm, est, fit, desktop).decode_tok_s(0)
+    assert fit.n_cpu_moe > 0  # MoE: experts go to RAM before whole layers
+    assert slow < 0.9 * tok_s(glm, desktop)
+
+
+def test_offload_efficiency_is_derived_from_the_cpu_layers_point(desktop: Hardware) -> None:
+    eff = calibrate(desktop)
+    assert eff.ram is not None and 0 < eff.ram < eff.gpu_for(spec_of("glm-4.7-flash").active_bytes_per_token)
+    without = replace(desktop, measured=tuple(p for p in desktop.measured if not p.cpu_layers))
+    assert calibrate(without).ram is None
+
+
+def test_kv_reads_slow_decode_as_the_context_fills(spark: Hardware) -> None:
+    glm = spec_of("glm-4.7-flash", "Q4_K_M")
+    assert tok_s(glm, spark, 131072, 100_000) < 0.6 * tok_s(glm, spark, 131072, 0)
+
+
+def test_hardware_without_points_uses_the_documented_fallback() -> None:
+    pro = load_hardware_profile("rtx-pro-6000").hardware()
+    assert calibrate(pro).gpu_for(10**9) == FALLBACK_EFFICIENCY
+    est = estimate_memory(spec_of("glm-4.7-flash"), RunSettings())
+    model = speed_model(spec_of("glm-4.7-flash"), est, fit_model(est, pro.devices, pro.ram_bytes), pro)
+    assert model.prefill_tok_s > model.decode_tok_s(0) * 10
+
+
+def test_prefill_comes_from_the_measured_prefill_point(spark: Hardware) -> None:
+    oss = spec_of("gpt-oss-20b")
+    est = estimate_memory(oss, RunSettings())
+    model = speed_model(oss, est, fit_model(est, spark.devices, 0), spark)
+    assert model.prefill_tok_s == pytest.approx(3670.42, rel=1e-6)
+
+
+def test_calibration_is_an_ewma_of_the_ratio_per_node_and_model() -> None:
+    cal = Calibration()
+    assert cal.factor("spark", "m") == 1.0
+    cal = cal.observe("spark", "m", predicted_tok_s=40.0, measured_tok_s=20.0)
+    assert cal.factor("spark", "m") == pytest.approx(0.5)
+    cal = cal.observe("spark", "m", 40.0, 40.0)
+    assert cal.factor("spark", "m") == pytest.approx(0.7 * 0.5 + 0.3 * 1.0)
+    assert cal.factor("spark", "other") == cal.factor("spark", "m")  # node-wide fallback
+    assert cal.factor("local", "m") == 1.0
+    assert cal.observe("spark", "m", 0.0, 10.0) is cal  # garbage timings are ignored
+    assert Calibration().observe("n", "m", 1.0, 1e9).factor("n", "m") == 10.0  # clamped
+
+
+def test_a_header_without_weights_gets_a_finite_speed() -> None:
+    from hybridd.model.memory import RunSettings, estimate_memory
+    from hybridd.model.spec import model_spec
+    from hybridd.place.devices import Device
+    from hybridd.place.fit import fit_model
+    from hybridd.place.hardware import Hardware
+    from hybridd.place.speed import speed_model
+
+    spec = model_spec({"general.architecture": "llama", "llama.block_count": 2}, ())
+    est = estimate_memory(spec, RunSettings(ctx=4096))
+    hw = Hardware("cpu", (Device("ram", 2**34, 2**34, unified=True, bandwidth_bytes_s=5e10),), 0, 5e10)
+    speed = speed_model(spec, est, fit_model(est, hw.devices, 0), hw)
+    assert 0 < speed.decode_tok_s(4096) < float("inf") and speed.prefill_tok_s > 0

@@ -134,8 +134,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in catalog.models if m.path is not None and not m.path.exists()]
     for model in missing:
         log.warning("model %s: file %s does not exist; requests for it will fail", model.name, model.path)
+    from hybridd.resources import configured_peers, local_hardware
+
     try:
-        return _run(serve(config, catalog))
+        hardware, peers = local_hardware(config), configured_peers(config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_STARTUP
+    devices = ", ".join(f"{d.name} {d.usable_bytes / 2**30:.1f} GiB" for d in hardware.devices)
+    log.info("node %s: %s; peers: %s", hardware.name, devices or "no devices",
+             ", ".join(p.config.name for p in peers) or "none")
+    try:
+        return _run(serve(config, catalog, hardware, peers))
     except StartupError as exc:
         log.error("%s", exc)
         return EXIT_STARTUP

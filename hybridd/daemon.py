@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -13,6 +14,8 @@ from hybridd.api.app import make_app
 from hybridd.api.keys import POOL
 from hybridd.catalog import Catalog
 from hybridd.config import Config
+from hybridd.place.hardware import Hardware
+from hybridd.router import Peer
 from hybridd.sdnotify import sd_notify
 
 log = logging.getLogger("hybridd")
@@ -24,9 +27,10 @@ class StartupError(Exception):
     """The daemon could not start (port taken, bad address): exit code 3."""
 
 
-async def serve(config: Config, catalog: Catalog) -> int:
+async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = None,
+                peers: Sequence[Peer] = ()) -> int:
     """Run the node until SIGTERM or SIGINT; return the process exit code."""
-    app = make_app(config, catalog)
+    app = make_app(config, catalog, hardware=hardware, peers=peers)
     server = config.server
     # handler_cancellation: a client that disconnects cancels its handler, which drops the engine request.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=server.shutdown_grace_s,

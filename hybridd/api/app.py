@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -13,13 +13,15 @@ from aiohttp import web
 from hybridd.api import routes_openai, routes_status
 from hybridd.api.envelope import envelope_middleware
 from hybridd.api.guards import make_guard
-from hybridd.api.keys import HTTP, NODE, POOL, Node
+from hybridd.api.keys import HTTP, NODE, POOL, ROUTER, Node
 from hybridd.catalog import Catalog
 from hybridd.config import Config, ModelEntry
 from hybridd.engine.base import Engine
 from hybridd.engine.external import ExternalEngine
 from hybridd.engine.llamacpp import LlamaCppEngine
 from hybridd.engine.pool import EnginePool
+from hybridd.place.hardware import Hardware
+from hybridd.router import Peer, Router
 
 EngineMaker = Callable[[ModelEntry, aiohttp.ClientSession], Engine]
 
@@ -37,8 +39,9 @@ def default_engine_maker(python: str) -> EngineMaker:
     return make
 
 
-def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None = None) -> web.Application:
-    """Build the application; nothing starts until it is run."""
+def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None = None,
+             hardware: Hardware | None = None, peers: Sequence[Peer] = ()) -> web.Application:
+    """Build the application; nothing starts until it is run. Without hardware, only external models serve."""
     server = config.server
     app = web.Application(
         middlewares=[envelope_middleware, make_guard(server.extra_hosts, server.host, server.max_body_bytes)],
@@ -54,8 +57,9 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
-        pool = EnginePool(catalog.models, lambda model: maker(model, http))
+        pool = EnginePool(lambda model: maker(model, http))
         app[HTTP], app[POOL] = http, pool
+        app[ROUTER] = Router(config, catalog, pool, hardware, peers)
         reaper = asyncio.create_task(pool.reap_forever(), name="idle-reaper")
         try:
             yield

@@ -10,6 +10,7 @@ from aiohttp import web
 from hybridd.catalog import Catalog
 from hybridd.config import Config
 from hybridd.engine.pool import EnginePool
+from hybridd.router import Router
 
 
 @dataclass(frozen=True)
@@ -25,3 +26,4 @@ class Node:
 NODE = web.AppKey("node", Node)
 POOL = web.AppKey("pool", EnginePool)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+ROUTER = web.AppKey("router", Router)

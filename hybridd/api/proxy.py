@@ -26,9 +26,10 @@ async def forward(
     stream: bool,
     extra_headers: dict[str, str],
     api_key: str | None = None,
+    upstream_headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
     """POST body to url; answer the client with the engine's response plus extra_headers."""
-    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **(upstream_headers or {})}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     try:

@@ -11,7 +11,6 @@ from hybridd.api import keys
 from hybridd.api.proxy import forward
 from hybridd.api.schema import PATHS, Endpoint, parse_inference
 from hybridd.config import ModelEntry
-from hybridd.engine.base import Engine
 from hybridd.errors import BadRequest
 
 
@@ -26,8 +25,10 @@ def add_routes(app: web.Application) -> None:
 
 def _model_object(request: web.Request, model: ModelEntry) -> dict[str, Any]:
     node = request.app[keys.NODE]
-    slot = request.app[keys.POOL].slots.get(model.name)
-    state = slot.state.value if slot else "remote"
+    slots = request.app[keys.POOL].for_model(model.name)
+    state = next((s.state.value for s in slots if s.live), slots[0].state.value if slots else "stopped")
+    if not model.local:
+        state = "remote"
     return {
         "id": model.name,
         "object": "model",
@@ -55,29 +56,29 @@ async def get_model(request: web.Request) -> web.Response:
 def _inference(endpoint: Endpoint) -> Any:
     async def handle(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        inference = parse_inference(endpoint, raw)
+        inference = parse_inference(endpoint, raw, request.headers)
         model = request.app[keys.NODE].catalog.resolve(inference.model)
         if endpoint == "embedding" and model.managed and not model.embeddings:
             raise BadRequest(f"model '{model.name}' is not configured for embeddings (set embeddings = true in "
                              "its [[models]] entry; it costs generation speed)")
-        body = raw
-        if model.upstream_model:
-            body = json.dumps({**inference.body, "model": model.upstream_model}).encode()
-        async with request.app[keys.POOL].lease(model) as lease:
-            headers = {"x-hybridd-placement": "local", "x-hybridd-reason": _reason(model, lease.engine,
-                                                                                   lease.cold_start_s)}
-            url = lease.engine.base_url + PATHS[endpoint]
-            return await forward(request, request.app[keys.HTTP], url, body, inference.stream, headers,
-                                 model.api_key)
+        async with request.app[keys.ROUTER].route(inference, model) as route:
+            body = inference.engine_body()
+            if model.upstream_model and not route.forwarded:
+                body["model"] = model.upstream_model
+            payload = json.dumps(body).encode() if body != inference.body or inference.had_hints else raw
+            reason = route.reason
+            if route.cold_start_s is not None:
+                reason += f"; engine loaded in {route.cold_start_s:.1f} s"
+            headers = {"x-hybridd-placement": route.placement, "x-hybridd-reason": _header_safe(reason)}
+            # A forwarded request is served where it lands: the peer must not forward it again.
+            upstream_headers = {"x-hybridd-forwarded": "1", "x-hybridd-placement": "local"} if route.forwarded else {}
+            return await forward(request, request.app[keys.HTTP], route.base_url + PATHS[endpoint], payload,
+                                 inference.stream, headers, route.api_key, upstream_headers)
 
     handle.__name__ = f"{endpoint}_handler"
     return handle
 
 
-def _reason(model: ModelEntry, engine: Engine, cold_start_s: float | None) -> str:
-    """One line a person understands: where the request runs and why."""
-    if engine.kind == "external":
-        return f"local: '{model.name}' is served by the external server at {engine.base_url}"
-    loaded = f"loaded in {cold_start_s:.1f} s" if cold_start_s is not None else "already loaded"
-    return (f"local: '{model.name}' runs in a {engine.kind} engine on this node "
-            f"(ctx {model.ctx}, KV {model.type_k}/{model.type_v}; {loaded})")
+def _header_safe(text: str) -> str:
+    """One line of printable ASCII: an HTTP header value cannot carry more."""
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:1000]

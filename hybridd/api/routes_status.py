@@ -31,7 +31,11 @@ async def status(request: web.Request) -> web.Response:
         "config": node.config.source,
         "started_at": node.started_wall,
         "uptime_s": round(time.monotonic() - node.started_mono, 1),
-        "models": request.app[keys.POOL].describe(),
+        "node": request.app[keys.ROUTER].node_name,
+        "models": request.app[keys.POOL].describe(node.catalog.models),
+        "peers": [{"name": p.config.name, "base_url": p.config.base_url, "hardware": p.config.hardware}
+                  for p in request.app[keys.ROUTER].peers.values()],
+        "decisions": list(request.app[keys.ROUTER].decisions)[-10:],
     })
 
 

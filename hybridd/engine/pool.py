@@ -1,4 +1,5 @@
-"""One engine per model: started on first use (once, however many requests race), leased, reaped when idle."""
+"""The node's engines, keyed by engine key (a model at a context): started on first use (once, however many
+requests race), leased per request, reloaded when they died, reaped when idle."""
 
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ EngineFactory = Callable[[ModelEntry], Engine]
 
 
 @dataclass
-class ModelSlot:
-    """The pool's record of one model: its engine (if any) and how it is being used."""
+class EngineSlot:
+    """The pool's record of one engine key: the engine (if any), its settings, how it is being used."""
 
-    model: ModelEntry
+    key: str
+    model: ModelEntry  # the catalog entry
+    run: ModelEntry  # the settings the engine runs with (its ctx may exceed model.ctx)
+    placement: str = "local"
     engine: Engine | None = None
-    running: ModelEntry | None = None  # the settings the live engine was started with (ctx may exceed model.ctx)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: int = 0
+    waiting: int = 0
     requests: int = 0
     last_used: float = 0.0
     loaded_at: float | None = None
@@ -45,6 +49,11 @@ class ModelSlot:
             return EngineState.FAILED
         return self.engine.state
 
+    @property
+    def live(self) -> bool:
+        """True while the engine can take requests."""
+        return self.engine is not None and self.engine.is_alive()
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -58,23 +67,38 @@ class EnginePool:
     """Owns every engine of this node; the only place that starts or stops one."""
 
     def __init__(
-        self, models: tuple[ModelEntry, ...], factory: EngineFactory, clock: Callable[[], float] = time.monotonic,
+        self, factory: EngineFactory, clock: Callable[[], float] = time.monotonic,
         on_stopped: Callable[[str], None] | None = None,
     ) -> None:
-        self.slots = {model.name: ModelSlot(model) for model in models if model.local}
-        for slot in self.slots.values():
-            slot.idle.set()
+        self.slots: dict[str, EngineSlot] = {}
         self.factory = factory
         self.clock = clock
-        self.on_stopped = on_stopped or (lambda name: None)
+        self.on_stopped = on_stopped or (lambda key: None)
         self._wake = asyncio.Event()
         self._closed = False
 
+    def slot(self, key: str, model: ModelEntry, run: ModelEntry | None = None, placement: str = "local") -> EngineSlot:
+        """The slot for key, made on first use; a stopped slot takes the new settings."""
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = EngineSlot(key, model, run or model, placement)
+            slot.idle.set()
+        elif slot.engine is None and run is not None:
+            slot.run, slot.placement = run, placement
+        return slot
+
+    def for_model(self, name: str) -> list[EngineSlot]:
+        """Slots of one model, most recently used first."""
+        return sorted((s for s in self.slots.values() if s.model.name == name), key=lambda s: -s.last_used)
+
     @contextlib.asynccontextmanager
-    async def lease(self, model: ModelEntry, run: ModelEntry | None = None) -> AsyncIterator[Lease]:
-        """Hold a ready engine for model, started with the settings run (default: model's own), for one request."""
-        slot = self.slots[model.name]
-        cold_start = await self._ensure_ready(slot, run or slot.model)
+    async def lease(self, slot: EngineSlot) -> AsyncIterator[Lease]:
+        """Hold slot's engine, started if needed, for the duration of one request."""
+        slot.waiting += 1
+        try:
+            cold_start = await self._ensure_ready(slot)
+        finally:
+            slot.waiting -= 1
         assert slot.engine is not None
         slot.in_flight += 1
         slot.requests += 1
@@ -88,65 +112,54 @@ class EnginePool:
                 slot.idle.set()
             self._wake.set()
 
-    def serves(self, slot: ModelSlot, run: ModelEntry) -> bool:
-        """True if the live engine can take a request that needs the settings run."""
-        live = slot.running
-        return (slot.engine is not None and slot.engine.is_alive() and live is not None
-                and live.ctx >= run.ctx and live.n_gpu_layers == run.n_gpu_layers)
-
-    async def _ensure_ready(self, slot: ModelSlot, run: ModelEntry) -> float | None:
+    async def _ensure_ready(self, slot: EngineSlot) -> float | None:
         async with slot.lock:
             if self._closed:
                 raise EngineLoadFailed("hybridd is shutting down; no new engine starts")
-            if self.serves(slot, run):
+            if slot.live:
                 return None
-            engine = slot.engine
-            if engine is not None and engine.is_alive():
-                # It runs with too small a context (or other layers): let its requests finish, then reload.
-                log.info("reloading %s at ctx %d (was %d)", slot.model.name, run.ctx, slot.running.ctx if slot.running
-                         else 0)
-                await slot.idle.wait()
-                await self._stop(slot)
-            elif engine is not None:
-                log.warning("engine for %s died (state %s); restarting it", slot.model.name, slot.state)
+            if slot.engine is not None:
+                log.warning("engine %s died (state %s); restarting it", slot.key, slot.state)
                 slot.restarts += 1
                 await self._stop(slot)
-            engine = self.factory(run)
+            engine = self.factory(slot.run)
             started = self.clock()
             try:
                 await engine.start()
             except Exception as exc:
                 slot.last_error = str(exc)
                 log.error("%s", exc)
-                self.on_stopped(slot.model.name)
+                self.on_stopped(slot.key)
                 raise
-            slot.engine, slot.running = engine, run
+            slot.engine = engine
             slot.last_error = None
             slot.loaded_at = slot.last_used = self.clock()
             slot.load_seconds = slot.loaded_at - started
-            log.info("engine for %s ready in %.2f s at %s", slot.model.name, slot.load_seconds, engine.base_url)
+            log.info("engine %s ready in %.2f s at %s", slot.key, slot.load_seconds, engine.base_url)
             return slot.load_seconds
 
-    async def unload(self, name: str, reason: str) -> bool:
-        """Stop the engine of model name if it has no request in flight; True if it was stopped."""
-        slot = self.slots[name]
+    async def unload(self, key: str, reason: str) -> bool:
+        """Stop the engine of key once it has no request in flight; True if it was stopped."""
+        slot = self.slots.get(key)
+        if slot is None:
+            return False
         async with slot.lock:
             if slot.engine is None or slot.in_flight:
                 return False
-            log.info("unloading %s: %s", name, reason)
+            log.info("unloading %s: %s", key, reason)
             await self._stop(slot)
             return True
 
-    async def _stop(self, slot: ModelSlot) -> None:
-        engine, slot.engine, slot.running, slot.loaded_at = slot.engine, None, None, None
+    async def _stop(self, slot: EngineSlot) -> None:
+        engine, slot.engine, slot.loaded_at = slot.engine, None, None
         if engine is not None:
             await engine.stop()
-        self.on_stopped(slot.model.name)
+        self.on_stopped(slot.key)
 
     def _loaded(self) -> list[LoadedEngine]:
         return [
-            LoadedEngine(name, slot.in_flight, slot.last_used, slot.model.idle_ttl_s)
-            for name, slot in self.slots.items()
+            LoadedEngine(key, slot.in_flight + slot.waiting, slot.last_used, slot.model.idle_ttl_s)
+            for key, slot in self.slots.items()
             if slot.engine is not None and slot.engine.kind != "external"
         ]
 
@@ -154,8 +167,8 @@ class EnginePool:
         """Unload engines that sat idle past their TTL; runs until cancelled."""
         while True:
             now = self.clock()
-            for name in idle_expired(self._loaded(), now):
-                await self.unload(name, f"idle for {self.slots[name].model.idle_ttl_s:g} s (idle_ttl_s)")
+            for key in idle_expired(self._loaded(), now):
+                await self.unload(key, f"idle for {self.slots[key].model.idle_ttl_s:g} s (idle_ttl_s)")
             wait = next_expiry(self._loaded(), self.clock())
             self._wake.clear()
             # Sleep until the next expiry or until a lease ends (which may start a new idle clock).
@@ -174,32 +187,52 @@ class EnginePool:
             if slot.engine is not None:
                 slot.engine.kill_now()
 
-    def describe(self) -> list[dict[str, Any]]:
-        """Per model: state, engine, pid, idle time, in-flight and request counts, for status."""
+    def describe_engine(self, slot: EngineSlot, now: float) -> dict[str, Any]:
+        """One engine for status."""
+        loaded = slot.state is EngineState.READY
+        engine = slot.engine
+        return {
+            "key": slot.key,
+            "placement": slot.placement,
+            "state": slot.state.value,
+            "ctx": slot.run.ctx,
+            "n_gpu_layers": slot.run.n_gpu_layers,
+            "base_url": engine.base_url if engine is not None and loaded else None,
+            "pid": engine.pid if engine is not None else None,
+            "in_flight": slot.in_flight,
+            "waiting": slot.waiting,
+            "requests": slot.requests,
+            "idle_s": round(now - slot.last_used, 1) if loaded and not slot.in_flight else None,
+            "load_seconds": round(slot.load_seconds, 2) if slot.load_seconds is not None else None,
+            "restarts": slot.restarts,
+            "last_error": slot.last_error,
+        }
+
+    def describe(self, models: tuple[ModelEntry, ...]) -> list[dict[str, Any]]:
+        """Per model: its state, the most recently used engine's figures, and every engine, for status."""
         now = self.clock()
         rows = []
-        for name, slot in self.slots.items():
-            engine = slot.engine
-            loaded = engine is not None and slot.state is EngineState.READY
+        for model in models:
+            engines = [self.describe_engine(s, now) for s in self.for_model(model.name)]
+            main = next((e for e in engines if e["state"] == "ready"), engines[0] if engines else None)
+            state = main["state"] if main else ("remote" if not model.local else "stopped")
             rows.append({
-                "name": name,
-                "aliases": list(slot.model.aliases),
-                "engine": slot.model.engine,
-                "state": slot.state.value,
-                "loaded": loaded,
-                "ctx": slot.running.ctx if slot.running else slot.model.ctx,
-                "type_k": slot.model.type_k,
-                "type_v": slot.model.type_v,
-                "path": str(slot.model.path) if slot.model.path else None,
-                "base_url": engine.base_url if engine is not None and loaded else slot.model.base_url,
-                "pid": engine.pid if engine is not None else None,
-                "in_flight": slot.in_flight,
-                "requests": slot.requests,
-                "idle_s": round(now - slot.last_used, 1) if loaded and not slot.in_flight else None,
-                "loaded_for_s": round(now - slot.loaded_at, 1) if loaded and slot.loaded_at else None,
-                "load_seconds": round(slot.load_seconds, 2) if slot.load_seconds is not None else None,
-                "idle_ttl_s": slot.model.idle_ttl_s,
-                "restarts": slot.restarts,
-                "last_error": slot.last_error,
+                "name": model.name,
+                "aliases": list(model.aliases),
+                "engine": model.engine,
+                "state": state,
+                "loaded": state == "ready",
+                "ctx": main["ctx"] if main else model.ctx,
+                "type_k": model.type_k,
+                "type_v": model.type_v,
+                "path": str(model.path) if model.path else None,
+                "pid": main["pid"] if main else None,
+                "in_flight": sum(e["in_flight"] for e in engines),
+                "requests": sum(e["requests"] for e in engines),
+                "idle_s": main["idle_s"] if main else None,
+                "idle_ttl_s": model.idle_ttl_s,
+                "restarts": sum(e["restarts"] for e in engines),
+                "last_error": main["last_error"] if main else None,
+                "engines": engines,
             })
         return rows

@@ -1,0 +1,253 @@
+"""Per request: size it, ask the scheduler where it finishes first, commit that choice, hand back a route.
+
+The scheduler (place/scheduler.py) is pure; this module owns the state it decides on: the reservation ledger,
+the predicted speed of each engine, the online calibration and the log of recent decisions. Between a
+decision and its reservation there is no await, so two requests can never both take the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hybridd.api.schema import InferenceRequest
+from hybridd.catalog import Catalog
+from hybridd.config import Config, ModelEntry, PeerConfig
+from hybridd.engine.pool import EnginePool, EngineSlot
+from hybridd.errors import EngineLoadFailed, HybriddError
+from hybridd.model.spec import ModelSpec
+from hybridd.place.hardware import Hardware
+from hybridd.place.ledger import Ledger
+from hybridd.place.scheduler import (
+    Decision,
+    EngineState,
+    Hint,
+    LocalState,
+    PeerState,
+    Placement,
+    RequestNeed,
+    decide,
+    ledger_for,
+)
+from hybridd.place.speed import Calibration, SpeedModel
+from hybridd.sizing import PromptSize, Tokenizers, guess_tokens
+
+log = logging.getLogger("hybridd.place")
+
+RECENT_DECISIONS = 50
+
+
+class PlacementRefused(HybriddError):
+    """No option can serve the request; status and code come from the scheduler's decision."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(f"hybridd cannot place this request: {decision.reason}")
+        self.status = decision.status
+        self.code = decision.code
+        if decision.status >= 500:
+            self.error_type = "server_error"
+        self.retry_after_s = decision.retry_after_s
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: the engine or peer URL, and the placement and reason headers to send back."""
+
+    placement: str
+    reason: str
+    base_url: str
+    api_key: str | None = None
+    forwarded: bool = False
+    cold_start_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A configured peer with the hardware it runs on (from its profile)."""
+
+    config: PeerConfig
+    hardware: Hardware
+
+
+class Router:
+    """Owns the ledger and turns each request into a Route."""
+
+    def __init__(self, config: Config, catalog: Catalog, pool: EnginePool, hardware: Hardware | None,
+                 peers: Sequence[Peer] = (), clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.pool = pool
+        self.hardware = hardware
+        self.peers = {p.config.name: p for p in peers}
+        self.clock = clock
+        self.ledger = ledger_for(hardware) if hardware is not None else Ledger()
+        self.calibration = Calibration()
+        self.speeds: dict[str, SpeedModel] = {}
+        self.request_s: dict[str, float] = {}
+        self.ready_at: dict[str, float] = {}
+        self.evicting: set[str] = set()
+        self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_DECISIONS)
+        self.tokenizers = Tokenizers()
+        self._specs: dict[str, ModelSpec] = {}
+        self._no_tokenizer: set[Path] = set()
+        pool.on_stopped = self._stopped
+
+    def _stopped(self, key: str) -> None:
+        self.ledger.release(key)
+        self.speeds.pop(key, None)
+        self.evicting.discard(key)
+
+    async def spec(self, model: ModelEntry) -> ModelSpec:
+        """The model's spec, from its GGUF header or its profile (read once, off the event loop)."""
+        spec = self._specs.get(model.name)
+        if spec is None:
+            try:
+                spec = await asyncio.to_thread(_read_spec, model)
+            except (OSError, ValueError) as exc:
+                raise EngineLoadFailed(f"model '{model.name}': cannot read {model.path or model.profile}: {exc}") \
+                    from exc
+            self._specs[model.name] = spec
+        return spec
+
+    async def size(self, inference: InferenceRequest, model: ModelEntry) -> PromptSize:
+        """Prompt tokens, exact where the model's GGUF is here."""
+        if model.path is None or model.path in self._no_tokenizer:
+            return guess_tokens(inference.endpoint, inference.body)
+        try:
+            return await asyncio.to_thread(self.tokenizers.count, model.path, inference.endpoint, inference.body)
+        except (ValueError, RuntimeError, OSError) as exc:
+            # The engine's own load will say what is wrong with the file; size the request safely meanwhile.
+            log.warning("cannot load the tokenizer of %s (%s); estimating prompt sizes from bytes", model.path, exc)
+            self._no_tokenizer.add(model.path)
+            return guess_tokens(inference.endpoint, inference.body)
+
+    def _sweep_dead(self) -> None:
+        # An engine that died holds no memory any more: free its bytes so a restart can reserve them again.
+        for slot in self.pool.slots.values():
+            if slot.key in self.speeds and slot.engine is not None and not slot.live and not slot.waiting:
+                self._stopped(slot.key)
+
+    def local_state(self) -> LocalState:
+        """This node as the scheduler sees it now."""
+        self._sweep_dead()
+        hardware = self.hardware or Hardware("none", (), 0, 1.0)
+        engines = tuple(self._engine_state(s) for s in self.pool.slots.values() if self._counts(s))
+        return LocalState(hardware, self.ledger, engines, node=self.node_name)
+
+    @property
+    def node_name(self) -> str:
+        return self.config.node.name or "local"
+
+    def _counts(self, slot: EngineSlot) -> bool:
+        # An engine the scheduler may reuse or evict: placed by us, not being evicted, alive or about to be.
+        return (slot.key in self.speeds and slot.key not in self.evicting
+                and (slot.live or slot.waiting > 0 or slot.in_flight > 0))
+
+    def _engine_state(self, slot: EngineSlot) -> EngineState:
+        return EngineState(
+            key=slot.key, model=slot.model.name, ctx=slot.run.ctx, speed=self.speeds[slot.key],
+            placement=Placement(slot.placement), in_flight=slot.in_flight, queued=slot.waiting,
+            last_used=slot.last_used, loading=not slot.live, ready_at=self.ready_at.get(slot.key, 0.0),
+            request_s=self.request_s.get(slot.key, 1.0),
+        )
+
+    def peer_states(self) -> list[PeerState]:
+        """Every configured peer with the models it serves."""
+        names = [m.name for m in self.catalog.models]
+        return [PeerState(p.config.name, p.hardware, frozenset(n for n in names if p.config.serves(n)))
+                for p in self.peers.values()]
+
+    @contextlib.asynccontextmanager
+    async def route(self, inference: InferenceRequest, model: ModelEntry) -> AsyncIterator[Route]:
+        """Decide where inference runs, hold what it needs there while the caller forwards it, then let go."""
+        if model.engine == "external":
+            slot = self.pool.slot(model.name, model)
+            async with self.pool.lease(slot) as lease:
+                yield Route("local", f"local: '{model.name}' is served by the external server at "
+                            f"{lease.engine.base_url}", lease.engine.base_url, model.api_key)
+            return
+        spec = await self.spec(model)
+        size = await self.size(inference, model)
+        budget = inference.max_tokens or self.config.node.default_max_tokens
+        need = RequestNeed(
+            model=model.name, spec=spec, prompt_tokens=size.tokens, max_tokens=budget, type_k=model.type_k,
+            type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
+            min_ctx=max(inference.hints.min_ctx, model.ctx if model.local else 0),
+        )
+        decision = decide(need, self.local_state(), self.peer_states(), self.clock(), self.calibration,
+                          self.config.node.queue_limit)
+        self._record(decision, need, size)
+        option = decision.chosen
+        if option is None:
+            raise PlacementRefused(decision)
+        if not option.local:
+            peer = self.peers[option.placement.removeprefix("peer:")]
+            yield Route(option.placement, decision.reason, peer.config.base_url, peer.config.api_key, forwarded=True)
+            return
+        slot = self._commit_local(model, option, decision)
+        for key in option.evict:
+            await self.pool.unload(key, f"evicted to make room for {model.name} at {option.ctx} ctx")
+        started = self.clock()
+        async with self.pool.lease(slot) as lease:
+            yield Route(option.placement, decision.reason, lease.engine.base_url, cold_start_s=lease.cold_start_s)
+        elapsed = self.clock() - started - (lease.cold_start_s or 0.0)
+        old = self.request_s.get(slot.key)
+        self.request_s[slot.key] = elapsed if old is None else 0.8 * old + 0.2 * elapsed
+
+    def _commit_local(self, model: ModelEntry, option: Any, decision: Decision) -> EngineSlot:
+        """Reserve the chosen local option's bytes (no await since decide) and return its engine slot."""
+        if option.engine is not None:
+            return self.pool.slots[option.engine]
+        for key in option.evict:
+            self.evicting.add(key)
+            self.ledger.release(key)
+        key = option.engine_key
+        if not self.ledger.reserve(key, option.reserve):
+            raise PlacementRefused(replace(decision, status=503, code="capacity_busy", retry_after_s=1.0,
+                                           reason=f"{decision.reason}; its memory was taken meanwhile"))
+        self.speeds[key] = option.speed
+        self.ready_at[key] = self.clock() + option.load_s
+        self.request_s.setdefault(key, option.prefill_s + option.decode_s)
+        n_layers = len(self._specs[model.name].layers)
+        gpu_layers = model.n_gpu_layers
+        if option.offload_layers or option.n_cpu_moe:
+            # llama-cpp-python has no --n-cpu-moe: whole layers go to RAM instead (more bytes off the GPU, never
+            # fewer, so the reservation still holds).
+            gpu_layers = max(0, n_layers - max(option.offload_layers, option.n_cpu_moe))
+        run = replace(model, ctx=option.ctx, n_gpu_layers=gpu_layers)
+        return self.pool.slot(key, model, run, placement=option.placement)
+
+    def _record(self, decision: Decision, need: RequestNeed, size: PromptSize) -> None:
+        entry = {
+            "at": time.time(), "model": need.model, "placement": decision.placement, "ctx": decision.ctx,
+            "prompt_tokens": size.tokens, "prompt_exact": size.exact, "max_tokens": need.max_tokens,
+            "reason": decision.reason,
+            "options": [{"placement": o.placement, "feasible": o.feasible, "why_not": o.why_not, "ctx": o.ctx,
+                         "predicted_tok_s": round(o.predicted_tok_s, 1), "total_s": round(o.total_s, 2)}
+                        for o in decision.options],
+        }
+        self.decisions.append(entry)
+        log.info("%s -> %s: %s", need.model, decision.placement, decision.reason)
+
+
+def _read_spec(model: ModelEntry) -> ModelSpec:
+    from hybridd.model.spec import model_spec
+    from hybridd.probe.gguf_file import read_gguf_header
+    from hybridd.probe.model_profiles import load_profile, profile_header
+
+    if model.path is not None:
+        header = read_gguf_header(model.path)
+    elif model.profile is not None:
+        header = profile_header(load_profile(model.profile), model.quant)
+    else:
+        raise HybriddError(f"model '{model.name}' has neither a GGUF path nor a profile to size it by")
+    return model_spec(header.metadata, header.tensors)

@@ -10,7 +10,17 @@ from hybridd.model.ggml_types import BY_NAME
 from hybridd.model.header import TensorInfo
 from hybridd.model.spec import AttentionKind, SwaType, model_spec
 from hybridd.model.synth import synth_tensors, tensor_layout
-from tests.twins import deepseek2_mla_twin, gemma3_twin, gpt_oss_twin, llama_gqa_twin, qwen3next_twin
+from tests.twins import (
+    deepseek2_mla_twin,
+    gemma3_twin,
+    gpt_oss_twin,
+    llama_gqa_twin,
+    qwen2_twin,
+    qwen3_twin,
+    qwen3moe_twin,
+    qwen3next_twin,
+    qwen35moe_twin,
+)
 
 
 def _spec(md: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -86,6 +96,36 @@ def test_qwen3next_hybrid_layers_and_state() -> None:
     assert recurrent.recurrent_ssm_values == 128 * 4096
 
 
+def test_qwen35moe_hybrid_layers_state_and_mtp() -> None:
+    spec = _spec(qwen35moe_twin())
+    assert spec.n_layer == 48 and spec.n_layer_all == 49
+    full = [ly.index for ly in spec.layers if ly.attention is AttentionKind.FULL]
+    assert full == list(range(3, 48, 4))
+    assert spec.layers[48].attention is AttentionKind.NONE  # the MTP block
+    assert spec.layers[3].k_values_per_token == 2 * 256
+    recurrent = spec.recurrent_layers[0]
+    # 64 value heads of 128: d_inner 8192; conv channels 8192 + 2 * 16 * 128
+    assert recurrent.recurrent_conv_values == 3 * (8192 + 2 * 16 * 128)
+    assert recurrent.recurrent_ssm_values == 128 * 8192
+    assert spec.mtp_bytes > 0 and spec.warnings == ()
+
+
+def test_qwen3_and_qwen3moe_queries_wider_than_embedding() -> None:
+    for twin, n_layer, n_head, n_head_kv in ((qwen3_twin, 64, 64, 8), (qwen3moe_twin, 48, 32, 4)):
+        spec = _spec(twin())
+        assert spec.n_layer == n_layer
+        assert all(ly.attention is AttentionKind.FULL for ly in spec.layers)
+        assert spec.layers[0].n_head == n_head and spec.layers[0].k_values_per_token == n_head_kv * 128
+        assert spec.warnings == ()
+
+
+def test_qwen2_head_size_from_embedding() -> None:
+    spec = _spec(qwen2_twin())
+    assert spec.layers[0].key_length == 3584 // 28
+    assert spec.layers[0].k_values_per_token == 4 * 128
+    assert any(t.name == "blk.0.attn_q.bias" for t in synth_tensors(qwen2_twin(), 10**9))
+
+
 def test_recurrent_layers_array_overrides_interval() -> None:
     md = qwen3next_twin()
     md["qwen3next.attention.recurrent_layers"] = [i % 2 == 0 for i in range(48)]
@@ -149,8 +189,10 @@ def test_weights_come_from_tensor_infos() -> None:
     assert spec.layers[0].weight_bytes == sum(t.n_bytes for t in tensors if t.name.startswith("blk.0."))
 
 
-@pytest.mark.parametrize("twin", [llama_gqa_twin, gemma3_twin, deepseek2_mla_twin, qwen3next_twin, gpt_oss_twin])
+@pytest.mark.parametrize("twin", [llama_gqa_twin, gemma3_twin, deepseek2_mla_twin, qwen3next_twin, gpt_oss_twin,
+                                  qwen35moe_twin, qwen3moe_twin, qwen3_twin, qwen2_twin])
 def test_synth_matches_file_size(twin) -> None:  # type: ignore[no-untyped-def]
     md = twin()
     spec = model_spec(md, synth_tensors(md, 20 * 10**9))
-    assert spec.weight_bytes == pytest.approx(20 * 10**9 - 8 * 1024 * 1024, rel=0.002)
+    # the file holds the MTP block too (qwen35moe); llama.cpp does not load it for plain inference
+    assert spec.weight_bytes + spec.mtp_bytes == pytest.approx(20 * 10**9 - 8 * 1024 * 1024, rel=0.002)

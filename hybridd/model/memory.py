@@ -30,6 +30,9 @@ F32 = 4
 # CUDA context + cuBLAS handles + the memory pool's slack; measured 300-600 MiB on recent drivers.
 DEFAULT_RUNTIME_RESERVE = 512 * MIB
 DEFAULT_CTX = 4096
+# Gated-DeltaNet architectures whose graph runs llama.cpp's fused GDN op on V heads tiled in the file (no repeat of
+# q/k to the value heads): their recurrent block peaks differently from qwen3next's.
+FUSED_GDN_ARCHS = frozenset({"qwen35", "qwen35moe"})
 
 
 def pad(value: int, multiple: int) -> int:
@@ -218,13 +221,22 @@ def _ffn_peak(spec: ModelSpec, geo: ContextGeometry) -> int:
 
 
 def _recurrent_peak(spec: ModelSpec, geo: ContextGeometry, settings: RunSettings) -> int:
-    """Gated-DeltaNet/Mamba block: projected qkv, conv input and output, plus a copy of the states."""
+    """Gated-DeltaNet/Mamba block: projected qkv, conv input and output, plus the states of every sequence."""
     peak = 0
+    n_seq = max(1, settings.n_seq)
     for ly in spec.recurrent_layers:
         channels = ly.recurrent_conv_values // max(spec.ssm_conv_kernel - 1, 1)
-        state = ly.recurrent_ssm_values * F32 * max(1, settings.n_seq)
-        # half of the gate z (value_dim, about channels / 2) is live beside them on average
-        peak = max(peak, 3 * channels * geo.n_ubatch * F32 + channels // 4 * geo.n_ubatch * F32 + state)
+        act = channels * geo.n_ubatch * F32
+        state = ly.recurrent_ssm_values * F32
+        if spec.architecture in FUSED_GDN_ARCHS:
+            # three channel-wide activations (projected qkv, conv input, conv output) at one or two sequences;
+            # from about four on, the gathered and the updated states of every sequence outgrow that. Fitted to
+            # llama.cpp's reserve over ssm geometries at 1-16 sequences: within 15% throughout.
+            peak = max(peak, 3 * act, 5 * act // 2 + 2 * state * n_seq)
+        else:
+            # qwen3next repeats q/k to the value heads; half of the gate z (value_dim, about channels / 2) is
+            # live beside them on average
+            peak = max(peak, 3 * act + channels // 4 * geo.n_ubatch * F32 + state * n_seq)
     return peak
 
 
@@ -238,7 +250,9 @@ def _compute_bytes(spec: ModelSpec, shapes: list[tuple[LayerSpec, int]], setting
         masks += geo.n_ctx_seq * t * mask_elem
     if geo.swa_cells:
         masks += geo.swa_cells * t * mask_elem
-    base = 2 * spec.n_embd * t * F32  # residual stream + current hidden state
+    # residual stream, its normalised copy and the block output (3 x n_embd: fitted on qwen2, where n_embd is
+    # as wide as the attention)
+    base = 3 * spec.n_embd * t * F32
     attn = max((_attention_peak(spec, ly, cells, geo, fa) for ly, cells in shapes if cells), default=0)
     logits = (spec.n_vocab + spec.n_embd) * t * F32
     return masks + base + max(attn, _ffn_peak(spec, geo), logits, _recurrent_peak(spec, geo, settings))

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="plan without flash attention")
     _flag(plan, "--hardware", env="HYBRIDD_HARDWARE", metavar="PROFILE",
           help="plan for a hardware profile instead of this machine")
+    _flag(plan, "--peer", env="HYBRIDD_PEER", action="append", metavar="PROFILE",
+          help="also consider a peer with this hardware profile (repeatable; the env var takes a comma list)")
     _flag(plan, "--json", env="HYBRIDD_JSON", action="store_true", help="print the plan as one JSON object")
     _config_flag(plan)
 
@@ -214,6 +216,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hybridd.errors import HybriddError
     from hybridd.model.plan import render_plan_table
     from hybridd.planning import PlanRequest, make_plan
+    from hybridd.status_view import render_options
 
     if not args.model:
         print("hybridd plan: a MODEL is required (a GGUF path, a configured model or a profile name)",
@@ -225,14 +228,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
         request = PlanRequest(
             model=args.model, quant=args.quant, ctx=args.ctx, type_k=args.type_k or args.kv_type,
             type_v=args.type_v or args.kv_type, slots=int(args.slots), flash_attn=False if args.no_flash_attn else None,
-            hardware=args.hardware,
+            hardware=args.hardware, peers=tuple(_peer_list(args.peer)),
         )
         result = make_plan(request, catalog)
     except (HybriddError, ValueError, OSError) as exc:
         print(f"hybridd plan: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return EXIT_ERROR
-    print(json.dumps(result, indent=2) if args.json else render_plan_table(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render_plan_table(result))
+        print(render_options(result))
     return EXIT_OK
+
+
+def _peer_list(value: Any) -> list[str]:
+    """--peer values; from the environment it is one comma-separated string."""
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    return list(value or [])
 
 
 def cmd_models(args: argparse.Namespace) -> int:

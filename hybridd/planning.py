@@ -17,7 +17,7 @@ from hybridd.errors import BadRequest, ModelNotFound
 from hybridd.model.header import GgufHeader
 from hybridd.model.memory import DEFAULT_CTX, RunSettings
 from hybridd.model.plan import plan
-from hybridd.model.spec import model_spec
+from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.place.devices import Device
 
 
@@ -33,13 +33,14 @@ class PlanRequest:
     slots: int = 1
     flash_attn: bool | None = None
     hardware: str | None = None
+    peers: tuple[str, ...] = ()
 
 
 def plan_request_from_json(body: Mapping[str, Any]) -> PlanRequest:
     """Validate a POST /hybridd/v1/plan body; BadRequest names the field."""
     if not isinstance(body, Mapping):
         raise BadRequest("request body must be a JSON object")
-    allowed = {"model", "quant", "ctx", "type_k", "type_v", "kv_type", "slots", "flash_attn", "hardware"}
+    allowed = {"model", "quant", "ctx", "type_k", "type_v", "kv_type", "slots", "flash_attn", "hardware", "peers"}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise BadRequest(f"unknown field '{unknown[0]}' (valid: {', '.join(sorted(allowed))})")
@@ -55,10 +56,13 @@ def plan_request_from_json(body: Mapping[str, Any]) -> PlanRequest:
         return value
 
     kv = field("kv_type", str)
+    peers = body.get("peers") or []
+    if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
+        raise BadRequest("'peers' must be an array of hardware profile names")
     request = PlanRequest(
         model=field("model", str, required=True), quant=field("quant", str), ctx=field("ctx", int),
         type_k=field("type_k", str) or kv, type_v=field("type_v", str) or kv, slots=field("slots", int) or 1,
-        flash_attn=field("flash_attn", bool), hardware=field("hardware", str),
+        flash_attn=field("flash_attn", bool), hardware=field("hardware", str), peers=tuple(peers),
     )
     check_request(request)
     return request
@@ -144,4 +148,17 @@ def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str,
     result["model"] = result.get("model") or request.model
     result["hardware"] = source
     result["file_bytes"] = header.file_bytes
+    result.update(placement_options(spec, settings, request))
     return result
+
+
+def placement_options(spec: ModelSpec, settings: RunSettings, request: PlanRequest) -> dict[str, Any]:
+    """Where a reference request would run (this node or the --peer profiles) and each option's speed."""
+    from hybridd.config import Config
+    from hybridd.place.options import plan_options
+    from hybridd.probe.hardware_profiles import load_hardware_profile
+    from hybridd.resources import local_hardware
+
+    local = load_hardware_profile(request.hardware).hardware() if request.hardware else local_hardware(Config())
+    peers = [load_hardware_profile(name).hardware() for name in request.peers]
+    return plan_options(spec, settings, local, peers)

@@ -155,7 +155,9 @@ class Router:
     def _engine_state(self, slot: EngineSlot) -> EngineState:
         return EngineState(
             key=slot.key, model=slot.model.name, ctx=slot.run.ctx, speed=self.speeds[slot.key],
-            placement=Placement(slot.placement), in_flight=slot.in_flight, queued=slot.waiting,
+            # An engine serves one request at a time; the rest of its in-flight requests wait inside it.
+            placement=Placement(slot.placement), in_flight=min(slot.in_flight, 1),
+            queued=slot.waiting + max(0, slot.in_flight - 1),
             last_used=slot.last_used, loading=not slot.live, ready_at=self.ready_at.get(slot.key, 0.0),
             request_s=self.request_s.get(slot.key, 1.0),
         )

@@ -42,7 +42,16 @@ def render_status(status: dict[str, Any]) -> str:
             str(m["pid"] or "-"),
         ])
     body = table(["MODEL", "STATE", "ENGINE", "CTX", "KV", "IDLE", "ACTIVE", "REQUESTS", "PID"], rows)
-    return f"{head}\n\n{body}" if rows else f"{head}\n\nno models configured"
+    text = f"{head}\n\n{body}" if rows else f"{head}\n\nno models configured"
+    peers = status.get("peers", [])
+    if peers:
+        text += "\n\n" + table(["PEER", "URL", "HARDWARE"], [[p["name"], p["base_url"], p["hardware"]] for p in peers])
+    decisions = status.get("decisions", [])
+    if decisions:
+        text += "\n\nrecent decisions:"
+        for d in decisions[-5:]:
+            text += f"\n  {d['model']} ({d['prompt_tokens']} prompt tokens) -> {d['placement']}: {d['reason']}"
+    return text
 
 
 def render_models(listing: dict[str, Any]) -> str:
@@ -53,3 +62,20 @@ def render_models(listing: dict[str, Any]) -> str:
         rows.append([m["id"], ", ".join(m.get("aliases", [])) or "-", str(m.get("context_length", "-")),
                      info.get("placement", "-"), info.get("state", "-")])
     return table(["MODEL", "ALIASES", "CTX", "WHERE", "STATE"], rows)
+
+
+def render_options(plan: dict[str, Any]) -> str:
+    """The placement part of `hybridd plan`: each option with its predicted speed, and the choice."""
+    rows = []
+    for option in plan.get("options", []):
+        speed = f"{option['predicted_tok_s']:.0f} tok/s" if option["feasible"] else "-"
+        total = f"{option['total_s']:.1f} s" if option.get("total_s") is not None else "-"
+        rows.append([option["placement"], str(option["ctx"]), speed, total,
+                     "" if option["feasible"] else option["why_not"][:70]])
+    if not rows:
+        return ""
+    ref = plan.get("reference_request", {})
+    head = (f"\n  placement: {plan.get('placement')} (reference request: {ref.get('prompt_tokens')} prompt + "
+            f"{ref.get('max_tokens')} completion tokens)")
+    body = table(["OPTION", "CTX", "DECODE", "TOTAL", "WHY NOT"], rows)
+    return head + "\n" + "\n".join("  " + line for line in body.splitlines())

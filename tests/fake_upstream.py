@@ -17,6 +17,7 @@ class FakeEngine:
     release: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     requests: list[dict] = field(default_factory=list)  # type: ignore[type-arg]
+    headers: list[dict[str, str]] = field(default_factory=list)
     status: int = 200
     error_body: bytes = b""
 
@@ -40,6 +41,7 @@ class FakeEngine:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
         if self.status != 200:
             return web.Response(status=self.status, body=self.error_body, content_type="application/json")
         if not body.get("stream"):

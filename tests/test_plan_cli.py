@@ -134,3 +134,30 @@ async def test_api_bad_plan_requests(api: str, body: dict, status: int, fragment
     async with aiohttp.ClientSession() as session, session.post(api, json=body) as response:
         assert response.status == status
         assert fragment in (await response.json())["error"]["message"]
+
+
+@pytest.mark.parametrize(("model", "quant", "ctx", "placement"), [
+    ("glm-4.7-flash", "Q4_K_M", 32768, "local"),  # a 30B MoE that fits stays local even with an idle Spark
+    ("qwen3-coder-30b-a3b", "Q4_K_M", 8192, "local"),  # context tiering: short context local ...
+    ("qwen3-coder-30b-a3b", "Q4_K_M", 262144, "peer:dgx-spark"),  # ... 256k forwarded
+    ("gpt-oss-120b", None, 32768, "peer:dgx-spark"),  # 59 GiB of MXFP4 belongs on the Spark
+    ("llama-3.1-70b", "Q4_K_M", 8192, "peer:dgx-spark"),  # fits only with layers in RAM: the Spark is faster
+])
+def test_plan_with_a_peer_gives_the_placements(model: str, quant: str | None, ctx: int, placement: str) -> None:
+    args = [model, "--ctx", str(ctx), "--hardware", "desktop-4090-5070ti", "--peer", "dgx-spark", "--json"]
+    result = run_plan(*args, *(["--quant", quant] if quant else []))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["placement"] == placement
+    by_place = {o["placement"]: o for o in plan["options"]}
+    assert set(by_place) >= {"peer:dgx-spark"}
+    chosen = by_place[placement]
+    assert chosen["feasible"] and chosen["predicted_tok_s"] > 0
+    others = [o for o in plan["options"] if o["feasible"] and o is not chosen]
+    assert all(chosen["total_s"] <= o["total_s"] * 1.05 for o in others)
+
+
+def test_plan_text_shows_the_options() -> None:
+    result = run_plan("glm-4.7-flash", "--hardware", "desktop-4090-5070ti", "--peer", "dgx-spark")
+    assert result.returncode == 0
+    assert "placement: local" in result.stdout and "peer:dgx-spark" in result.stdout and "tok/s" in result.stdout

@@ -206,3 +206,19 @@ def test_bare_serve_serves_the_demo_model(daemon_factory) -> None:  # type: igno
     assert reply.choices[0].message.content.strip()
     text = api.completions.create(model="default", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert len(text.choices[0].text.split()) >= 3  # real words from a real model, not random bytes
+
+
+def test_engine_keeps_serving_after_a_client_leaves_mid_stream(daemon_factory, tiny_model: Path) -> None:
+    # hybridd drops the engine connection when its client goes (test_api checks that against a fake engine);
+    # the engine must come out of that healthy, with the request that was waiting behind it answered.
+    daemon = daemon_factory(tiny_config(tiny_model))
+    api = client(daemon)
+    stream = api.completions.create(model="tiny", prompt="x", max_tokens=200, logit_bias=NO_EOS, stream=True)
+    next(iter(stream))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(api.completions.create, model="tiny", prompt="y", max_tokens=2, logit_bias=NO_EOS)
+        wait_for(lambda: daemon.model_status("tiny")["in_flight"] == 2, what="second request inside the engine")
+        stream.close()  # the first client goes away mid-stream
+        reply = waiting.result(timeout=90)
+    assert reply.usage.completion_tokens >= 1
+    assert daemon.model_status("tiny")["restarts"] == 0

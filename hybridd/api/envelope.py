@@ -48,7 +48,8 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         return await handler(request)
     except HybriddError as exc:
-        return response_for(exc)
+        retry = getattr(exc, "retry_after_s", None)
+        return response_for(exc, {"Retry-After": str(max(1, round(retry)))} if retry else None)
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, f"request body is too large (limit {request.app._client_max_size} bytes)",
                               code="request_too_large")

@@ -1,0 +1,473 @@
+"""Benchmark: hybridd's placement decisions against baselines and an oracle, in one discrete-event simulation.
+
+    .venv/bin/python bench/placement.py [--requests N] [--seed S]
+
+The trace (fixed seed) is a coding-agent workload built from the facts of DESIGN.md: GLM-4.7-Flash and
+Qwen3-Coder-30B-A3B at 8k-64k context as the bread and butter, GPT-OSS-120B and Qwen3-Coder-Next requests,
+occasional 128k-256k context jobs, Llama-3.1-70B rarely; Poisson arrivals with bursts (agents fanning out).
+
+Hardware: the desktop-4090-5070ti profile as the local node, one dgx-spark as the peer. Every strategy runs in the
+same simulator:
+- service time of a request on an engine = prompt / prefill tok/s + max_tokens / decode tok/s at the mean decode
+  context, from the engine's SpeedModel (the one the scheduler predicts with; calibration factor 1), plus the
+  peer's RTT when forwarded. So predicted service times are exact: the comparison is of decisions, not of models.
+- an engine serves one request at a time (FIFO queue); a new engine is ready option.load_s after it is placed.
+  Engines run independently (two engines on one node do not slow each other: bandwidth sharing is not modelled).
+- memory is the scheduler's Ledger; an engine can be evicted only when idle (nothing in flight, queued, loading).
+- the peer is a node of its own that places forwarded requests with the same scheduler (hint local, no peers).
+- a refused request (503: nothing can hold it now) is retried when the next engine frees up; its completion time
+  still counts from its first arrival.
+
+Strategies:
+- hybridd: `decide()` on the desktop with the Spark as a peer; the desktop sees the peer's free memory (idle
+  engines count as free: the peer may evict them), the models loaded there and their outstanding requests.
+- local: always on the desktop (`decide()` with hint local and no peer): layers/experts in RAM when needed,
+  evicting least recently used idle engines.
+- peer: everything forwarded to the Spark (which places it on itself with the same scheduler).
+- swap: swap by model name, no memory awareness: one engine on the desktop at a time, FIFO; a request for another
+  model (or a longer context) waits for the engine to drain, unloads it and loads its own model alone at its
+  context bucket (offloaded to RAM when it does not fit, at the speed the speed model predicts).
+- oracle: clairvoyant greedy. For each request, at its arrival, every option the scheduler enumerates on the
+  desktop and on the Spark (reuse each engine, new load, new offloaded load, after evicting idle engines) is
+  evaluated with the exact completion time the simulator will give it (true queue drain times and service times
+  on both nodes, perfect knowledge of the peer), and the earliest finish wins. It knows the present exactly but
+  not future arrivals, so it is not a lower bound: a strategy can beat it on a request, or in aggregate.
+- envelope (reported, not a strategy): per request the minimum completion time over all the runs above; not a
+  realizable schedule, only a reference.
+
+Prints a table (mean and p95 completion time, arrival to last token, and ratios to the oracle) and writes
+bench/results/placement.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hybridd.model.spec import ModelSpec, model_spec
+from hybridd.place.hardware import Hardware
+from hybridd.place.scheduler import (
+    Decision,
+    EngineState,
+    Hint,
+    LocalState,
+    Option,
+    PeerState,
+    Placement,
+    RequestNeed,
+    decide,
+    ledger_for,
+)
+from hybridd.place.speed import SpeedModel
+from hybridd.probe.hardware_profiles import load_hardware_profile
+from hybridd.probe.model_profiles import load_profile, profile_header
+
+HERE = Path(__file__).resolve().parent
+DESKTOP = load_hardware_profile("desktop-4090-5070ti").hardware()
+SPARK = load_hardware_profile("dgx-spark").hardware()
+PEER_NAME = "spark"
+RTT_S = 0.001
+QUANTS = {"glm-4.7-flash": "Q4_K_M", "qwen3-coder-30b-a3b": "Q4_K_M", "gpt-oss-120b": "MXFP4",
+          "qwen3-coder-next": "Q4_K_M", "llama-3.1-70b": "Q4_K_M"}
+STRATEGIES = ("hybridd", "local", "peer", "swap", "oracle")
+TARGET_RATIO = 1.05
+QUEUE_LIMIT = 16  # the daemon's default node.queue_limit: a full queue answers 429 (retried later here)
+
+
+@cache
+def spec_of(model: str) -> ModelSpec:
+    header = profile_header(load_profile(model), QUANTS[model])
+    return model_spec(header.metadata, header.tensors)
+
+
+# --- the trace -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One request of the trace."""
+
+    id: int
+    arrival: float
+    model: str
+    prompt: int
+    max_tokens: int
+
+    def need(self, hint: Hint = Hint.AUTO) -> RequestNeed:
+        return RequestNeed(self.model, spec_of(self.model), self.prompt, self.max_tokens, hint=hint)
+
+
+# (weight, model, prompt range, max_tokens range)
+MIX: tuple[tuple[float, str, tuple[int, int], tuple[int, int]], ...] = (
+    (0.38, "glm-4.7-flash", (8_000, 64_000), (300, 2_000)),
+    (0.29, "qwen3-coder-30b-a3b", (8_000, 64_000), (300, 2_000)),
+    (0.12, "gpt-oss-120b", (4_000, 48_000), (300, 2_000)),
+    (0.12, "qwen3-coder-next", (8_000, 64_000), (300, 2_000)),
+    (0.02, "glm-4.7-flash", (128_000, 190_000), (1_000, 3_000)),
+    (0.02, "qwen3-coder-30b-a3b", (128_000, 250_000), (1_000, 3_000)),
+    (0.03, "qwen3-coder-next", (128_000, 250_000), (1_000, 3_000)),
+    (0.02, "llama-3.1-70b", (2_000, 8_000), (100, 400)),
+)
+
+
+def make_trace(n: int = 300, seed: int = 7, mean_gap_s: float = 60.0) -> list[Job]:
+    """`n` requests: Poisson arrivals (mean gap `mean_gap_s`), one in five a burst of 3-8 within a few seconds."""
+    rng = random.Random(seed)
+    weights = [w for w, *_ in MIX]
+    jobs: list[Job] = []
+    t = 0.0
+    while len(jobs) < n:
+        t += rng.expovariate(1.0 / mean_gap_s)
+        burst = rng.randint(3, 8) if rng.random() < 0.2 else 1
+        _, model, (p_lo, p_hi), (m_lo, m_hi) = rng.choices(MIX, weights)[0]
+        at = t
+        for _ in range(burst):
+            if len(jobs) >= n:
+                break
+            # an agent's burst: mostly the same model, similar contexts
+            if rng.random() < 0.25:
+                _, model, (p_lo, p_hi), (m_lo, m_hi) = rng.choices(MIX, weights)[0]
+            prompt = int(math.exp(rng.uniform(math.log(p_lo), math.log(p_hi))))
+            jobs.append(Job(len(jobs), round(at, 3), model, prompt, rng.randint(m_lo, m_hi)))
+            at += rng.uniform(0.05, 2.0)
+        t = max(t, at)
+    return sorted(jobs, key=lambda j: (j.arrival, j.id))
+
+
+# --- the simulated nodes -------------------------------------------------------------------------------------
+
+
+def service_s(job: Job, speed: SpeedModel) -> float:
+    """Seconds an engine with `speed` takes for `job`: the scheduler's own formula (_timed), factor 1."""
+    position = job.prompt + job.max_tokens // 2
+    return job.prompt / speed.prefill_tok_s + job.max_tokens / speed.decode_tok_s(position)
+
+
+@dataclass
+class SimEngine:
+    """An engine on a simulated node: FIFO, one request at a time; its timeline is known exactly."""
+
+    key: str
+    model: str
+    ctx: int
+    speed: SpeedModel
+    placement: str
+    created: float
+    ready_at: float
+    request_s: float
+    runs: list[tuple[float, float]] = field(default_factory=list)  # (start, end) per request, FIFO
+
+    @property
+    def free_at(self) -> float:
+        return max(self.ready_at, self.runs[-1][1] if self.runs else 0.0)
+
+    def idle(self, now: float) -> bool:
+        return self.free_at <= now
+
+    def state(self, now: float) -> EngineState:
+        in_flight = sum(1 for s, e in self.runs if s <= now < e)
+        queued = sum(1 for s, _ in self.runs if s > now)
+        used = [self.created] + [s for s, _ in self.runs if s <= now] + [e for _, e in self.runs if e <= now]
+        done = [e - s for s, e in self.runs if e <= now]
+        request_s = self.request_s
+        for d in done:  # the router's EWMA of observed request times
+            request_s = 0.8 * request_s + 0.2 * d
+        return EngineState(self.key, self.model, self.ctx, self.speed, Placement(self.placement), in_flight, queued,
+                           max(used), now < self.ready_at, self.ready_at, request_s)
+
+    def finish_if_queued(self, job: Job, now: float) -> float:
+        """When `job` would end if it joined this engine's queue now."""
+        return max(now, self.free_at) + service_s(job, self.speed)
+
+    def enqueue(self, job: Job, now: float) -> float:
+        start = max(now, self.free_at)
+        end = start + service_s(job, self.speed)
+        self.runs.append((start, end))
+        return end
+
+
+class SimNode:
+    """A node: hardware, its ledger and its engines; commits options the way the daemon does."""
+
+    def __init__(self, hardware: Hardware, name: str) -> None:
+        self.hardware = hardware
+        self.name = name
+        self.ledger = ledger_for(hardware)
+        self.engines: dict[str, SimEngine] = {}
+        self.loads = 0
+
+    def state(self, now: float) -> LocalState:
+        return LocalState(self.hardware, self.ledger, tuple(e.state(now) for e in self.engines.values()))
+
+    def decide(self, job: Job, now: float) -> Decision:
+        return decide(job.need(Hint.LOCAL), self.state(now), (), now, queue_limit=QUEUE_LIMIT)
+
+    def finish_of(self, option: Option, job: Job, now: float) -> float:
+        """The exact end of `job` under `option` (without committing it)."""
+        if option.engine is not None:
+            return self.engines[option.engine].finish_if_queued(job, now)
+        assert option.speed is not None
+        return now + option.load_s + service_s(job, option.speed)
+
+    def commit(self, option: Option, job: Job, now: float) -> float | None:
+        """Evict, reserve, load or reuse; the end time of `job`, None when the ledger refuses (stale)."""
+        if option.engine is not None:
+            return self.engines[option.engine].enqueue(job, now)
+        assert option.engine_key is not None and option.speed is not None
+        if option.engine_key in self.engines or not self.ledger.can_reserve(option.reserve, option.evict):
+            return None  # the daemon's _commit_local answers 503 here
+        for key in option.evict:
+            assert self.engines[key].idle(now), key
+            self.ledger.release(key)
+            del self.engines[key]
+        assert self.ledger.reserve(option.engine_key, option.reserve)
+        engine = SimEngine(option.engine_key, job.model, option.ctx, option.speed, option.placement, now,
+                           now + option.load_s, option.prefill_s + option.decode_s)
+        self.engines[engine.key] = engine
+        self.loads += 1
+        return engine.enqueue(job, now)
+
+    def next_free(self, now: float) -> float | None:
+        ends = [e.free_at for e in self.engines.values() if e.free_at > now]
+        return min(ends) if ends else None
+
+    def peer_state(self, model: str, now: float) -> PeerState:
+        """What this node reports as a peer: free bytes (idle engines count as free: it may evict them), the
+        models loaded and their contexts, and the requests outstanding on engines of `model`."""
+        free = self.ledger.free()
+        for e in self.engines.values():
+            if e.idle(now):
+                for device, held in self.ledger.held(e.key).items():
+                    free[device] = free.get(device, 0) + held
+        loaded: dict[str, int] = {}
+        for e in self.engines.values():
+            loaded[e.model] = max(loaded.get(e.model, 0), e.ctx)
+        depth = 0
+        for e in self.engines.values():
+            if e.model == model:
+                s = e.state(now)
+                depth += s.in_flight + s.queued
+        return PeerState(self.name, self.hardware.with_free(free), frozenset(QUANTS), loaded, queue_depth=depth,
+                         rtt_s=RTT_S)
+
+
+# --- strategies ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """Per request: when it ended and where it ran."""
+
+    end: dict[int, float] = field(default_factory=dict)
+    where: dict[int, str] = field(default_factory=dict)
+    refusals: int = 0
+    stale: int = 0
+    loads: int = 0
+
+
+Place = Callable[[Job, float], tuple[float, str] | None]  # -> (end, placement) or None: retry later
+
+
+def _on_peer(peer: SimNode, job: Job, now: float) -> tuple[float, str] | None:
+    d = peer.decide(job, now)
+    if d.chosen is None:
+        return None
+    end = peer.commit(d.chosen, job, now + RTT_S)
+    return None if end is None else (end + RTT_S, f"peer:{PEER_NAME}")
+
+
+def _best_exact(node: SimNode, job: Job, now: float, hint: Hint) -> tuple[float, Option] | None:
+    """The option of `node` for `job` with the earliest exact end (the oracle's view of one node)."""
+    d = decide(job.need(hint), node.state(now), (), now, queue_limit=QUEUE_LIMIT)
+    best: tuple[float, Option] | None = None
+    for o in d.options:
+        if not o.feasible or (o.engine is None and o.engine_key in node.engines):
+            continue
+        end = node.finish_of(o, job, now)
+        if best is None or end < best[0]:
+            best = (end, o)
+    return best
+
+
+def simulate(strategy: str, jobs: Sequence[Job]) -> Outcome:
+    """Replay `jobs` under `strategy`; every request ends (refusals are retried when an engine frees up)."""
+    desktop = SimNode(DESKTOP, "local")
+    spark = SimNode(SPARK, PEER_NAME)
+    out = Outcome()
+    swap: dict[str, object] = {"free_at": 0.0, "engine": None}
+    idle_desktop = LocalState(DESKTOP, ledger_for(DESKTOP))
+
+    def hybridd(job: Job, now: float) -> tuple[float, str] | None:
+        d = decide(job.need(), desktop.state(now), (spark.peer_state(job.model, now),), now, queue_limit=QUEUE_LIMIT)
+        if d.chosen is None:
+            return None
+        if not d.chosen.local:
+            return _on_peer(spark, job, now)
+        end = desktop.commit(d.chosen, job, now)
+        if end is None:
+            out.stale += 1
+            return None
+        return end, d.chosen.placement
+
+    def local(job: Job, now: float) -> tuple[float, str] | None:
+        d = desktop.decide(job, now)
+        if d.chosen is None:
+            return None
+        end = desktop.commit(d.chosen, job, now)
+        if end is None:
+            out.stale += 1
+            return None
+        return end, d.chosen.placement
+
+    def peer(job: Job, now: float) -> tuple[float, str] | None:
+        return _on_peer(spark, job, now)
+
+    def swap_by_name(job: Job, now: float) -> tuple[float, str] | None:
+        current = swap["engine"]
+        start = max(now, float(swap["free_at"]))  # type: ignore[arg-type]
+        if not (isinstance(current, tuple) and current[0] == job.model and current[1] >= job.prompt + job.max_tokens):
+            # alone on an idle desktop: the scheduler's own load (all on GPUs, else part in RAM) and its speed
+            d = decide(job.need(Hint.LOCAL), idle_desktop, (), start)
+            if d.chosen is None:
+                return _on_peer(spark, job, now)  # fits nowhere locally even alone
+            o = d.chosen
+            assert o.speed is not None
+            current = (job.model, o.ctx, o.speed, o.placement)
+            swap["engine"] = current
+            start += o.load_s
+            out.loads += 1
+        assert isinstance(current, tuple)
+        end = start + service_s(job, current[2])
+        swap["free_at"] = end
+        return end, str(current[3])
+
+    def oracle(job: Job, now: float) -> tuple[float, str] | None:
+        here = _best_exact(desktop, job, now, Hint.LOCAL)
+        there = _best_exact(spark, job, now + RTT_S, Hint.LOCAL)
+        if there is not None and (here is None or there[0] + RTT_S < here[0]):
+            end = spark.commit(there[1], job, now + RTT_S)
+            return None if end is None else (end + RTT_S, f"peer:{PEER_NAME}")
+        if here is None:
+            return None
+        end = desktop.commit(here[1], job, now)
+        return None if end is None else (end, here[1].placement)
+
+    place: Place = {"hybridd": hybridd, "local": local, "peer": peer, "swap": swap_by_name, "oracle": oracle}[strategy]
+    heap = [(j.arrival, j.id) for j in jobs]
+    heapq.heapify(heap)
+    by_id = {j.id: j for j in jobs}
+    while heap:
+        now, jid = heapq.heappop(heap)
+        job = by_id[jid]
+        placed = place(job, now)
+        if placed is None:
+            out.refusals += 1
+            frees = [t for t in (desktop.next_free(now), spark.next_free(now)) if t is not None]
+            heapq.heappush(heap, (min(frees) if frees else now + 1.0, jid))
+            continue
+        out.end[jid], out.where[jid] = placed
+    out.loads += desktop.loads + spark.loads
+    return out
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+
+def p95(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def summarize(jobs: Sequence[Job], outcomes: dict[str, Outcome]) -> dict[str, dict[str, object]]:
+    arrival = {j.id: j.arrival for j in jobs}
+    times = {name: [o.end[j.id] - arrival[j.id] for j in jobs] for name, o in outcomes.items()}
+    times["envelope"] = [min(t[i] for t in times.values()) for i in range(len(jobs))]
+    ref_mean, ref_p95 = statistics.fmean(times["oracle"]), p95(times["oracle"])
+    env_mean, env_p95 = statistics.fmean(times["envelope"]), p95(times["envelope"])
+    rows: dict[str, dict[str, object]] = {}
+    for name, t in times.items():
+        mean, tail = statistics.fmean(t), p95(t)
+        row: dict[str, object] = {"mean_s": round(mean, 2), "p95_s": round(tail, 2),
+                                  "mean_ratio": round(mean / ref_mean, 4), "p95_ratio": round(tail / ref_p95, 4),
+                                  "mean_vs_envelope": round(mean / env_mean, 4),
+                                  "p95_vs_envelope": round(tail / env_p95, 4)}
+        if name in outcomes:
+            o = outcomes[name]
+            counts: dict[str, int] = {}
+            for w in o.where.values():
+                counts[w] = counts.get(w, 0) + 1
+            row.update(placements=dict(sorted(counts.items())), loads=o.loads, refusals=o.refusals, stale=o.stale)
+        rows[name] = row
+    return rows
+
+
+def run(n: int = 300, seed: int = 7) -> dict[str, object]:
+    jobs = make_trace(n, seed)
+    started = time.perf_counter()
+    outcomes = {s: simulate(s, jobs) for s in STRATEGIES}
+    rows = summarize(jobs, outcomes)
+    h = rows["hybridd"]
+    baselines = ("local", "peer", "swap")
+    mix: dict[str, int] = {}
+    for j in jobs:
+        key = f"{j.model}{' long' if j.prompt >= 100_000 else ''}"
+        mix[key] = mix.get(key, 0) + 1
+    return {
+        "trace": {"requests": n, "seed": seed, "span_s": round(jobs[-1].arrival, 1), "mix": dict(sorted(mix.items())),
+                  "quants": QUANTS, "local": DESKTOP.name, "peer": SPARK.name},
+        "results": rows,
+        "targets": {
+            "within_5pct_of_oracle_mean": float(h["mean_ratio"]) <= TARGET_RATIO,  # type: ignore[arg-type]
+            "within_5pct_of_oracle_p95": float(h["p95_ratio"]) <= TARGET_RATIO,  # type: ignore[arg-type]
+            "better_than_every_baseline_mean": all(
+                float(h["mean_s"]) < float(rows[b]["mean_s"]) for b in baselines),  # type: ignore[arg-type]
+            "better_than_every_baseline_p95": all(
+                float(h["p95_s"]) < float(rows[b]["p95_s"]) for b in baselines),  # type: ignore[arg-type]
+        },
+        "note": "the greedy oracle falls into the same overload traps (long queues on slow offloaded engines), so a "
+                "ratio under 1.05 to it does not show near-optimality; the envelope ratio is the honest gap",
+        "oracle": "clairvoyant greedy: per request, at arrival, the option (any engine, new load, offload, peer) with "
+                  "the exact earliest finish given true queues on both nodes; no knowledge of future arrivals, so "
+                  "not a bound (a ratio below 1 means it was beaten); envelope = per-request minimum over all runs",
+        "sim_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "placement.json")
+    args = ap.parse_args(argv)
+    result = run(args.requests, args.seed)
+    trace = result["trace"]
+    assert isinstance(trace, dict)
+    print(f"trace: {trace['requests']} requests over {trace['span_s']} s, seed {trace['seed']}: {trace['mix']}")
+    print(f"{'strategy':<10} {'mean s':>9} {'p95 s':>9} {'mean/oracle':>12} {'p95/oracle':>11} {'mean/env':>9} "
+          f"{'p95/env':>8}  placements")
+    rows = result["results"]
+    assert isinstance(rows, dict)
+    for name, r in rows.items():
+        print(f"{name:<10} {r['mean_s']:>9.1f} {r['p95_s']:>9.1f} {r['mean_ratio']:>12.3f} {r['p95_ratio']:>11.3f} "
+              f"{r['mean_vs_envelope']:>9.3f} {r['p95_vs_envelope']:>8.3f}  "
+              f"{r.get('placements', '')}")
+    print(f"targets: {result['targets']} (simulated in {result['sim_seconds']} s)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

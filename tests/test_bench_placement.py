@@ -1,0 +1,53 @@
+"""A fast smoke run of the placement simulator (bench/placement.py) on tiny traces."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "placement.py"
+
+
+@pytest.fixture(scope="module")
+def sim() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_placement", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_lone_request_ends_when_the_scheduler_predicted(sim: ModuleType) -> None:
+    job = sim.Job(0, 10.0, "glm-4.7-flash", 9000, 800)
+    d = sim.decide(job.need(), sim.SimNode(sim.DESKTOP, "local").state(10.0), (), 10.0)
+    out = sim.simulate("hybridd", [job])
+    assert out.where[0] == "local" and out.refusals == 0
+    assert out.end[0] - job.arrival == pytest.approx(d.chosen.total_s)  # load + prefill + decode, nothing queued
+
+
+def test_local_beats_always_peer_when_the_model_fits_the_desktop(sim: ModuleType) -> None:
+    jobs = [sim.Job(i, 60.0 * i + (0.5 if i % 2 else 0.0), "glm-4.7-flash", 8000 + 500 * i, 600) for i in range(6)]
+    results = {s: sim.simulate(s, jobs) for s in sim.STRATEGIES}
+    times = {s: [o.end[j.id] - j.arrival for j in jobs] for s, o in results.items()}
+    for s, t in times.items():
+        assert all(x > 0 for x in t), s  # every request ends after it arrives
+        assert len(results[s].end) == len(jobs)
+    assert set(results["hybridd"].where.values()) == {"local"}
+    assert sum(times["hybridd"]) < sum(times["peer"]) / 2  # the desktop runs GLM 2.5-3x faster than a Spark
+    assert sum(times["hybridd"]) <= sum(times["oracle"]) * 1.05
+
+
+def test_requests_on_one_engine_queue_in_order(sim: ModuleType) -> None:
+    # two requests at once, only the Spark: the second waits for the first (one request at a time per engine)
+    jobs = [sim.Job(0, 0.0, "gpt-oss-120b", 4000, 500), sim.Job(1, 0.0, "gpt-oss-120b", 4000, 500)]
+    out = sim.simulate("peer", jobs)
+    first, second = sorted(out.end.values())
+    engine_s = second - first
+    assert engine_s > 5 and first > engine_s  # the first also paid the load
+    summary = sim.summarize(jobs, {"oracle": out, "peer": out})
+    assert summary["peer"]["mean_ratio"] == 1.0 and summary["peer"]["p95_s"] == pytest.approx(second, abs=0.01)

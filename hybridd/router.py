@@ -13,10 +13,11 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hybridd.api.proxy import StreamStats
 from hybridd.api.schema import InferenceRequest
 from hybridd.catalog import Catalog
 from hybridd.config import Config, ModelEntry, PeerConfig
@@ -68,6 +69,7 @@ class Route:
     api_key: str | None = None
     forwarded: bool = False
     cold_start_s: float | None = None
+    stats: StreamStats = field(default_factory=StreamStats)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Router:
         self.speeds: dict[str, SpeedModel] = {}
         self.request_s: dict[str, float] = {}
         self.ready_at: dict[str, float] = {}
+        self.base_tok_s: dict[str, float] = {}
         self.evicting: set[str] = set()
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_DECISIONS)
         self.tokenizers = Tokenizers()
@@ -200,10 +203,22 @@ class Router:
             await self.pool.unload(key, f"evicted to make room for {model.name} at {option.ctx} ctx")
         started = self.clock()
         async with self.pool.lease(slot) as lease:
-            yield Route(option.placement, decision.reason, lease.engine.base_url, cold_start_s=lease.cold_start_s)
+            route = Route(option.placement, decision.reason, lease.engine.base_url, cold_start_s=lease.cold_start_s)
+            yield route
         elapsed = self.clock() - started - (lease.cold_start_s or 0.0)
         old = self.request_s.get(slot.key)
         self.request_s[slot.key] = elapsed if old is None else 0.8 * old + 0.2 * elapsed
+        self._calibrate(model.name, slot.key, route.stats)
+
+    def _calibrate(self, model: str, key: str, stats: StreamStats) -> None:
+        """Fold an engine's measured decode speed into the calibration its next predictions use."""
+        measured = stats.decode_tok_s()
+        predicted = self.base_tok_s.get(key)
+        if measured is None or not predicted:
+            return
+        self.calibration = self.calibration.observe(self.node_name, model, predicted, measured)
+        log.debug("%s: measured %.1f tok/s, predicted %.1f; factor now %.2f", key, measured, predicted,
+                  self.calibration.factor(self.node_name, model))
 
     def _commit_local(self, model: ModelEntry, option: Any, decision: Decision) -> EngineSlot:
         """Reserve the chosen local option's bytes (no await since decide) and return its engine slot."""
@@ -217,6 +232,7 @@ class Router:
             raise PlacementRefused(replace(decision, status=503, code="capacity_busy", retry_after_s=1.0,
                                            reason=f"{decision.reason}; its memory was taken meanwhile"))
         self.speeds[key] = option.speed
+        self.base_tok_s[key] = option.base_tok_s
         self.ready_at[key] = self.clock() + option.load_s
         self.request_s.setdefault(key, option.prefill_s + option.decode_s)
         n_layers = len(self._specs[model.name].layers)

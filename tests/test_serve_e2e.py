@@ -222,3 +222,15 @@ def test_engine_keeps_serving_after_a_client_leaves_mid_stream(daemon_factory, t
         reply = waiting.result(timeout=90)
     assert reply.usage.completion_tokens >= 1
     assert daemon.model_status("tiny")["restarts"] == 0
+
+
+def test_measured_stream_speed_corrects_the_prediction(daemon_factory, tiny_model: Path) -> None:
+    daemon = daemon_factory(tiny_config(tiny_model))
+    assert daemon.status()["calibration"] == {}
+    chunks = list(client(daemon).completions.create(model="tiny", prompt="x", max_tokens=40, logit_bias=NO_EOS,
+                                                    stream=True))
+    assert len(chunks) >= 40
+    factors = daemon.status()["calibration"]
+    # The speed model predicts GPU-class speed for this tiny model; the CPU engine's real rate pulls it down.
+    assert set(factors) == {f"{daemon.status()['node']}/tiny", f"{daemon.status()['node']}/*"}
+    assert all(f < 1.0 for f in factors.values())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -12,6 +14,21 @@ from hybridd.api.envelope import error_body, sse_error_event
 from hybridd.errors import EngineFailed
 
 log = logging.getLogger("hybridd.api")
+
+
+@dataclass
+class StreamStats:
+    """What a stream looked like: server-sent events passed and when the first and last arrived."""
+
+    events: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+
+    def decode_tok_s(self) -> float | None:
+        """Events per second after the first, which llama.cpp servers send one token each; None if too short."""
+        if self.events < 8 or self.last_at <= self.first_at:
+            return None
+        return (self.events - 2) / (self.last_at - self.first_at)
 
 # Hop-by-hop and framing headers are ours to set, not the engine's.
 _DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding",
@@ -27,6 +44,7 @@ async def forward(
     extra_headers: dict[str, str],
     api_key: str | None = None,
     upstream_headers: dict[str, str] | None = None,
+    stats: StreamStats | None = None,
 ) -> web.StreamResponse:
     """POST body to url; answer the client with the engine's response plus extra_headers."""
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **(upstream_headers or {})}
@@ -39,7 +57,7 @@ async def forward(
     try:
         if not stream or upstream.status != 200:
             return await _whole(upstream, url, extra_headers)
-        return await _stream(request, upstream, url, extra_headers)
+        return await _stream(request, upstream, url, extra_headers, stats or StreamStats())
     finally:
         # Closing (not releasing) an unfinished response drops the connection: the engine sees the
         # disconnect and stops generating for a client that is gone.
@@ -76,7 +94,8 @@ def _as_envelope(status: int, payload: bytes) -> bytes:
 
 
 async def _stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str]
+    request: web.Request, upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str],
+    stats: StreamStats,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200)
     response.content_type = "text/event-stream"
@@ -96,6 +115,11 @@ async def _stream(
             log.warning("stream from %s broke: %s", url, exc)
             await response.write(sse_error_event(f"engine stream broke: {exc}", "engine_failed"))
             break
+        now = time.monotonic()
+        if not stats.events:
+            stats.first_at = now
+        stats.events += chunk.count(b"data: ")
+        stats.last_at = now
         # A client that went away makes this raise ConnectionResetError; forward() then drops the engine's
         # connection, which cancels its work.
         await response.write(chunk)

@@ -73,7 +73,7 @@ def _inference(endpoint: Endpoint) -> Any:
             # A forwarded request is served where it lands: the peer must not forward it again.
             upstream_headers = {"x-hybridd-forwarded": "1", "x-hybridd-placement": "local"} if route.forwarded else {}
             return await forward(request, request.app[keys.HTTP], route.base_url + PATHS[endpoint], payload,
-                                 inference.stream, headers, route.api_key, upstream_headers)
+                                 inference.stream, headers, route.api_key, upstream_headers, route.stats)
 
     handle.__name__ = f"{endpoint}_handler"
     return handle

@@ -36,6 +36,8 @@ async def status(request: web.Request) -> web.Response:
         "peers": [{"name": p.config.name, "base_url": p.config.base_url, "hardware": p.config.hardware}
                   for p in request.app[keys.ROUTER].peers.values()],
         "decisions": list(request.app[keys.ROUTER].decisions)[-10:],
+        "calibration": {f"{node}/{model}": round(f, 3)
+                        for (node, model), f in request.app[keys.ROUTER].calibration.ratios.items()},
     })
 
 

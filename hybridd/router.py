@@ -98,6 +98,7 @@ class Router:
         self.ready_at: dict[str, float] = {}
         self.base_tok_s: dict[str, float] = {}
         self.evicting: set[str] = set()
+        self.pending: set[str] = set()  # reserved for a load whose lease has not begun yet
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_DECISIONS)
         self.tokenizers = Tokenizers()
         self._specs: dict[str, ModelSpec] = {}
@@ -134,9 +135,11 @@ class Router:
             return guess_tokens(inference.endpoint, inference.body)
 
     def _sweep_dead(self) -> None:
-        # An engine that died holds no memory any more: free its bytes so a restart can reserve them again.
+        # An engine that died, or is being stopped, is going away: free its bytes so its key can be loaded again.
+        # That is safe because a slot's lock orders the two: the new engine starts only after the old one is gone.
         for slot in self.pool.slots.values():
-            if slot.key in self.speeds and slot.engine is not None and not slot.live and not slot.waiting:
+            if (slot.key in self.speeds and slot.key not in self.pending and not slot.live and not slot.waiting
+                    and not slot.in_flight):
                 self._stopped(slot.key)
 
     def local_state(self) -> LocalState:
@@ -199,8 +202,12 @@ class Router:
             yield Route(option.placement, decision.reason, peer.config.base_url, peer.config.api_key, forwarded=True)
             return
         slot = self._commit_local(model, option, decision)
-        for key in option.evict:
-            await self.pool.unload(key, f"evicted to make room for {model.name} at {option.ctx} ctx")
+        self.pending.add(slot.key)
+        try:
+            for key in option.evict:
+                await self.pool.unload(key, f"evicted to make room for {model.name} at {option.ctx} ctx")
+        finally:
+            self.pending.discard(slot.key)  # the lease below counts the request as waiting from here on
         started = self.clock()
         async with self.pool.lease(slot) as lease:
             route = Route(option.placement, decision.reason, lease.engine.base_url, cold_start_s=lease.cold_start_s)

@@ -131,6 +131,8 @@ class NodeConfig:
     display_reserve_bytes: int = 1024**3
     queue_limit: int = 16
     default_max_tokens: int = 2048
+    peer_first_byte_timeout_s: float = 600.0  # a peer may load a 60 GB model before its first byte
+    peer_idle_timeout_s: float = 60.0  # between two chunks of a peer's stream
 
 
 @dataclass(frozen=True)
@@ -332,7 +334,7 @@ class _Reader:
         key = "node"
         raw = self.table(raw, key, ("name", "hardware", "devices", "ram_bytes", "ram_bandwidth_bytes_s",
                                     "disk_read_bytes_s", "display_reserve_bytes", "queue_limit",
-                                    "default_max_tokens"))
+                                    "default_max_tokens", "peer_first_byte_timeout_s", "peer_idle_timeout_s"))
         devices = []
         for i, item in enumerate(self.get(raw, key, "devices", list, [])):
             where = f"node.devices[{i}]"
@@ -354,6 +356,9 @@ class _Reader:
             display_reserve_bytes=self.get(raw, key, "display_reserve_bytes", int, NodeConfig.display_reserve_bytes),
             queue_limit=int(self.positive(raw, key, "queue_limit", NodeConfig.queue_limit)),
             default_max_tokens=int(self.positive(raw, key, "default_max_tokens", NodeConfig.default_max_tokens)),
+            peer_first_byte_timeout_s=self.positive(raw, key, "peer_first_byte_timeout_s",
+                                                    NodeConfig.peer_first_byte_timeout_s),
+            peer_idle_timeout_s=self.positive(raw, key, "peer_idle_timeout_s", NodeConfig.peer_idle_timeout_s),
         )
 
     def peer(self, raw: Any, key: str) -> PeerConfig:

@@ -11,6 +11,7 @@
     └── UpstreamError               the engine's or peer's failure (5xx)
         ├── EngineLoadFailed        could not start or health-check an engine (503)
         └── EngineFailed            engine broke while serving (502)
+            └── UpstreamUnreachable nothing came back at all: safe to retry elsewhere (502)
 """
 
 from __future__ import annotations
@@ -94,3 +95,10 @@ class EngineFailed(UpstreamError):
 
     status = 502
     code = "engine_failed"
+
+
+class UpstreamUnreachable(EngineFailed):
+    """The engine or peer could not be reached, or sent nothing before its deadline: no byte reached the client."""
+
+    code = "upstream_unreachable"
+    peer: str | None = None  # set when the upstream was a peer, so the caller can retry without it

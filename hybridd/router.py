@@ -24,6 +24,7 @@ from hybridd.config import Config, ModelEntry, PeerConfig
 from hybridd.engine.pool import EnginePool, EngineSlot
 from hybridd.errors import EngineLoadFailed, HybriddError
 from hybridd.model.spec import ModelSpec
+from hybridd.place.breaker import Breaker
 from hybridd.place.hardware import Hardware
 from hybridd.place.ledger import Ledger
 from hybridd.place.scheduler import (
@@ -70,6 +71,10 @@ class Route:
     forwarded: bool = False
     cold_start_s: float | None = None
     stats: StreamStats = field(default_factory=StreamStats)
+    peer: str | None = None
+    ssl: Any = True
+    first_byte_timeout_s: float | None = None
+    idle_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class Router:
         self.base_tok_s: dict[str, float] = {}
         self.evicting: set[str] = set()
         self.pending: set[str] = set()  # reserved for a load whose lease has not begun yet
+        self.breakers: dict[str, Breaker] = {}
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_DECISIONS)
         self.tokenizers = Tokenizers()
         self._specs: dict[str, ModelSpec] = {}
@@ -168,14 +174,27 @@ class Router:
             request_s=self.request_s.get(slot.key, 1.0),
         )
 
-    def peer_states(self) -> list[PeerState]:
-        """Every configured peer with the models it serves."""
+    def peer_states(self, exclude: frozenset[str] = frozenset()) -> list[PeerState]:
+        """Every configured peer with the models it serves; a peer whose breaker is open counts as down."""
         names = [m.name for m in self.catalog.models]
-        return [PeerState(p.config.name, p.hardware, frozenset(n for n in names if p.config.serves(n)))
-                for p in self.peers.values()]
+        now = self.clock()
+        return [PeerState(p.config.name, p.hardware, frozenset(n for n in names if p.config.serves(n)),
+                          up=self.breakers.get(p.config.name, Breaker()).allows(now))
+                for p in self.peers.values() if p.config.name not in exclude]
+
+    def peer_failed(self, name: str, why: str) -> None:
+        """A forward to name failed before its first byte."""
+        breaker = self.breakers.get(name, Breaker()).on_failure(self.clock())
+        self.breakers[name] = breaker
+        log.warning("peer %s failed (%s); breaker %s", name, why, breaker.state(self.clock()))
+
+    def peer_answered(self, name: str) -> None:
+        """A forward to name got its answer."""
+        self.breakers[name] = self.breakers.get(name, Breaker()).on_success()
 
     @contextlib.asynccontextmanager
-    async def route(self, inference: InferenceRequest, model: ModelEntry) -> AsyncIterator[Route]:
+    async def route(self, inference: InferenceRequest, model: ModelEntry,
+                    exclude: frozenset[str] = frozenset()) -> AsyncIterator[Route]:
         """Decide where inference runs, hold what it needs there while the caller forwards it, then let go."""
         if model.engine == "external":
             slot = self.pool.slot(model.name, model)
@@ -191,7 +210,7 @@ class Router:
             type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
             min_ctx=max(inference.hints.min_ctx, model.ctx if model.local else 0),
         )
-        decision = decide(need, self.local_state(), self.peer_states(), self.clock(), self.calibration,
+        decision = decide(need, self.local_state(), self.peer_states(exclude), self.clock(), self.calibration,
                           self.config.node.queue_limit)
         self._record(decision, need, size)
         option = decision.chosen
@@ -199,7 +218,11 @@ class Router:
             raise PlacementRefused(decision)
         if not option.local:
             peer = self.peers[option.placement.removeprefix("peer:")]
-            yield Route(option.placement, decision.reason, peer.config.base_url, peer.config.api_key, forwarded=True)
+            name = peer.config.name
+            self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(self.clock())
+            yield Route(option.placement, decision.reason, peer.config.base_url, peer.config.api_key, forwarded=True,
+                        peer=name, first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
+                        idle_timeout_s=self.config.node.peer_idle_timeout_s)
             return
         slot = self._commit_local(model, option, decision)
         self.pending.add(slot.key)

@@ -135,7 +135,7 @@ async def test_unreachable_upstream_is_502(hybridd: str, fake) -> None:  # type:
     _, upstream = fake
     await upstream.close()
     code, _, reply = await post(hybridd + "/v1/chat/completions", CHAT)
-    assert code == 502 and reply["error"]["code"] == "engine_failed"
+    assert code == 502 and reply["error"]["code"] == "upstream_unreachable"
 
 
 async def test_stream_chunks_arrive_before_the_engine_finishes(hybridd: str, fake) -> None:  # type: ignore[no-untyped-def]

@@ -182,3 +182,27 @@ async def test_a_context_no_node_can_hold_is_refused_with_numbers(daemon_factory
     assert code == 400 and reply["error"]["code"] == "context_length_exceeded"
     code, _, reply = await chat(daemon.url, "a", hints={"placement": "sideways"})
     assert code == 400 and "placement hint must be one of" in reply["error"]["message"]
+
+
+async def test_unreachable_peer_falls_back_local_and_opens_its_breaker(daemon_factory, long_models) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the peer is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    # A slow local budget device makes the Spark the predicted winner, so requests try the peer first.
+    text = config(long_models, 10**12, dead, '["a"]').replace("[[node.devices]]", "[[node.devices]]\n"
+                                                             "bandwidth_bytes_s = 1.0e3")
+    daemon = daemon_factory(text)
+    for attempt in range(3):
+        code, headers, reply = await chat(daemon.url, "a")
+        assert code == 200, reply
+        assert headers["x-hybridd-placement"] == "local"  # retried here after the peer failed, before any byte
+    decisions = (await status(daemon.url))["decisions"]
+    assert decisions[0]["placement"] == "peer:spark" and decisions[1]["placement"] == "local"
+    # Three failures open the breaker: the next request does not even try the peer.
+    code, headers, _ = await chat(daemon.url, "a")
+    assert code == 200 and headers["x-hybridd-placement"] == "local"
+    last = (await status(daemon.url))["decisions"][-1]
+    spark = next(o for o in last["options"] if o["placement"] == "peer:spark")
+    assert not spark["feasible"] and "down" in spark["why_not"]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from hybridd.api.envelope import error_body, sse_error_event
-from hybridd.errors import EngineFailed
+from hybridd.errors import EngineFailed, UpstreamUnreachable
 
 log = logging.getLogger("hybridd.api")
 
@@ -45,19 +47,30 @@ async def forward(
     api_key: str | None = None,
     upstream_headers: dict[str, str] | None = None,
     stats: StreamStats | None = None,
+    first_byte_timeout_s: float | None = None,
+    idle_timeout_s: float | None = None,
+    ssl: Any = True,
 ) -> web.StreamResponse:
-    """POST body to url; answer the client with the engine's response plus extra_headers."""
+    """POST body to url; answer the client with the engine's response plus extra_headers.
+
+    first_byte_timeout_s bounds the wait for the response headers (a peer may be loading a model);
+    idle_timeout_s bounds each wait between chunks (a hung peer). UpstreamUnreachable means nothing was sent
+    to the client yet, so the caller may retry elsewhere.
+    """
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **(upstream_headers or {})}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     try:
-        upstream = await http.post(url, data=body, headers=headers)
-    except aiohttp.ClientError as exc:
-        raise EngineFailed(f"engine at {url} could not be reached: {exc}") from exc
+        async with asyncio.timeout(first_byte_timeout_s):
+            upstream = await http.post(url, data=body, headers=headers, ssl=ssl)
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamUnreachable(f"{url} could not be reached: {exc}") from exc
+    except TimeoutError as exc:
+        raise UpstreamUnreachable(f"{url} sent nothing within {first_byte_timeout_s:g} s") from exc
     try:
         if not stream or upstream.status != 200:
             return await _whole(upstream, url, extra_headers)
-        return await _stream(request, upstream, url, extra_headers, stats or StreamStats())
+        return await _stream(request, upstream, url, extra_headers, stats or StreamStats(), idle_timeout_s)
     finally:
         # Closing (not releasing) an unfinished response drops the connection: the engine sees the
         # disconnect and stops generating for a client that is gone.
@@ -96,6 +109,7 @@ def _as_envelope(status: int, payload: bytes) -> bytes:
 async def _stream(
     request: web.Request, upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str],
     stats: StreamStats,
+    idle_timeout_s: float | None = None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200)
     response.content_type = "text/event-stream"
@@ -107,13 +121,15 @@ async def _stream(
     chunks = upstream.content.iter_any()
     while True:
         try:
-            chunk = await anext(chunks)
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await anext(chunks)
         except StopAsyncIteration:
             break
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             # After the first byte there is no retry: tell the client in the stream's own format, then end it.
-            log.warning("stream from %s broke: %s", url, exc)
-            await response.write(sse_error_event(f"engine stream broke: {exc}", "engine_failed"))
+            why = f"no data for {idle_timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            log.warning("stream from %s broke: %s", url, why)
+            await response.write(sse_error_event(f"upstream stream broke: {why}", "upstream_failed"))
             break
         now = time.monotonic()
         if not stats.events:

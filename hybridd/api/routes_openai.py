@@ -9,9 +9,9 @@ from aiohttp import web
 
 from hybridd.api import keys
 from hybridd.api.proxy import forward
-from hybridd.api.schema import PATHS, Endpoint, parse_inference
+from hybridd.api.schema import PATHS, Endpoint, InferenceRequest, parse_inference
 from hybridd.config import ModelEntry
-from hybridd.errors import BadRequest
+from hybridd.errors import BadRequest, UpstreamUnreachable
 
 
 def add_routes(app: web.Application) -> None:
@@ -61,22 +61,49 @@ def _inference(endpoint: Endpoint) -> Any:
         if endpoint == "embedding" and model.managed and not model.embeddings:
             raise BadRequest(f"model '{model.name}' is not configured for embeddings (set embeddings = true in "
                              "its [[models]] entry; it costs generation speed)")
-        async with request.app[keys.ROUTER].route(inference, model) as route:
-            body = inference.engine_body()
-            if model.upstream_model and not route.forwarded:
-                body["model"] = model.upstream_model
-            payload = json.dumps(body).encode() if body != inference.body or inference.had_hints else raw
-            reason = route.reason
-            if route.cold_start_s is not None:
-                reason += f"; engine loaded in {route.cold_start_s:.1f} s"
-            headers = {"x-hybridd-placement": route.placement, "x-hybridd-reason": _header_safe(reason)}
-            # A forwarded request is served where it lands: the peer must not forward it again.
-            upstream_headers = {"x-hybridd-forwarded": "1", "x-hybridd-placement": "local"} if route.forwarded else {}
-            return await forward(request, request.app[keys.HTTP], route.base_url + PATHS[endpoint], payload,
-                                 inference.stream, headers, route.api_key, upstream_headers, route.stats)
+        router = request.app[keys.ROUTER]
+        excluded: frozenset[str] = frozenset()
+        while True:
+            try:
+                return await _serve(request, endpoint, raw, inference, model, excluded)
+            except UpstreamUnreachable as exc:
+                peer = exc.peer
+                if peer is None or peer in excluded:
+                    raise
+                # Nothing reached the client yet: one retry on the next-best option, without that peer.
+                router.peer_failed(peer, exc.message)
+                excluded = excluded | {peer}
 
     handle.__name__ = f"{endpoint}_handler"
     return handle
+
+
+async def _serve(request: web.Request, endpoint: Endpoint, raw: bytes, inference: InferenceRequest,
+                 model: ModelEntry, excluded: frozenset[str]) -> web.StreamResponse:
+    """Route once and forward; an unreachable peer's error names the peer so the caller can retry elsewhere."""
+    router = request.app[keys.ROUTER]
+    async with router.route(inference, model, excluded) as route:
+        body = inference.engine_body()
+        if model.upstream_model and not route.forwarded:
+            body["model"] = model.upstream_model
+        payload = json.dumps(body).encode() if body != inference.body or inference.had_hints else raw
+        reason = route.reason
+        if route.cold_start_s is not None:
+            reason += f"; engine loaded in {route.cold_start_s:.1f} s"
+        headers = {"x-hybridd-placement": route.placement, "x-hybridd-reason": _header_safe(reason)}
+        # A forwarded request is served where it lands: the peer must not forward it again.
+        upstream_headers = {"x-hybridd-forwarded": "1", "x-hybridd-placement": "local"} if route.forwarded else {}
+        try:
+            response = await forward(
+                request, request.app[keys.HTTP], route.base_url + PATHS[endpoint], payload, inference.stream,
+                headers, route.api_key, upstream_headers, route.stats, route.first_byte_timeout_s,
+                route.idle_timeout_s, route.ssl)
+        except UpstreamUnreachable as exc:
+            exc.peer = route.peer
+            raise
+        if route.peer is not None:
+            router.peer_answered(route.peer)
+        return response
 
 
 def _header_safe(text: str) -> str:

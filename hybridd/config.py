@@ -25,6 +25,8 @@ KV_CACHE_TYPES = {
 }
 UNQUANTIZED_KV = ("f32", "f16", "bf16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ROLES = ("desktop", "peer")
+DEFAULT_LAN_PORT = 11436
 REPACK_CHOICES = ("auto", "on", "off")
 
 
@@ -39,6 +41,7 @@ class ServerConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
+    lan_listen: str = ""  # host:port of the mutual-TLS listener for paired nodes; "" = none (peer default: all:11436)
 
     @property
     def listen(self) -> str:
@@ -123,6 +126,7 @@ class NodeConfig:
     """This node's identity and the resources placement may count on."""
 
     name: str = ""
+    role: str = "desktop"
     hardware: str = ""
     devices: tuple[BudgetDevice, ...] = ()
     ram_bytes: int | None = None
@@ -192,6 +196,20 @@ def load_config(path: Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
     return parse_config(text, source=str(path), base_dir=path.parent)
+
+
+def with_role(config: Config, role: str) -> Config:
+    """The config with node.role replaced (the --role flag wins over the file)."""
+    if role not in ROLES:
+        raise ConfigError(f'{config.source}: node.role: unknown value "{role}" (valid: {", ".join(ROLES)})')
+    return replace(config, node=replace(config.node, role=role))
+
+
+def lan_listen(config: Config) -> tuple[str, int] | None:
+    """Where the mutual-TLS listener for paired nodes binds: server.lan_listen, or all addresses:11436 on a peer."""
+    if config.server.lan_listen:
+        return parse_listen(config.server.lan_listen, "server.lan_listen", config.source)
+    return ("0.0.0.0", DEFAULT_LAN_PORT) if config.node.role == "peer" else None
 
 
 def with_listen(config: Config, listen: str) -> Config:
@@ -309,7 +327,8 @@ class _Reader:
         key = "server"
         raw = self.table(
             raw, key,
-            ("listen", "allow_non_loopback", "extra_hosts", "max_body_bytes", "shutdown_grace_s", "log_level"),
+            ("listen", "allow_non_loopback", "extra_hosts", "max_body_bytes", "shutdown_grace_s", "log_level",
+             "lan_listen"),
         )
         host, port = parse_listen(self.get(raw, key, "listen", str, DEFAULT_LISTEN), "server.listen", self.source)
         extra = self.get(raw, key, "extra_hosts", list, [])
@@ -326,13 +345,16 @@ class _Reader:
             max_body_bytes=max_body,
             shutdown_grace_s=self.positive(raw, key, "shutdown_grace_s", ServerConfig.shutdown_grace_s),
             log_level=self.choice(raw, key, "log_level", LOG_LEVELS, "info"),
+            lan_listen=self.get(raw, key, "lan_listen", str, ""),
         )
+        if server.lan_listen:
+            parse_listen(server.lan_listen, "server.lan_listen", self.source)
         _check_loopback(server, self.source)
         return server
 
     def node(self, raw: Any) -> NodeConfig:
         key = "node"
-        raw = self.table(raw, key, ("name", "hardware", "devices", "ram_bytes", "ram_bandwidth_bytes_s",
+        raw = self.table(raw, key, ("name", "role", "hardware", "devices", "ram_bytes", "ram_bandwidth_bytes_s",
                                     "disk_read_bytes_s", "display_reserve_bytes", "queue_limit",
                                     "default_max_tokens", "peer_first_byte_timeout_s", "peer_idle_timeout_s"))
         devices = []
@@ -348,6 +370,7 @@ class _Reader:
         ram = self.get(raw, key, "ram_bytes", int, None)
         return NodeConfig(
             name=self.get(raw, key, "name", str, ""),
+            role=self.choice(raw, key, "role", ROLES, "desktop"),
             hardware=self.get(raw, key, "hardware", str, ""),
             devices=tuple(devices),
             ram_bytes=ram,

@@ -42,7 +42,7 @@ def test_example_config_is_valid_and_pinned() -> None:
     ("[server]\nlisten = 11435", 'server.listen: expected a string, got an integer'),
     ('[server]\nlisten = "localhost"', 'server.listen: expected "host:port"'),
     ('[server]\nlisten = "0.0.0.0:11435"', "server.listen: \"0.0.0.0:11435\" is not a loopback address"),
-    ("[server]\nport = 1", "server.port: unknown key (valid: allow_non_loopback, extra_hosts, listen, log_level,"),
+    ("[server]\nport = 1", "server.port: unknown key (valid: allow_non_loopback, extra_hosts, lan_listen, listen, log_level,"),
     ('[server]\nlog_level = "loud"', 'server.log_level: unknown value "loud" (valid: debug, info, warning, error)'),
     ("[server]\nmax_body_bytes = 10", "server.max_body_bytes: must be >= 1024"),
     ("[server]\nshutdown_grace_s = -1", "server.shutdown_grace_s: must be > 0"),

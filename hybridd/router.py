@@ -85,6 +85,19 @@ class Peer:
     hardware: Hardware
 
 
+@dataclass(frozen=True)
+class PeerTarget:
+    """A peer the scheduler may place on, and how to reach it: URL, key, TLS context (pinned for paired peers)."""
+
+    state: PeerState
+    base_url: str
+    api_key: str | None = None
+    ssl: Any = True
+
+
+PeerSource = Callable[[], list[PeerTarget]]
+
+
 class Router:
     """Owns the ledger and turns each request into a Route."""
 
@@ -95,6 +108,7 @@ class Router:
         self.pool = pool
         self.hardware = hardware
         self.peers = {p.config.name: p for p in peers}
+        self.peer_sources: list[PeerSource] = []
         self.clock = clock
         self.ledger = ledger_for(hardware) if hardware is not None else Ledger()
         self.calibration = Calibration()
@@ -174,13 +188,24 @@ class Router:
             request_s=self.request_s.get(slot.key, 1.0),
         )
 
-    def peer_states(self, exclude: frozenset[str] = frozenset()) -> list[PeerState]:
-        """Every configured peer with the models it serves; a peer whose breaker is open counts as down."""
+    def peer_targets(self) -> dict[str, PeerTarget]:
+        """Every peer now: configured ones and those the peer sources (paired, linked) report."""
         names = [m.name for m in self.catalog.models]
+        targets = {
+            p.config.name: PeerTarget(PeerState(p.config.name, p.hardware,
+                                                frozenset(n for n in names if p.config.serves(n))),
+                                      p.config.base_url, p.config.api_key)
+            for p in self.peers.values()
+        }
+        for source in self.peer_sources:
+            targets.update({t.state.name: t for t in source()})
+        return targets
+
+    def peer_states(self, targets: dict[str, PeerTarget], exclude: frozenset[str] = frozenset()) -> list[PeerState]:
+        """The peers the scheduler may use; a peer whose breaker is open counts as down."""
         now = self.clock()
-        return [PeerState(p.config.name, p.hardware, frozenset(n for n in names if p.config.serves(n)),
-                          up=self.breakers.get(p.config.name, Breaker()).allows(now))
-                for p in self.peers.values() if p.config.name not in exclude]
+        return [replace(t.state, up=t.state.up and self.breakers.get(name, Breaker()).allows(now))
+                for name, t in targets.items() if name not in exclude]
 
     def peer_failed(self, name: str, why: str) -> None:
         """A forward to name failed before its first byte."""
@@ -210,18 +235,19 @@ class Router:
             type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
             min_ctx=max(inference.hints.min_ctx, model.ctx if model.local else 0),
         )
-        decision = decide(need, self.local_state(), self.peer_states(exclude), self.clock(), self.calibration,
-                          self.config.node.queue_limit)
+        targets = self.peer_targets()
+        decision = decide(need, self.local_state(), self.peer_states(targets, exclude), self.clock(),
+                          self.calibration, self.config.node.queue_limit)
         self._record(decision, need, size)
         option = decision.chosen
         if option is None:
             raise PlacementRefused(decision)
         if not option.local:
-            peer = self.peers[option.placement.removeprefix("peer:")]
-            name = peer.config.name
+            name = option.placement.removeprefix("peer:")
+            target = targets[name]
             self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(self.clock())
-            yield Route(option.placement, decision.reason, peer.config.base_url, peer.config.api_key, forwarded=True,
-                        peer=name, first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
+            yield Route(option.placement, decision.reason, target.base_url, target.api_key, forwarded=True,
+                        peer=name, ssl=target.ssl, first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
                         idle_timeout_s=self.config.node.peer_idle_timeout_s)
             return
         slot = self._commit_local(model, option, decision)

@@ -33,8 +33,9 @@ async def status(request: web.Request) -> web.Response:
         "uptime_s": round(time.monotonic() - node.started_mono, 1),
         "node": request.app[keys.ROUTER].node_name,
         "models": request.app[keys.POOL].describe(node.catalog.models),
-        "peers": [{"name": p.config.name, "base_url": p.config.base_url, "hardware": p.config.hardware}
-                  for p in request.app[keys.ROUTER].peers.values()],
+        "peers": [{"name": name, "base_url": t.base_url, "hardware": t.state.hardware.name, "up": t.state.up,
+                   "models": sorted(t.state.models)}
+                  for name, t in request.app[keys.ROUTER].peer_targets().items()],
         "decisions": list(request.app[keys.ROUTER].decisions)[-10:],
         "calibration": {f"{node}/{model}": round(f, 3)
                         for (node, model), f in request.app[keys.ROUTER].calibration.ratios.items()},

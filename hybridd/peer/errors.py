@@ -1,0 +1,69 @@
+"""Errors of the peer layer: identity, pairing, trust and the link to another node.
+
+    HybriddError
+    └── PeerError                   anything between nodes went wrong (502)
+        ├── StateFileError          identity or pairings file unreadable or corrupt; names the file (500)
+        ├── PairingError            pairing refused or failed (403, permission_error)
+        │   ├── PairingBusy         another pairing is mid-flight (409)
+        │   └── BadPairingMessage   a malformed pairing body (400, invalid_request_error)
+        ├── UntrustedPeer           the other side is not the pinned, paired node (403)
+        └── LinkError               could not reach or talk to a paired peer (502)
+"""
+
+from __future__ import annotations
+
+from hybridd.errors import HybriddError
+
+
+class PeerError(HybriddError):
+    """Base of the errors between nodes."""
+
+    status = 502
+    error_type = "server_error"
+    code = "peer_error"
+
+
+class StateFileError(PeerError):
+    """A state file (identity key or cert, pairings) cannot be read or parsed; the message names the file."""
+
+    status = 500
+    code = "state_file_corrupt"
+
+
+class PairingError(PeerError):
+    """Pairing was refused or failed; the message to a remote side never says why beyond what it already knows."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "pairing_refused"
+
+
+class PairingBusy(PairingError):
+    """A pairing exchange is already in progress on this node."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "pairing_busy"
+
+
+class BadPairingMessage(PairingError):
+    """A pairing message is malformed: not JSON, missing fields, wrong types, bad certificate."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_pairing_message"
+
+
+class UntrustedPeer(PeerError):
+    """The other side presented no certificate or one that is not the pinned certificate of a paired node."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "untrusted_peer"
+
+
+class LinkError(PeerError):
+    """A paired peer could not be reached or broke the exchange."""
+
+    status = 502
+    code = "peer_link_failed"

@@ -1,0 +1,492 @@
+"""Pairing over real TLS on loopback: SPAKE2 on the one-time code, key confirmation bound to the TLS certificates."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import ssl
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from spake2 import SPAKE2_A
+
+from hybridd.api.envelope import response_for
+from hybridd.peer.errors import LinkError, PairingError, StateFileError, UntrustedPeer
+from hybridd.peer.identity import Identity, new_identity
+from hybridd.peer.pairing import (
+    EXCHANGE_TTL_S,
+    FINISH_PATH,
+    ID_A,
+    ID_B,
+    MAX_FAILURES,
+    START_PATH,
+    WINDOW_TTL_S,
+    PairedPeer,
+    PairingServer,
+    PairingStore,
+    PairingWindow,
+    add_pairing_routes,
+    normalize_code,
+    open_window,
+    pair_with,
+    paired_peer_for,
+)
+from hybridd.peer.tls import client_context, peer_fingerprint, server_context
+
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    """The injected clock: tests move time by hand, never sleep."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application, context: ssl.SSLContext) -> AsyncIterator[str]:
+    """Serve `app` with TLS on a free loopback port; yields its https base URL and always cleans up."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        yield f"https://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def whoami(request: web.Request) -> web.Response:
+    return web.json_response({"client": peer_fingerprint(request.transport)})
+
+
+@dataclass
+class Node:
+    identity: Identity
+    store: PairingStore
+    state_dir: Path
+
+
+@dataclass
+class Peer(Node):
+    """The node that opens the window (a Spark), serving pairing on its real TLS listener."""
+
+    url: str
+    server: PairingServer
+    clock: Clock
+
+
+def make_node(tmp_path: Path, name: str) -> Node:
+    state_dir = tmp_path / name
+    return Node(new_identity(name), PairingStore.load(state_dir), state_dir)
+
+
+@pytest.fixture
+def desktop(tmp_path: Path) -> Node:
+    return make_node(tmp_path, "desktop")
+
+
+@pytest.fixture
+async def peer(tmp_path: Path) -> AsyncIterator[Peer]:
+    node = make_node(tmp_path, "spark-1")
+    clock = Clock()
+    context = server_context(node.identity, node.store.cert_pems())
+    # A new pairing extends the live listener's trust store: no restart needed to accept the new desktop.
+    server = PairingServer(node.identity, "spark-1", "peer", node.store, clock,
+                           on_paired=lambda paired: context.load_verify_locations(cadata=paired.cert_pem.decode()))
+    app = web.Application()
+    add_pairing_routes(app, server)
+    app.router.add_get("/whoami", whoami)
+    async with serve(app, context) as url:
+        yield Peer(node.identity, node.store, node.state_dir, url, server, clock)
+
+
+async def pair(desktop: Node, url: str, code: str) -> PairedPeer:
+    return await pair_with(url, code, desktop.identity, "desktop", "desktop", desktop.store)
+
+
+# ---------------------------------------------------------------- the happy path
+
+
+async def test_pairing_stores_both_sides_and_pinned_mutual_tls_works_both_ways(peer: Peer, desktop: Node) -> None:
+    code = peer.server.open()
+    assert len(code) == 8 and code.isdigit()
+
+    paired = await pair(desktop, peer.url, code)
+
+    assert (paired.node_id, paired.name, paired.role) == (peer.identity.node_id, "spark-1", "peer")
+    assert paired.cert_pem == peer.identity.cert_pem
+    assert (paired.address, paired.port) == ("127.0.0.1", int(peer.url.rsplit(":", 1)[1]))
+    assert desktop.store.all() == [paired]
+    on_peer = peer.store.get(desktop.identity.node_id)
+    assert on_peer is not None
+    assert (on_peer.name, on_peer.role, on_peer.cert_pem) == ("desktop", "desktop", desktop.identity.cert_pem)
+    assert (on_peer.paired_at, on_peer.address) == (T0, "127.0.0.1")
+    for node in (desktop, peer):
+        path = node.state_dir / "pairings.json"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert PairingStore.load(node.state_dir).all() == node.store.all()
+    assert not peer.server.is_open()  # one success closes the window
+
+    async with aiohttp.ClientSession() as http:
+        # Desktop → peer: pinned to the peer's certificate, presenting ours.
+        async with http.get(peer.url + "/whoami", ssl=client_context(desktop.identity, paired.cert_pem)) as response:
+            assert await response.json() == {"client": desktop.identity.node_id}
+        # Peer → desktop: the desktop's listener trusts exactly its paired peers.
+        desktop_app = web.Application()
+        desktop_app.router.add_get("/whoami", whoami)
+        async with serve(desktop_app, server_context(desktop.identity, desktop.store.cert_pems())) as desktop_url, \
+                http.get(desktop_url + "/whoami", ssl=client_context(peer.identity, on_peer.cert_pem)) as response:
+            assert await response.json() == {"client": peer.identity.node_id}
+
+
+async def test_a_code_is_single_use(peer: Peer, desktop: Node, tmp_path: Path) -> None:
+    code = peer.server.open()
+    await pair(desktop, peer.url, code)
+    second = make_node(tmp_path, "laptop")
+
+    with pytest.raises(PairingError, match="pairing refused"):
+        await pair(second, peer.url, code)
+
+    assert second.store.all() == []
+    assert [p.node_id for p in peer.store.all()] == [desktop.identity.node_id]
+
+
+async def test_reopening_the_window_kills_the_old_code(peer: Peer, desktop: Node) -> None:
+    old = peer.server.open(code="11111111")
+    new = peer.server.open(code="22222222")
+    with pytest.raises(PairingError):
+        await pair(desktop, peer.url, old)
+    await pair(desktop, peer.url, new)
+
+
+async def test_only_a_currently_paired_client_gets_past_the_per_request_check(peer: Peer, desktop: Node) -> None:
+    async def private(request: web.Request) -> web.Response:
+        try:
+            return web.json_response({"hello": paired_peer_for(request.transport, peer.store).name})
+        except UntrustedPeer as exc:
+            return response_for(exc)
+
+    await pair(desktop, peer.url, peer.server.open())
+    context = server_context(peer.identity, peer.store.cert_pems())
+    app = web.Application()
+    app.router.add_get("/private", private)
+    async with serve(app, context) as url, aiohttp.ClientSession() as http:
+        paired = client_context(desktop.identity, peer.identity.cert_pem)
+        async with http.get(url + "/private", ssl=paired) as response:
+            assert await response.json() == {"hello": "desktop"}
+        async with http.get(url + "/private", ssl=client_context(None, peer.identity.cert_pem)) as response:
+            assert response.status == 403  # a certless client may reach the listener, only to pair
+            assert (await response.json())["error"]["code"] == "untrusted_peer"
+        peer.store.remove(desktop.identity.node_id)  # unpaired while the listener runs with the old trust store
+        async with http.get(url + "/private", ssl=client_context(desktop.identity, peer.identity.cert_pem)) as response:
+            assert response.status == 403
+
+
+# ---------------------------------------------------------------- the window's rules
+
+
+async def test_three_wrong_codes_close_the_window(peer: Peer, desktop: Node) -> None:
+    code = peer.server.open(code="12345678")
+    for attempt in range(MAX_FAILURES):
+        with pytest.raises(PairingError, match="pairing refused"):
+            await pair(desktop, peer.url, f"8765432{attempt}")
+    assert peer.server.window is not None and peer.server.window.failures == MAX_FAILURES
+
+    with pytest.raises(PairingError, match="pairing refused"):
+        await pair(desktop, peer.url, code)  # the right code, too late
+
+    assert desktop.store.all() == [] and peer.store.all() == []
+    assert not (desktop.state_dir / "pairings.json").exists()
+
+
+@pytest.mark.parametrize(("elapsed", "works"), [(WINDOW_TTL_S - 1, True), (WINDOW_TTL_S, False), (-5.0, False)])
+async def test_the_window_expires_by_the_clock(peer: Peer, desktop: Node, elapsed: float, works: bool) -> None:
+    code = peer.server.open()
+    peer.clock.now += elapsed
+    if works:
+        await pair(desktop, peer.url, code)
+        assert len(peer.store.all()) == 1
+    else:
+        with pytest.raises(PairingError, match="pairing refused"):
+            await pair(desktop, peer.url, code)
+        assert peer.store.all() == [] and desktop.store.all() == []
+
+
+def test_window_rules_are_pure() -> None:
+    window = open_window(100.0, "00000042")
+    assert window.accepts(100.0) and window.accepts(219.9)
+    assert not window.accepts(220.0) and not window.accepts(99.0)
+    window.record_failure()
+    window.record_failure()
+    assert window.accepts(150.0)
+    window.record_failure()
+    assert not window.accepts(150.0)
+    done = PairingWindow(code="00000042", opened_at=100.0)
+    done.record_success()
+    assert not done.accepts(100.0)
+    codes = {open_window(0.0).code for _ in range(50)}
+    assert all(len(c) == 8 and c.isdigit() for c in codes) and len(codes) > 45
+
+
+def test_codes_are_normalized_and_checked() -> None:
+    assert normalize_code("1234 5678") == normalize_code("1234-5678") == "12345678"
+    for bad in ("1234567", "123456789", "abcdefgh", "١٢٣٤٥٦٧٨", ""):
+        with pytest.raises(PairingError, match="8 digits"):
+            normalize_code(bad)
+
+
+async def test_no_window_gets_the_same_403_as_a_wrong_code(peer: Peer, desktop: Node) -> None:
+    async with aiohttp.ClientSession() as http:
+        _, body = start_body(desktop.identity, "12345678")
+        status, closed = await post(http, peer.url + START_PATH, body)
+    assert status == 403
+    assert closed["error"]["type"] == "permission_error" and closed["error"]["code"] == "pairing_refused"
+
+    peer.server.open(code="12345678")
+    with pytest.raises(PairingError) as wrong:
+        await pair(desktop, peer.url, "00000000")
+    assert closed["error"]["message"] in wrong.value.message
+
+
+# ---------------------------------------------------------------- one at a time
+
+
+async def test_a_second_start_mid_flight_is_busy_until_the_first_is_abandoned(peer: Peer, desktop: Node) -> None:
+    code = peer.server.open()
+    async with aiohttp.ClientSession() as http:
+        _, first = start_body(desktop.identity, code)
+        assert (await post(http, peer.url + START_PATH, first))[0] == 200
+        _, second = start_body(desktop.identity, code)
+        status, busy = await post(http, peer.url + START_PATH, second)
+        assert status == 409 and busy["error"]["code"] == "pairing_busy"
+
+        peer.clock.now += EXCHANGE_TTL_S  # the first never finished: it is dropped and counts as an attempt
+        assert (await post(http, peer.url + START_PATH, second))[0] == 200
+    assert peer.server.window is not None and peer.server.window.failures == 1
+
+
+async def test_a_finish_for_another_session_does_not_disturb_the_exchange(peer: Peer, desktop: Node) -> None:
+    peer.server.open()
+    async with aiohttp.ClientSession() as http:
+        status, body = await post(http, peer.url + FINISH_PATH,
+                                  {"session": "0" * 32, "confirmation_a": base64.b64encode(bytes(32)).decode()})
+    assert status == 403 and body["error"]["code"] == "pairing_refused"
+    assert peer.server.window is not None and peer.server.window.failures == 0
+
+
+# ---------------------------------------------------------------- a machine in the middle
+
+
+def relay_app(target: str, http: aiohttp.ClientSession) -> web.Application:
+    """A proxy that terminates TLS with its own certificate and passes every body on to the real peer unchanged."""
+
+    async def relay(request: web.Request) -> web.Response:
+        async with http.post(target + request.path, data=await request.read(), ssl=client_context(None, None),
+                             headers={"Content-Type": "application/json"}) as upstream:
+            return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", relay)
+    return app
+
+
+async def test_a_machine_in_the_middle_makes_pairing_fail_on_both_sides(peer: Peer, desktop: Node) -> None:
+    code = peer.server.open()
+    impostor = new_identity("spark-1")  # same name; it even relays the peer's own node id and messages
+    async with aiohttp.ClientSession() as http, serve(relay_app(peer.url, http), server_context(impostor, [])) as mitm:
+        with pytest.raises(PairingError, match="in the middle"):
+            await pair(desktop, mitm, code)
+
+    assert desktop.store.all() == [] and peer.store.all() == []
+    assert not (desktop.state_dir / "pairings.json").exists()
+    assert not (peer.state_dir / "pairings.json").exists()
+    assert peer.server.window is not None and peer.server.window.failures == 1  # the peer saw a failed attempt
+    await pair(desktop, peer.url, code)  # the user, now connected directly, still gets in
+    assert len(peer.store.all()) == len(desktop.store.all()) == 1
+
+
+async def test_an_impostor_that_does_not_know_the_code_gets_nothing(desktop: Node, tmp_path: Path) -> None:
+    """A node advertising the peer's name runs its own window: the desktop's code is not its code."""
+    impostor = make_node(tmp_path, "spark-1-impostor")
+    server = PairingServer(impostor.identity, "spark-1", "peer", impostor.store, Clock())
+    server.open(code="99999999")
+    app = web.Application()
+    add_pairing_routes(app, server)
+    async with serve(app, server_context(impostor.identity, [])) as url:
+        with pytest.raises(PairingError):
+            await pair(desktop, url, "12345678")
+    assert desktop.store.all() == [] and impostor.store.all() == []
+
+
+# ---------------------------------------------------------------- malformed input
+
+
+def start_body(identity: Identity, code: str, **changes: Any) -> tuple[SPAKE2_A, dict[str, Any]]:
+    spake = SPAKE2_A(code.encode(), idA=ID_A, idB=ID_B)
+    body = {"msg_a": base64.b64encode(spake.start()).decode(), "name": "desktop", "role": "desktop",
+            "node_id": identity.node_id, "cert_pem": identity.cert_pem.decode()}
+    return spake, {**body, **changes}
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    async with http.post(url, data=data, ssl=client_context(None, None),
+                         headers={"Content-Type": "application/json"}) as response:
+        text = await response.text()
+        assert "Traceback" not in text
+        return response.status, json.loads(text)
+
+
+OTHER = new_identity("other")
+MALFORMED_STARTS: list[tuple[str, bytes | None, dict[str, Any]]] = [
+    ("not JSON", b"{not json", {}),
+    ("not UTF-8", b"\xff\xfe\x00", {}),
+    ("a JSON array", b"[1, 2]", {}),
+    ("empty object", b"{}", {}),
+    ("msg_a missing", None, {"msg_a": None}),
+    ("msg_a not base64", None, {"msg_a": "@@@@"}),
+    ("msg_a wrong length", None, {"msg_a": base64.b64encode(b"A" + bytes(8)).decode()}),
+    ("msg_a not a point", None, {"msg_a": base64.b64encode(b"A" + b"\xff" * 32).decode()}),
+    ("msg_a from side B", None, {"msg_a": base64.b64encode(b"B" + bytes(32)).decode()}),
+    ("name not text", None, {"name": 7}),
+    ("name too long", None, {"name": "x" * 65}),
+    ("name with control chars", None, {"name": "desk\ntop"}),
+    ("unknown role", None, {"role": "admin"}),
+    ("node_id not hex", None, {"node_id": "z" * 64}),
+    ("node_id of another cert", None, {"node_id": OTHER.node_id}),
+    ("cert_pem not a cert", None, {"cert_pem": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}),
+    ("cert_pem a list", None, {"cert_pem": ["x"]}),
+    ("too big", b'{"name": "' + b"x" * 20000 + b'"}', {}),
+]
+
+
+@pytest.mark.parametrize(("raw", "changes"), [(raw, changes) for _, raw, changes in MALFORMED_STARTS],
+                         ids=[why for why, _, _ in MALFORMED_STARTS])
+async def test_malformed_start_bodies_get_400_envelopes(peer: Peer, desktop: Node, raw: bytes | None,
+                                                        changes: dict[str, Any]) -> None:
+    code = peer.server.open()
+    _, body = start_body(desktop.identity, code, **changes)
+    async with aiohttp.ClientSession() as http:
+        status, answer = await post(http, peer.url + START_PATH, body, raw)
+    assert status == 400
+    assert set(answer["error"]) >= {"message", "type", "code"}
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["code"] == "invalid_pairing_message"
+    assert peer.server.window is not None and peer.server.window.failures == 0  # garbage costs the user nothing
+    await pair(desktop, peer.url, code)  # and the window still works
+
+
+async def test_pairing_with_itself_is_refused(peer: Peer) -> None:
+    code = peer.server.open()
+    _, body = start_body(peer.identity, code)
+    async with aiohttp.ClientSession() as http:
+        status, answer = await post(http, peer.url + START_PATH, body)
+    assert status == 400 and "itself" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [{}, {"session": "x" * 33, "confirmation_a": ""},
+                                  {"session": "0" * 32, "confirmation_a": base64.b64encode(bytes(31)).decode()}])
+async def test_malformed_finish_bodies_get_400_envelopes(peer: Peer, body: dict[str, Any]) -> None:
+    peer.server.open()
+    async with aiohttp.ClientSession() as http:
+        status, answer = await post(http, peer.url + FINISH_PATH, body)
+    assert status == 400 and answer["error"]["code"] == "invalid_pairing_message"
+
+
+async def test_a_wrong_method_is_not_a_traceback(peer: Peer) -> None:
+    async with aiohttp.ClientSession() as http, \
+            http.get(peer.url + START_PATH, ssl=client_context(None, None)) as response:
+        assert response.status == 405
+        assert "Traceback" not in await response.text()
+
+
+# ---------------------------------------------------------------- the joining side's own checks
+
+
+async def test_an_unreachable_peer_is_a_link_error(desktop: Node) -> None:
+    async with serve(web.Application(), server_context(new_identity("gone"), [])) as url:
+        pass  # the port is closed again now
+    with pytest.raises(LinkError, match="cannot reach the peer"):
+        await pair(desktop, url, "12345678")
+
+
+async def test_pair_with_refuses_plain_http_and_bad_codes_before_connecting(desktop: Node) -> None:
+    with pytest.raises(PairingError, match="https://"):
+        await pair(desktop, "http://127.0.0.1:1", "12345678")
+    with pytest.raises(PairingError, match="8 digits"):
+        await pair(desktop, "https://127.0.0.1:1", "1234")
+
+
+async def test_pair_with_uses_a_given_session_and_leaves_it_open(peer: Peer, desktop: Node) -> None:
+    code = peer.server.open()
+    async with aiohttp.ClientSession() as http:
+        paired = await pair_with(peer.url, code, desktop.identity, "desktop", "desktop", desktop.store, http=http)
+        assert not http.closed
+    assert paired.node_id == peer.identity.node_id
+
+
+# ---------------------------------------------------------------- the store
+
+
+def paired_peer(name: str, at: float = T0) -> PairedPeer:
+    identity = new_identity(name)
+    return PairedPeer(node_id=identity.node_id, name=name, role="peer", cert_pem=identity.cert_pem, paired_at=at)
+
+
+def test_store_round_trip_and_queries(tmp_path: Path) -> None:
+    store = PairingStore.load(tmp_path)
+    assert store.all() == [] and store.cert_pems() == []
+    a, b = paired_peer("spark-1", T0), paired_peer("spark-2", T0 + 1)
+    store.add(b)
+    store.add(a)
+    store.update_address(a.node_id, "192.168.1.20", 11436)
+    store.update_address("f" * 64, "10.0.0.1", 1)  # unknown: ignored
+
+    again = PairingStore.load(tmp_path)
+    moved = replace(a, address="192.168.1.20", port=11436)
+    assert again.all() == [moved, b]
+    assert again.get(a.node_id.upper()) == moved
+    assert again.by_name("spark-2") == b and again.by_name("nope") is None
+    assert again.cert_pems() == [a.cert_pem, b.cert_pem]
+    assert again.remove(b.node_id) and not again.remove(b.node_id)
+    assert PairingStore.load(tmp_path).all() == [moved]
+    assert stat.S_IMODE((tmp_path / "pairings.json").stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["pairings.json"]  # no temporary file left behind
+
+
+def test_re_pairing_a_name_replaces_its_old_certificate(tmp_path: Path) -> None:
+    store = PairingStore.load(tmp_path)
+    old, reinstalled = paired_peer("spark-1"), paired_peer("spark-1", T0 + 60)
+    store.add(old)
+    store.add(reinstalled)
+    assert store.all() == [reinstalled]
+
+
+@pytest.mark.parametrize("text", ["{oops", "[]", '{"version": 2, "peers": []}', '{"version": 1, "peers": [7]}',
+                                  '{"version": 1, "peers": [{"node_id": "ab"}]}'])
+def test_a_corrupt_store_is_a_clear_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "pairings.json").write_text(text)
+    with pytest.raises(StateFileError) as caught:
+        PairingStore.load(tmp_path)
+    assert str(tmp_path / "pairings.json") in caught.value.message and "corrupt" in caught.value.message
+
+
+def test_a_tampered_certificate_in_the_store_is_caught(tmp_path: Path) -> None:
+    store = PairingStore.load(tmp_path)
+    store.add(paired_peer("spark-1"))
+    doc = json.loads((tmp_path / "pairings.json").read_text())
+    doc["peers"][0]["cert_pem"] = new_identity("evil").cert_pem.decode()
+    (tmp_path / "pairings.json").write_text(json.dumps(doc))
+    with pytest.raises(StateFileError, match=r"peers\[0\]"):
+        PairingStore.load(tmp_path)

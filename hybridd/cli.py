@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridd import __version__
-from hybridd.config import Config, config_path, is_loopback_host, load_config, state_dir, with_listen
+from hybridd.config import Config, config_path, is_loopback_host, load_config, state_dir, with_listen, with_role
 from hybridd.errors import ConfigError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--listen", env="HYBRIDD_LISTEN", metavar="HOST:PORT", help="override server.listen")
     _flag(serve, "--log-level", env="HYBRIDD_LOG_LEVEL", choices=("debug", "info", "warning", "error"),
           help="override server.log_level")
+    _flag(serve, "--role", env="HYBRIDD_ROLE", choices=("desktop", "peer"),
+          help="override node.role (a peer serves paired desktops on its LAN listener, port 11436)")
 
     status = commands.add_parser("status", help="show the running daemon's models and engines")
     _url_flags(status)
@@ -71,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(plan, "--json", env="HYBRIDD_JSON", action="store_true", help="print the plan as one JSON object")
     _config_flag(plan)
 
+    pair = commands.add_parser("pair", help="on a peer: open a pairing window; on the desktop: pair with a peer",
+                               description="On the peer, 'hybridd pair' prints a one-time code valid for 2 minutes. "
+                               "On the desktop, 'hybridd pair NAME-OR-ADDRESS CODE' pairs with it.")
+    pair.add_argument("target", nargs="?", help="the peer's name (as mDNS shows it) or address[:port]")
+    pair.add_argument("code", nargs="?", help="the 8-digit code the peer printed")
+    _url_flags(pair)
+    _flag(pair, "--json", env="HYBRIDD_JSON", action="store_true", help="print the result as JSON")
+
+    peers = commands.add_parser("peers", help="nodes found on the LAN and paired peers with their links")
+    _url_flags(peers)
+    _flag(peers, "--json", env="HYBRIDD_JSON", action="store_true", help="print the peers object as JSON")
+
+    commands.add_parser("demo", help="a desktop and a peer node on this machine: pair them, see where requests run")
+
     models = commands.add_parser("models", help="list the models the running daemon serves")
     _url_flags(models)
     _flag(models, "--json", env="HYBRIDD_JSON", action="store_true", help="print the model list as JSON")
@@ -90,7 +106,8 @@ def _url_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
-    handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan}[args.command]
+    handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan, "pair": cmd_pair,
+               "peers": cmd_peers, "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -118,6 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config, found = _load(args)
         if args.listen:
             config = with_listen(config, args.listen)
+        if args.role:
+            config = with_role(config, args.role)
     except ConfigError as exc:
         print(f"hybridd: {exc}", file=sys.stderr)
         return EXIT_STARTUP
@@ -146,8 +165,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     devices = ", ".join(f"{d.name} {d.usable_bytes / 2**30:.1f} GiB" for d in hardware.devices)
     log.info("node %s: %s; peers: %s", hardware.name, devices or "no devices",
              ", ".join(p.config.name for p in peers) or "none")
+    from hybridd.resources import node_name
+
+    peering = ((config.state_dir or state_dir()), node_name(config))
     try:
-        return _run(serve(config, catalog, hardware, peers))
+        return _run(serve(config, catalog, hardware, peers, peering))
     except StartupError as exc:
         log.error("%s", exc)
         return EXIT_STARTUP
@@ -186,15 +208,24 @@ def _get_json(url: str) -> Any:
         return json.load(response)
 
 
-def _ask(args: argparse.Namespace, path: str) -> Any:
+def _ask(args: argparse.Namespace, path: str, body: Any = None) -> Any:
     try:
         base = _daemon_url(args)
     except ConfigError as exc:
         raise SystemExit(f"hybridd: {exc}") from exc
     try:
-        return _get_json(base + path)
+        if body is None:
+            return _get_json(base + path)
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.load(response)
     except urllib.error.HTTPError as exc:
-        raise SystemExit(f"hybridd: the daemon at {base} answered HTTP {exc.code} for {path}") from exc
+        try:
+            message = json.load(exc)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code} for {path}"
+        raise SystemExit(f"hybridd: {message}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SystemExit(f"hybridd: the daemon is not running at {base} ({reason}); start it with "
@@ -247,6 +278,49 @@ def _peer_list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [p.strip() for p in value.split(",") if p.strip()]
     return list(value or [])
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    """Open a pairing window (peer) or pair with a peer (desktop)."""
+    if args.target is None:
+        window = _ask(args, "/hybridd/v1/pair/open", {})
+        if args.json:
+            print(json.dumps(window, indent=2))
+        else:
+            code = f"{window['code'][:4]} {window['code'][4:]}"
+            print(f"Pairing code for {window['name']}: {code}  (valid {window['expires_in_s']} s, once)")
+            print(f"On the desktop run:  hybridd pair {window['name']} {window['code']}")
+        return EXIT_OK
+    if args.code is None:
+        print("hybridd pair: give the peer's code too: hybridd pair NAME-OR-ADDRESS CODE", file=sys.stderr)
+        return EXIT_USAGE
+    peer = _ask(args, "/hybridd/v1/pair/connect", {"target": args.target, "code": args.code})
+    if args.json:
+        print(json.dumps(peer, indent=2))
+    else:
+        print(f"paired with {peer['name']} ({peer['role']}) at {peer['address']}:{peer['port']}, "
+              f"node id {peer['node_id'][:16]}…")
+    return EXIT_OK
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    """Print the nodes on the LAN and the paired peers."""
+    from hybridd.status_view import render_peers
+
+    peers = _ask(args, "/hybridd/v1/peers")
+    print(json.dumps(peers, indent=2) if args.json else render_peers(peers))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Two nodes, one pairing, two requests: the product in a minute."""
+    from hybridd.demo import run_demo
+
+    try:
+        return run_demo()
+    except (RuntimeError, OSError) as exc:
+        print(f"hybridd demo: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def cmd_models(args: argparse.Namespace) -> int:

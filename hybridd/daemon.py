@@ -7,13 +7,15 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
 from hybridd.api.app import make_app
-from hybridd.api.keys import POOL
+from hybridd.api.keys import PEER, POOL
+from hybridd.api.routes_peers import make_lan_app
 from hybridd.catalog import Catalog
-from hybridd.config import Config
+from hybridd.config import Config, lan_listen
 from hybridd.place.hardware import Hardware
 from hybridd.router import Peer
 from hybridd.sdnotify import sd_notify
@@ -28,9 +30,9 @@ class StartupError(Exception):
 
 
 async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = None,
-                peers: Sequence[Peer] = ()) -> int:
+                peers: Sequence[Peer] = (), peering: tuple[Path, str] | None = None) -> int:
     """Run the node until SIGTERM or SIGINT; return the process exit code."""
-    app = make_app(config, catalog, hardware=hardware, peers=peers)
+    app = make_app(config, catalog, hardware=hardware, peers=peers, peering=peering)
     server = config.server
     # handler_cancellation: a client that disconnects cancels its handler, which drops the engine request.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=server.shutdown_grace_s,
@@ -45,7 +47,8 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
     url = _bound_url(site)
     names = ", ".join(m.name for m in catalog.models) or "no models (add [[models]] to the config)"
     log.info("hybridd serving on %s; models: %s", url, names)
-    sd_notify(f"READY=1\nSTATUS=serving on {url}\nMAINPID={os.getpid()}")
+    lan_runner, lan_url = await _start_lan(app, config, runner)
+    sd_notify(f"READY=1\nSTATUS=serving on {url}\nMAINPID={os.getpid()}\nX_HYBRIDD_LAN={lan_url or ''}")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,6 +76,8 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
         try:
             # Stops listening, waits for in-flight handlers, then runs cleanup_ctx (which stops engines).
             # The signal handlers stay: a second SIGINT during the drain exits at once.
+            if lan_runner is not None:
+                await lan_runner.cleanup()
             await runner.cleanup()
         finally:
             if POOL in app:
@@ -81,6 +86,33 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
                 loop.remove_signal_handler(sig)
     log.info("hybridd stopped")
     return EXIT_OK
+
+
+async def _start_lan(app: web.Application, config: Config, runner: web.AppRunner) -> tuple[web.AppRunner | None, str]:
+    """Start the mutual-TLS listener for paired nodes (a peer's, or where server.lan_listen asks), and peering."""
+    if PEER not in app:
+        return None, ""
+    node = app[PEER]
+    where = lan_listen(config)
+    lan_runner = None
+    lan_url = ""
+    port = None
+    if where is not None:
+        lan_runner = web.AppRunner(make_lan_app(app), handler_cancellation=True,
+                                   shutdown_timeout=config.server.shutdown_grace_s, access_log=None)
+        await lan_runner.setup()
+        site = web.TCPSite(lan_runner, where[0], where[1], ssl_context=node.server_ssl, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await lan_runner.cleanup()
+            await runner.cleanup()
+            raise StartupError(f"cannot listen on {where[0]}:{where[1]} for peers: {exc.strerror or exc}") from exc
+        lan_url = _bound_url(site).replace("http://", "https://")
+        port = int(lan_url.rsplit(":", 1)[1])
+        log.info("paired nodes reach %s at %s (node id %s)", node.name, lan_url, node.identity.node_id[:16])
+    await node.start(port)
+    return lan_runner, lan_url
 
 
 def _bound_url(site: web.TCPSite) -> str:

@@ -79,3 +79,25 @@ def render_options(plan: dict[str, Any]) -> str:
             f"{ref.get('max_tokens')} completion tokens)")
     body = table(["OPTION", "CTX", "DECODE", "TOTAL", "WHY NOT"], rows)
     return head + "\n" + "\n".join("  " + line for line in body.splitlines())
+
+
+def render_peers(peers: dict[str, Any]) -> str:
+    """The `hybridd peers` text."""
+    me = peers.get("node", {})
+    head = f"this node: {me.get('name')} ({me.get('role')}), node id {str(me.get('node_id'))[:16]}…"
+    if me.get("lan_port"):
+        head += f", paired nodes connect to port {me['lan_port']}"
+    rows = []
+    for p in peers.get("paired", []):
+        free = sum(p.get("free_bytes", {}).values())
+        rows.append([p["name"], p["role"], f"{p.get('address')}:{p.get('port')}", p["link"],
+                     "-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.1f} ms",
+                     f"{free / 2**30:.1f} GiB" if free else "-", ", ".join(p.get("models", [])) or "-"])
+    text = head + "\n\n" + (table(["PAIRED", "ROLE", "ADDRESS", "LINK", "RTT", "FREE", "MODELS"], rows)
+                             if rows else "no paired peers (on the peer run 'hybridd pair', then here "
+                             "'hybridd pair NAME CODE')")
+    found = [[a["name"], a["role"], ", ".join(a["addresses"]) + f":{a['port']}", "yes" if a["paired"] else "no"]
+             for a in peers.get("discovered", [])]
+    if found:
+        text += "\n\n" + table(["ON THE LAN", "ROLE", "ADDRESS", "PAIRED"], found)
+    return text

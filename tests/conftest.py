@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from hybridd.launch_node import start_node
 from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +72,7 @@ class Daemon:
     log_path: Path
     notify: socket.socket
     engines_seen: set[int] = field(default_factory=set)
+    lan_url: str = ""
 
     @property
     def pid(self) -> int:
@@ -105,40 +105,8 @@ class Daemon:
 def start_daemon(config_text: str | None, tmp_path: Path, extra_env: dict[str, str] | None = None,
                  timeout: float = 60.0) -> Daemon:
     """Start `hybridd serve` with config_text (None: no config at all) and wait for READY=1."""
-    args = [sys.executable, "-m", "hybridd", "serve"]
-    if config_text is None:
-        args += ["--listen", "127.0.0.1:0"]
-    else:
-        config = tmp_path / "config.toml"
-        config.write_text(config_text)
-        args += ["--config", str(config)]
-    sock_path = tmp_path / "notify.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(sock_path))
-    log_path = tmp_path / "daemon.log"
-    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "XDG_STATE_HOME": str(tmp_path / "state"),
-           "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    deadline = time.monotonic() + timeout
-    url = None
-    while url is None:
-        if proc.poll() is not None:
-            notify.close()
-            raise AssertionError(f"daemon exited with {proc.returncode}: {log_path.read_text()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            notify.close()
-            raise AssertionError(f"daemon not ready after {timeout} s: {log_path.read_text()}")
-        notify.settimeout(0.2)
-        try:
-            message = notify.recv(4096).decode()
-        except TimeoutError:
-            continue
-        fields = dict(line.split("=", 1) for line in message.splitlines() if "=" in line)
-        if fields.get("READY") == "1":
-            url = fields["STATUS"].rsplit(" ", 1)[-1]
-    return Daemon(proc, url, log_path, notify)
+    node = start_node(config_text, tmp_path, extra_env, timeout)
+    return Daemon(node.proc, node.url, node.log_path, node.notify, lan_url=node.lan_url)
 
 
 def stop_daemon(daemon: Daemon) -> None:

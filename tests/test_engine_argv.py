@@ -15,6 +15,7 @@ def test_argv_carries_model_settings() -> None:
     assert pairs["--model"] == str(Path("/m.gguf")) and pairs["--port"] == "4321" and pairs["--host"] == "127.0.0.1"
     assert (pairs["--n_ctx"], pairs["--type_k"], pairs["--type_v"]) == ("4096", "8", "2")  # ggml type ids
     assert pairs["--flash_attn"] == "True" and pairs["--interrupt_requests"] == "False"
+    assert pairs["--logits_all"] == "False"  # else n_ctx x n_vocab floats of host RAM per engine
     assert (pairs["--n_threads"], pairs["--chat_format"]) == ("6", "gemma")
     assert pairs["--repack"] == "on"
 

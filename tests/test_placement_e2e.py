@@ -194,7 +194,7 @@ async def test_unreachable_peer_falls_back_local_and_opens_its_breaker(daemon_fa
     text = config(long_models, 10**12, dead, '["a"]').replace("[[node.devices]]", "[[node.devices]]\n"
                                                              "bandwidth_bytes_s = 1.0e3")
     daemon = daemon_factory(text)
-    for attempt in range(3):
+    for _ in range(3):
         code, headers, reply = await chat(daemon.url, "a")
         assert code == 200, reply
         assert headers["x-hybridd-placement"] == "local"  # retried here after the peer failed, before any byte

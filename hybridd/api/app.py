@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from hybridd.api import routes_openai, routes_status
+from hybridd.api import routes_openai, routes_peers, routes_status
 from hybridd.api.envelope import envelope_middleware
 from hybridd.api.guards import make_guard
-from hybridd.api.keys import HTTP, NODE, POOL, ROUTER, Node
+from hybridd.api.keys import HTTP, NODE, PEER, POOL, ROUTER, Node
 from hybridd.catalog import Catalog
 from hybridd.config import Config, ModelEntry
 from hybridd.engine.base import Engine
@@ -40,7 +41,8 @@ def default_engine_maker(python: str) -> EngineMaker:
 
 
 def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None = None,
-             hardware: Hardware | None = None, peers: Sequence[Peer] = ()) -> web.Application:
+             hardware: Hardware | None = None, peers: Sequence[Peer] = (),
+             peering: tuple[Path, str] | None = None) -> web.Application:
     """Build the application; nothing starts until it is run. Without hardware, only external models serve."""
     server = config.server
     app = web.Application(
@@ -59,7 +61,12 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
         )
         pool = EnginePool(lambda model: maker(model, http))
         app[HTTP], app[POOL] = http, pool
-        app[ROUTER] = Router(config, catalog, pool, hardware, peers)
+        app[ROUTER] = router = Router(config, catalog, pool, hardware, peers)
+        if peering is not None:
+            from hybridd.peer.node import PeerNode
+
+            state_dir, name = peering
+            app[PEER] = PeerNode(config, state_dir, name, router, catalog, pool)
         reaper = asyncio.create_task(pool.reap_forever(), name="idle-reaper")
         try:
             yield
@@ -67,10 +74,13 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            if PEER in app:
+                await app[PEER].stop()
             await pool.stop_all()
             await http.close()
 
     app.cleanup_ctx.append(engines)
     routes_openai.add_routes(app)
     routes_status.add_routes(app)
+    routes_peers.add_routes(app)
     return app

@@ -10,6 +10,7 @@ from aiohttp import web
 from hybridd.catalog import Catalog
 from hybridd.config import Config
 from hybridd.engine.pool import EnginePool
+from hybridd.peer.node import PeerNode
 from hybridd.router import Router
 
 
@@ -27,3 +28,4 @@ NODE = web.AppKey("node", Node)
 POOL = web.AppKey("pool", EnginePool)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 ROUTER = web.AppKey("router", Router)
+PEER = web.AppKey("peer", PeerNode)  # present when peering is on

@@ -92,7 +92,10 @@ async def _serve(request: web.Request, endpoint: Endpoint, raw: bytes, inference
             reason += f"; engine loaded in {route.cold_start_s:.1f} s"
         headers = {"x-hybridd-placement": route.placement, "x-hybridd-reason": _header_safe(reason)}
         # A forwarded request is served where it lands: the peer must not forward it again.
-        upstream_headers = {"x-hybridd-forwarded": "1", "x-hybridd-placement": "local"} if route.forwarded else {}
+        upstream_headers = {}
+        if route.forwarded:
+            upstream_headers = {"x-hybridd-forwarded": "1", "x-hybridd-placement": "local",
+                                "x-hybridd-min-ctx": str(inference.hints.min_ctx)}
         try:
             response = await forward(
                 request, request.app[keys.HTTP], route.base_url + PATHS[endpoint], payload, inference.stream,

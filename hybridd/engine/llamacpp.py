@@ -53,6 +53,9 @@ def llama_cpp_argv(model: ModelEntry, port: int, python: str = "", has_amx: bool
         "--embedding", str(model.embeddings),
         # llama_cpp.server otherwise ends a running stream when another request arrives.
         "--interrupt_requests", "False",
+        # Its default (True) keeps logits for every context position in host RAM: n_ctx x n_vocab x 4 bytes, 32 GiB
+        # for Gemma 3 at 32k, and computes them for every prompt token. Logprobs users can set it in options.
+        "--logits_all", "False",
     ]
     for key, value in model.options.items():
         argv += [f"--{key}", str(value)]

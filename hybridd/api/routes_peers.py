@@ -1,0 +1,83 @@
+"""Peering on the loopback API (what `hybridd pair` and `hybridd peers` call) and the LAN listener's app."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from hybridd.api import keys, routes_openai
+from hybridd.api.envelope import Handler, envelope_middleware, error_response
+from hybridd.errors import BadRequest, HybriddError
+from hybridd.peer.link import add_link_route
+from hybridd.peer.node import PeerNode
+from hybridd.peer.pairing import add_pairing_routes
+
+PAIR_PATHS = ("/hybridd/v1/pair/start", "/hybridd/v1/pair/finish")
+
+
+def add_routes(app: web.Application) -> None:
+    """Register /hybridd/v1/peers, /hybridd/v1/pair/open and /hybridd/v1/pair/connect on the loopback API."""
+    app.router.add_get("/hybridd/v1/peers", peers)
+    app.router.add_post("/hybridd/v1/pair/open", open_window)
+    app.router.add_post("/hybridd/v1/pair/connect", connect)
+
+
+def _node(request: web.Request) -> PeerNode:
+    node = request.app.get(keys.PEER)
+    if node is None:
+        raise BadRequest("peering is off on this node")
+    return node
+
+
+async def peers(request: web.Request) -> web.Response:
+    """This node, the nodes mDNS shows, and each paired peer's link."""
+    return web.json_response(_node(request).describe())
+
+
+async def open_window(request: web.Request) -> web.Response:
+    """Open the 2-minute pairing window and return its one-time code."""
+    node = _node(request)
+    if node.role != "peer":
+        raise BadRequest("only a peer opens a pairing window; on the desktop run: hybridd pair <peer> <code>")
+    code = node.open_window()
+    return web.json_response({"code": code, "expires_in_s": 120, "name": node.name, "node_id": node.identity.node_id,
+                              "lan_port": node.lan_port})
+
+
+async def connect(request: web.Request) -> web.Response:
+    """Pair with {target, code}: a discovered name or id, or host[:port]."""
+    node = _node(request)
+    try:
+        body = json.loads(await request.read())
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("target"), str) or not isinstance(body.get("code"), str):
+        raise BadRequest("expected {\"target\": \"name-or-address\", \"code\": \"12345678\"}")
+    peer = await node.pair(body["target"], body["code"], request.app[keys.HTTP])
+    return web.json_response({"name": peer.name, "node_id": peer.node_id, "role": peer.role,
+                              "address": peer.address, "port": peer.port})
+
+
+def make_lan_app(main: web.Application) -> web.Application:
+    """The mutual-TLS listener for paired nodes: pairing is open to anyone, everything else needs a pinned cert."""
+    node = main[keys.PEER]
+
+    @web.middleware
+    async def paired_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PAIR_PATHS or node.authorize(request) is not None:
+            return await handler(request)
+        return error_response(403, "this listener serves paired hybridd nodes only; pair first", code="not_paired")
+
+    app = web.Application(middlewares=[envelope_middleware, paired_only],
+                          client_max_size=main[keys.NODE].config.server.max_body_bytes)
+    # The same objects as the loopback app: one node, two listeners.
+    app[keys.NODE], app[keys.POOL], app[keys.ROUTER] = main[keys.NODE], main[keys.POOL], main[keys.ROUTER]
+    app[keys.HTTP], app[keys.PEER] = main[keys.HTTP], node
+    add_pairing_routes(app, node.pairing)
+    add_link_route(app, node.hub)
+    routes_openai.add_routes(app)
+    return app
+
+
+__all__ = ["HybriddError", "add_routes", "make_lan_app"]

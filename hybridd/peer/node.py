@@ -1,0 +1,240 @@
+"""This node's side of peering, wired together: identity, pairings, discovery, the control links, and the peer
+targets the scheduler places on. A desktop dials its paired peers; a peer accepts their links and requests."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from hybridd import __version__
+from hybridd.catalog import Catalog
+from hybridd.config import DEFAULT_LAN_PORT, Config
+from hybridd.engine.pool import EnginePool
+from hybridd.peer.discovery import Advert, Discovery
+from hybridd.peer.errors import PairingError, UntrustedPeer
+from hybridd.peer.identity import Identity, load_or_create_identity
+from hybridd.peer.link import LinkClient, LinkHub, PeerLinkState
+from hybridd.peer.messages import Capacity, Hello, Inventory, ModelOffer
+from hybridd.peer.pairing import PairedPeer, PairingServer, PairingStore, pair_with, paired_peer_for
+from hybridd.peer.tls import client_context, server_context
+from hybridd.place.scheduler import PeerState
+from hybridd.router import PeerTarget, Router
+
+log = logging.getLogger("hybridd.peer")
+
+
+class PeerNode:
+    """Owns the identity, the pairing store and window, discovery and the links of this node."""
+
+    def __init__(self, config: Config, state_dir: Path, name: str, router: Router, catalog: Catalog,
+                 pool: EnginePool, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.name = name
+        self.role = config.node.role
+        self.router = router
+        self.catalog = catalog
+        self.pool = pool
+        self.clock = clock
+        self.identity: Identity = load_or_create_identity(state_dir, name)
+        self.store = PairingStore.load(state_dir)
+        self.server_ssl: ssl.SSLContext = server_context(self.identity, self.store.cert_pems())
+        self.pairing = PairingServer(self.identity, name, self.role, self.store, on_paired=self._paired)
+        self.discovery = Discovery()
+        self.links: dict[str, LinkClient] = {}
+        self.hub = LinkHub(local_hello=self.hello(), authorize=self.authorize, snapshot=self.capacity,
+                           inventory=self.inventory)
+        self.lan_port: int | None = None
+        router.peer_sources.append(self.targets)
+
+    # -- what we tell paired nodes about ourselves
+    def hello(self) -> Hello:
+        """Who we are: id, name, role, version and the hardware profile our speed is predicted from."""
+        return Hello(node_id=self.identity.node_id, name=self.name, role=self.role, version=__version__,
+                     hardware=self.config.node.hardware or "")
+
+    def inventory(self) -> Inventory:
+        """The models we serve locally, with the context each engine is loaded at."""
+        offers = []
+        for model in self.catalog.models:
+            if not model.local:
+                continue
+            spec = self.router._specs.get(model.name)
+            max_ctx = spec.n_ctx_train if spec is not None and spec.n_ctx_train else model.ctx
+            live = [s.run.ctx for s in self.pool.for_model(model.name) if s.live]
+            offers.append(ModelOffer(id=model.name, max_ctx=max_ctx, loaded_ctx=max(live) if live else None))
+        return Inventory(models=tuple(offers))
+
+    def capacity(self) -> Capacity:
+        """Free bytes per device as our ledger sees them, how many requests wait, recent decode speeds."""
+        ledger = self.router.ledger
+        queue = sum(s.waiting + max(0, s.in_flight - 1) for s in self.pool.slots.values())
+        return Capacity(free_bytes={d: ledger.free_bytes(d) for d in ledger.devices}, queue_depth=queue)
+
+    # -- trust
+    def authorize(self, request: web.Request) -> str | None:
+        """The node id of a paired client on the LAN listener, or None (no or unknown certificate)."""
+        try:
+            return paired_peer_for(request.transport, self.store).node_id
+        except UntrustedPeer:
+            return None
+
+    def _paired(self, peer: PairedPeer) -> None:
+        # The running listener trusts the new node at once; no restart.
+        self.server_ssl.load_verify_locations(cadata=peer.cert_pem.decode("ascii"))
+        log.info("paired with %s (%s, node id %s)", peer.name, peer.role, peer.node_id[:16])
+        if self.role == "desktop":
+            self._dial(peer)
+
+    # -- lifecycle
+    async def start(self, lan_port: int | None) -> None:
+        """Advertise on mDNS, start browsing, and (desktop) dial every paired peer."""
+        self.lan_port = lan_port
+        self.discovery.on_change(self._discovered)
+        try:
+            await self.discovery.start()
+            await self.discovery.advertise(self.identity.node_id, self.name, self.role, __version__, lan_port or 0)
+        except OSError as exc:
+            log.warning("mDNS is unavailable (%s); peers must be paired by address", exc)
+        if self.role == "desktop":
+            for peer in self.store.all():
+                self._dial(peer)
+
+    async def stop(self) -> None:
+        """Close links and stop mDNS."""
+        for link in self.links.values():
+            await link.close()
+        self.links.clear()
+        await self.hub.close()
+        await self.discovery.stop()
+
+    def _discovered(self, advert: Advert, gone: bool) -> None:
+        peer = self.store.get(advert.node_id)
+        if peer is None or gone or not advert.addresses:
+            return
+        address = advert.addresses[0]
+        link = self.links.get(peer.node_id)
+        if link is not None and link.state.up:
+            return  # the address we have works; mDNS may list another of the same host's addresses
+        if advert.port and (address, advert.port) != (peer.address, peer.port):
+            # A known node at a new address: follow it (the pinned certificate, not the address, is its identity).
+            log.info("peer %s moved to %s:%d", peer.name, address, advert.port)
+            self.store.update_address(peer.node_id, address, advert.port)
+            updated = self.store.get(peer.node_id)
+            if updated is not None and self.role == "desktop":
+                self._dial(updated, replace_existing=True)
+
+    def _dial(self, peer: PairedPeer, replace_existing: bool = False) -> None:
+        if peer.role != "peer" or peer.address is None:
+            return
+        old = self.links.pop(peer.node_id, None) if replace_existing else self.links.get(peer.node_id)
+        if old is not None and not replace_existing:
+            return
+        if old is not None:
+            import asyncio
+
+            asyncio.get_running_loop().create_task(old.close())
+        url = f"https://{_host(peer.address)}:{peer.port or DEFAULT_LAN_PORT}/hybridd/v1/link"
+        link = LinkClient(url, client_context(self.identity, peer.cert_pem), self.hello(),
+                          snapshot=self.capacity, inventory=self.inventory, expected_node_id=peer.node_id)
+        self.links[peer.node_id] = link
+        import asyncio
+
+        asyncio.get_running_loop().create_task(link.start())
+
+    # -- pairing from the CLI
+    def open_window(self) -> str:
+        """Open the 2-minute pairing window; the code to type on the desktop."""
+        return self.pairing.open()
+
+    async def pair(self, target: str, code: str, http: aiohttp.ClientSession) -> PairedPeer:
+        """Pair with target (a discovered name or id, or host[:port]) using its one-time code, then link to it."""
+        address, port = self._locate(target)
+        peer = await pair_with(f"https://{_host(address)}:{port}", code, self.identity, self.name, self.role,
+                               self.store, http=http)
+        self.store.update_address(peer.node_id, address, port)
+        stored = self.store.get(peer.node_id) or peer
+        self._paired(stored)
+        return stored
+
+    def _locate(self, target: str) -> tuple[str, int]:
+        advert = self.discovery.resolve(target)
+        if advert is not None and advert.addresses:
+            return advert.addresses[0], advert.port or DEFAULT_LAN_PORT
+        known = self.store.by_name(target)
+        if known is not None and known.address:
+            return known.address, known.port or DEFAULT_LAN_PORT
+        host, sep, port = target.rpartition(":")
+        if sep and port.isdigit() and host:
+            return host.strip("[]"), int(port)
+        if "." in target or ":" in target:
+            return target.strip("[]"), DEFAULT_LAN_PORT
+        raise PairingError(f"no node named '{target}' was found on the LAN; give its address (host or host:port)")
+
+    # -- what the scheduler sees
+    def targets(self) -> list[PeerTarget]:
+        """Every paired peer whose link said hello, as a place the scheduler may put requests."""
+        from hybridd.errors import ConfigError
+        from hybridd.probe.hardware_profiles import load_hardware_profile
+
+        out = []
+        for node_id, link in self.links.items():
+            peer = self.store.get(node_id)
+            state = link.state
+            if peer is None or state.hello is None:
+                continue
+            try:
+                hardware = load_hardware_profile(state.hello.hardware or "dgx-spark").hardware()
+            except ConfigError:
+                hardware = load_hardware_profile("dgx-spark").hardware()
+            if state.capacity is not None and state.capacity.free_bytes:
+                hardware = hardware.with_free(state.capacity.free_bytes)
+            models = state.inventory.models if state.inventory else ()
+            peer_state = PeerState(
+                name=peer.name, hardware=hardware, models=frozenset(m.id for m in models),
+                loaded={m.id: m.loaded_ctx for m in models if m.loaded_ctx}, up=state.up,
+                queue_depth=state.capacity.queue_depth if state.capacity else 0, rtt_s=state.rtt_s or 0.001,
+            )
+            base = f"https://{_host(peer.address or '')}:{peer.port or DEFAULT_LAN_PORT}"
+            out.append(PeerTarget(peer_state, base, ssl=client_context(self.identity, peer.cert_pem)))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """For `hybridd peers`: this node, what mDNS shows (paired or not), and each paired peer's link."""
+        paired = []
+        for peer in self.store.all():
+            link = self.links.get(peer.node_id)
+            state = link.state if link is not None else self.hub.states.get(peer.node_id, PeerLinkState())
+            paired.append(_describe_paired(peer, state))
+        paired_ids = {p.node_id for p in self.store.all()}
+        return {
+            "node": {"name": self.name, "role": self.role, "node_id": self.identity.node_id,
+                     "lan_port": self.lan_port, "pairing_open": self.pairing.is_open()},
+            "paired": paired,
+            "discovered": [{"name": a.name, "node_id": a.node_id, "role": a.role, "version": a.version,
+                            "addresses": list(a.addresses), "port": a.port, "paired": a.node_id in paired_ids}
+                           for a in self.discovery.found()],
+        }
+
+
+def _describe_paired(peer: PairedPeer, state: PeerLinkState) -> dict[str, Any]:
+    capacity = state.capacity
+    return {
+        "name": peer.name, "node_id": peer.node_id, "role": peer.role, "address": peer.address, "port": peer.port,
+        "link": "up" if state.up else "down", "down_reason": None if state.up else state.down_reason,
+        "rtt_ms": round(state.rtt_s * 1000, 2) if state.rtt_s is not None else None,
+        "free_bytes": dict(capacity.free_bytes) if capacity else {},
+        "queue_depth": capacity.queue_depth if capacity else None,
+        "models": [m.id for m in state.inventory.models] if state.inventory else [],
+        "hardware": state.hello.hardware if state.hello else None,
+    }
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address

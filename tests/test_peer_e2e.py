@@ -1,0 +1,110 @@
+"""Two real nodes on loopback: a peer and a desktop pair with a one-time code, link over mutual TLS, and a
+request that does not fit the desktop's budget is answered by the peer's own tiny-model engine."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
+from tests.conftest import http, wait_for
+
+LONG_CTX = 131072
+NO_EOS = {"2": -100}
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("peer") / "a.gguf", TinyLlama(n_ctx_train=262144))
+
+
+def node_config(model: Path, name: str, role: str, budget: int) -> str:
+    lan = 'lan_listen = "127.0.0.1:0"' if role == "peer" else ""
+    return f"""
+[server]
+listen = "127.0.0.1:0"
+{lan}
+[node]
+name = "{name}"
+role = "{role}"
+hardware = "dgx-spark"
+ram_bytes = 200_000
+[[node.devices]]
+name = "budget0"
+memory_bytes = {budget}
+[[models]]
+name = "a"
+path = "{model}"
+ctx = 4096
+"""
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hybridd", *args], capture_output=True, text=True, timeout=60)
+
+
+def get(url: str) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)  # type: ignore[no-any-return]
+
+
+def test_pair_link_and_forward_to_the_peer(daemon_factory, long_model: Path) -> None:  # type: ignore[no-untyped-def]
+    from hybridd.model.memory import RunSettings, estimate_memory
+    from hybridd.model.spec import model_spec
+    from hybridd.probe.gguf_file import read_gguf_header
+
+    header = read_gguf_header(long_model)
+    spec = model_spec(header.metadata, header.tensors)
+    short, long = (estimate_memory(spec, RunSettings(ctx=c, flash_attn=False)).total_bytes for c in (4096, LONG_CTX))
+    peer = daemon_factory(node_config(long_model, "spark", "peer", long * 4))
+    desk = daemon_factory(node_config(long_model, "desk", "desktop", (short + long) // 2))
+    assert peer.lan_url.startswith("https://127.0.0.1:")
+
+    # Before pairing, the peer's LAN listener serves nothing but pairing (no client certificate here at all).
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(peer.lan_url + "/v1/models", context=context, timeout=10)
+    assert refused.value.code == 403
+
+    opened = cli("pair", "--url", peer.url, "--json")
+    assert opened.returncode == 0, opened.stderr
+    code = json.loads(opened.stdout)["code"]
+    assert len(code) == 8 and code.isdigit()
+    lan_address = peer.lan_url.removeprefix("https://")
+    wrong = cli("pair", lan_address, "00000000" if code != "00000000" else "11111111", "--url", desk.url)
+    assert wrong.returncode != 0 and "hybridd:" in wrong.stderr
+    paired = cli("pair", lan_address, code, "--url", desk.url, "--json")
+    assert paired.returncode == 0, paired.stderr
+    assert json.loads(paired.stdout)["name"] == "spark"
+    reused = cli("pair", lan_address, code, "--url", desk.url)
+    assert reused.returncode != 0  # the code was single-use
+
+    def linked() -> dict | None:  # type: ignore[type-arg]
+        peers = get(desk.url + "/hybridd/v1/peers")["paired"]
+        return peers[0] if peers and peers[0]["link"] == "up" and peers[0]["models"] else None
+
+    link = wait_for(linked, timeout=20, what="the desktop's link to the peer")
+    assert link["name"] == "spark" and link["models"] == ["a"] and link["rtt_ms"] is not None
+    assert get(peer.url + "/hybridd/v1/peers")["paired"][0]["name"] == "desk"
+    assert "spark" in cli("peers", "--url", desk.url).stdout
+
+    body = {"model": "a", "prompt": "hi", "max_tokens": 3, "logit_bias": NO_EOS}
+    local = http("POST", desk.url + "/v1/completions", body)
+    assert local.status == 200 and local.headers["x-hybridd-placement"] == "local"
+
+    far = http("POST", desk.url + "/v1/completions", {**body, "hybridd": {"min_ctx": LONG_CTX}})
+    assert far.status == 200, far.body
+    assert far.headers["x-hybridd-placement"] == "peer:spark"
+    assert f"at {LONG_CTX} ctx" in far.headers["x-hybridd-reason"]
+    assert far.json()["usage"]["completion_tokens"] >= 1  # a real engine on the peer answered
+    # The peer served it on its own resources, as its own local decision.
+    decisions = get(peer.url + "/hybridd/v1/status")["decisions"]
+    assert decisions and decisions[-1]["placement"] == "local" and decisions[-1]["ctx"] >= LONG_CTX

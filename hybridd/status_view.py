@@ -45,7 +45,11 @@ def render_status(status: dict[str, Any]) -> str:
     text = f"{head}\n\n{body}" if rows else f"{head}\n\nno models configured"
     peers = status.get("peers", [])
     if peers:
-        text += "\n\n" + table(["PEER", "URL", "HARDWARE"], [[p["name"], p["base_url"], p["hardware"]] for p in peers])
+        rows = [[p["name"], "up" if p.get("up") else "down", p["base_url"], str(p.get("hardware")),
+                 "-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.1f} ms",
+                 "-" if not p.get("free_bytes") else f"{p['free_bytes'] / 2**30:.1f} GiB",
+                 ", ".join(p.get("models", [])) or "-"] for p in peers]
+        text += "\n\n" + table(["PEER", "LINK", "URL", "HARDWARE", "RTT", "FREE", "MODELS"], rows)
     decisions = status.get("decisions", [])
     if decisions:
         text += "\n\nrecent decisions:"

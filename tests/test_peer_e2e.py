@@ -95,6 +95,9 @@ def test_pair_link_and_forward_to_the_peer(daemon_factory, long_model: Path) -> 
     assert link["name"] == "spark" and link["models"] == ["a"] and link["rtt_ms"] is not None
     assert get(peer.url + "/hybridd/v1/peers")["paired"][0]["name"] == "desk"
     assert "spark" in cli("peers", "--url", desk.url).stdout
+    (shown,) = get(desk.url + "/hybridd/v1/status")["peers"]
+    assert shown["name"] == "spark" and shown["up"] and shown["rtt_ms"] is not None and shown["free_bytes"] > 0
+    assert "spark" in cli("status", "--url", desk.url).stdout
 
     body = {"model": "a", "prompt": "hi", "max_tokens": 3, "logit_bias": NO_EOS}
     local = http("POST", desk.url + "/v1/completions", body)
@@ -108,3 +111,17 @@ def test_pair_link_and_forward_to_the_peer(daemon_factory, long_model: Path) -> 
     # The peer served it on its own resources, as its own local decision.
     decisions = get(peer.url + "/hybridd/v1/status")["decisions"]
     assert decisions and decisions[-1]["placement"] == "local" and decisions[-1]["ctx"] >= LONG_CTX
+
+
+def test_demo_runs_from_the_readme(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    result = subprocess.run([sys.executable, "-m", "hybridd", "demo"], capture_output=True, text=True, timeout=240,
+                            env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "paired with spark-demo" in out
+    assert "short context: ran on local" in out
+    assert "long context (32768 tokens): ran on peer:spark-demo" in out
+    assert out.count("why:") == 2 and "answer: The three primary colors of light are" in out

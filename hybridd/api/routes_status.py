@@ -33,9 +33,7 @@ async def status(request: web.Request) -> web.Response:
         "uptime_s": round(time.monotonic() - node.started_mono, 1),
         "node": request.app[keys.ROUTER].node_name,
         "models": request.app[keys.POOL].describe(node.catalog.models),
-        "peers": [{"name": name, "base_url": t.base_url, "hardware": t.state.hardware.name, "up": t.state.up,
-                   "models": sorted(t.state.models)}
-                  for name, t in request.app[keys.ROUTER].peer_targets().items()],
+        "peers": _peers(request),
         "decisions": list(request.app[keys.ROUTER].decisions)[-10:],
         "calibration": {f"{node}/{model}": round(f, 3)
                         for (node, model), f in request.app[keys.ROUTER].calibration.ratios.items()},
@@ -55,3 +53,22 @@ async def plan(request: web.Request) -> web.Response:
     except ValueError as exc:  # a malformed profile or GGUF header
         raise BadRequest(str(exc)) from exc
     return web.json_response(result)
+
+
+def _peers(request: web.Request) -> list[dict[str, object]]:
+    """Every peer the scheduler may use, with its link's figures where it is a paired peer."""
+    links = {}
+    if keys.PEER in request.app:
+        links = {p["name"]: p for p in request.app[keys.PEER].describe()["paired"]}
+    rows = []
+    for name, target in request.app[keys.ROUTER].peer_targets().items():
+        link = links.pop(name, {})
+        rows.append({"name": name, "base_url": target.base_url, "hardware": target.state.hardware.name,
+                     "up": target.state.up, "models": sorted(target.state.models), "rtt_ms": link.get("rtt_ms"),
+                     "free_bytes": sum(d.usable_bytes for d in target.state.hardware.devices),
+                     "queue_depth": target.state.queue_depth})
+    for name, link in links.items():  # paired but not linked yet: down
+        rows.append({"name": name, "base_url": f"https://{link['address']}:{link['port']}",
+                     "hardware": link["hardware"], "up": False, "models": link["models"], "rtt_ms": None,
+                     "free_bytes": None, "queue_depth": None, "down_reason": link["down_reason"]})
+    return rows

@@ -227,6 +227,23 @@ class Router:
                 yield Route("local", f"local: '{model.name}' is served by the external server at "
                             f"{lease.engine.base_url}", lease.engine.base_url, model.api_key)
             return
+        if model.engine == "peer-only" and model.path is None and model.profile is None:
+            # Only a peer knows this model (from its inventory): nothing to estimate here, it goes there.
+            targets = self.peer_targets()
+            now = self.clock()
+            up = [t for name, t in targets.items() if model.name in t.state.models and t.state.up
+                  and name not in exclude and self.breakers.get(name, Breaker()).allows(now)]
+            if not up:
+                raise PlacementRefused(Decision("none", None, (), f"no peer serving '{model.name}' is up", 0, 503,
+                                                "capacity_busy", 5.0))
+            target = min(up, key=lambda t: t.state.queue_depth)
+            name = target.state.name
+            self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(now)
+            yield Route(f"peer:{name}", f"peer:{name}: only {name} serves '{model.name}'", target.base_url,
+                        target.api_key, forwarded=True, peer=name, ssl=target.ssl,
+                        first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
+                        idle_timeout_s=self.config.node.peer_idle_timeout_s)
+            return
         spec = await self.spec(model)
         size = await self.size(inference, model)
         budget = inference.max_tokens or self.config.node.default_max_tokens

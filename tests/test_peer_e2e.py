@@ -25,7 +25,7 @@ def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("peer") / "a.gguf", TinyLlama(n_ctx_train=262144))
 
 
-def node_config(model: Path, name: str, role: str, budget: int) -> str:
+def node_config(model: Path, name: str, role: str, budget: int, extra: str = "") -> str:
     lan = 'lan_listen = "127.0.0.1:0"' if role == "peer" else ""
     return f"""
 [server]
@@ -43,7 +43,7 @@ memory_bytes = {budget}
 name = "a"
 path = "{model}"
 ctx = 4096
-"""
+{extra}"""
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -63,7 +63,8 @@ def test_pair_link_and_forward_to_the_peer(daemon_factory, long_model: Path) -> 
     header = read_gguf_header(long_model)
     spec = model_spec(header.metadata, header.tensors)
     short, long = (estimate_memory(spec, RunSettings(ctx=c, flash_attn=False)).total_bytes for c in (4096, LONG_CTX))
-    peer = daemon_factory(node_config(long_model, "spark", "peer", long * 4))
+    only_there = f'[[models]]\nname = "b"\npath = "{long_model}"\nctx = 4096\n'
+    peer = daemon_factory(node_config(long_model, "spark", "peer", long * 4, only_there))
     desk = daemon_factory(node_config(long_model, "desk", "desktop", (short + long) // 2))
     assert peer.lan_url.startswith("https://127.0.0.1:")
 
@@ -92,7 +93,12 @@ def test_pair_link_and_forward_to_the_peer(daemon_factory, long_model: Path) -> 
         return peers[0] if peers and peers[0]["link"] == "up" and peers[0]["models"] else None
 
     link = wait_for(linked, timeout=20, what="the desktop's link to the peer")
-    assert link["name"] == "spark" and link["models"] == ["a"] and link["rtt_ms"] is not None
+    assert link["name"] == "spark" and link["models"] == ["a", "b"] and link["rtt_ms"] is not None
+    # /v1/models on the desktop lists local and peer models together and says where each runs.
+    listing = {m["id"]: m["hybridd"]["runs_on"] for m in get(desk.url + "/v1/models")["data"]}
+    assert listing == {"a": ["local", "peer:spark"], "b": ["peer:spark"]}
+    only = http("POST", desk.url + "/v1/completions", {"model": "b", "prompt": "x", "max_tokens": 2})
+    assert only.status == 200 and only.headers["x-hybridd-placement"] == "peer:spark"
     assert get(peer.url + "/hybridd/v1/peers")["paired"][0]["name"] == "desk"
     assert "spark" in cli("peers", "--url", desk.url).stdout
     (shown,) = get(desk.url + "/hybridd/v1/status")["peers"]

@@ -11,7 +11,7 @@ from hybridd.api import keys
 from hybridd.api.proxy import forward
 from hybridd.api.schema import PATHS, Endpoint, InferenceRequest, parse_inference
 from hybridd.config import ModelEntry
-from hybridd.errors import BadRequest, UpstreamUnreachable
+from hybridd.errors import BadRequest, ModelNotFound, UpstreamUnreachable
 
 
 def add_routes(app: web.Application) -> None:
@@ -23,12 +23,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(PATHS["embedding"], _inference("embedding"))
 
 
-def _model_object(request: web.Request, model: ModelEntry) -> dict[str, Any]:
+def _model_object(request: web.Request, model: ModelEntry, peers: dict[str, list[str]]) -> dict[str, Any]:
     node = request.app[keys.NODE]
     slots = request.app[keys.POOL].for_model(model.name)
     state = next((s.state.value for s in slots if s.live), slots[0].state.value if slots else "stopped")
     if not model.local:
         state = "remote"
+    where = (["local"] if model.local else []) + [f"peer:{p}" for p in peers.get(model.name, [])]
     return {
         "id": model.name,
         "object": "model",
@@ -36,28 +37,52 @@ def _model_object(request: web.Request, model: ModelEntry) -> dict[str, Any]:
         "owned_by": "hybridd",
         "context_length": model.ctx,
         "aliases": list(model.aliases),
-        "hybridd": {"placement": "local" if model.local else "peer", "engine": model.engine, "state": state,
-                    "loaded": state == "ready"},
+        "hybridd": {"placement": "local" if model.local else "peer", "runs_on": where, "engine": model.engine,
+                    "state": state, "loaded": state == "ready"},
     }
 
 
+def _peer_models(request: web.Request) -> dict[str, list[str]]:
+    """Model id -> the peers that serve it now."""
+    served: dict[str, list[str]] = {}
+    for name, target in request.app[keys.ROUTER].peer_targets().items():
+        for model in sorted(target.state.models):
+            served.setdefault(model, []).append(name)
+    return served
+
+
+def resolve_model(request: web.Request, name: str) -> ModelEntry:
+    """The catalog's entry for name, or one for a model only a linked peer serves."""
+    try:
+        return request.app[keys.NODE].catalog.resolve(name)
+    except ModelNotFound:
+        if name in _peer_models(request):
+            return ModelEntry(name=name, engine="peer-only")
+        raise
+
+
 async def list_models(request: web.Request) -> web.Response:
-    """Every model this node serves, with its context length and whether it is loaded."""
+    """Every model this node or its peers serve, with context length, where each runs, and loaded state."""
     catalog = request.app[keys.NODE].catalog
-    return web.json_response({"object": "list", "data": [_model_object(request, m) for m in catalog.models]})
+    peers = _peer_models(request)
+    data = [_model_object(request, m, peers) for m in catalog.models]
+    known = {m.name for m in catalog.models}
+    data += [_model_object(request, ModelEntry(name=name, engine="peer-only"), peers)
+             for name in sorted(peers) if name not in known]
+    return web.json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """One model by id or alias."""
-    model = request.app[keys.NODE].catalog.resolve(request.match_info["model"])
-    return web.json_response(_model_object(request, model))
+    model = resolve_model(request, request.match_info["model"])
+    return web.json_response(_model_object(request, model, _peer_models(request)))
 
 
 def _inference(endpoint: Endpoint) -> Any:
     async def handle(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         inference = parse_inference(endpoint, raw, request.headers)
-        model = request.app[keys.NODE].catalog.resolve(inference.model)
+        model = resolve_model(request, inference.model)
         if endpoint == "embedding" and model.managed and not model.embeddings:
             raise BadRequest(f"model '{model.name}' is not configured for embeddings (set embeddings = true in "
                              "its [[models]] entry; it costs generation speed)")

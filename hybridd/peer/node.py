@@ -122,16 +122,16 @@ class PeerNode:
         link = self.links.get(peer.node_id)
         if link is not None and link.state.up:
             return  # the address we have works; mDNS may list another of the same host's addresses
-        if advert.port and (address, advert.port) != (peer.address, peer.port):
-            # A known node at a new address: follow it (the pinned certificate, not the address, is its identity).
-            log.info("peer %s moved to %s:%d", peer.name, address, advert.port)
-            self.store.update_address(peer.node_id, address, advert.port)
-            updated = self.store.get(peer.node_id)
-            if updated is not None and self.role == "desktop":
-                self._dial(updated, replace_existing=True)
+        if advert.port and (address, advert.port) != (peer.address, peer.port) and self.role == "desktop":
+            # Maybe the node moved: try it there. The address is only stored once the pinned certificate answered
+            # there, so an advert (unauthenticated) cannot move a peer's stored address.
+            log.info("peer %s may have moved to %s:%d; trying it there", peer.name, address, advert.port)
+            self._dial(peer, replace_existing=True, address=address, port=advert.port)
 
-    def _dial(self, peer: PairedPeer, replace_existing: bool = False) -> None:
-        if peer.role != "peer" or peer.address is None:
+    def _dial(self, peer: PairedPeer, replace_existing: bool = False, address: str | None = None,
+              port: int | None = None) -> None:
+        address, port = address or peer.address, port or peer.port or DEFAULT_LAN_PORT
+        if peer.role != "peer" or address is None:
             return
         old = self.links.pop(peer.node_id, None) if replace_existing else self.links.get(peer.node_id)
         if old is not None and not replace_existing:
@@ -140,9 +140,17 @@ class PeerNode:
             import asyncio
 
             asyncio.get_running_loop().create_task(old.close())
-        url = f"https://{_host(peer.address)}:{peer.port or DEFAULT_LAN_PORT}/hybridd/v1/link"
-        link = LinkClient(url, client_context(self.identity, peer.cert_pem), self.hello(),
-                          snapshot=self.capacity, inventory=self.inventory, expected_node_id=peer.node_id)
+
+        def on_state(_: str, state: PeerLinkState) -> None:
+            current = self.store.get(peer.node_id)
+            if state.up and current is not None and (current.address, current.port) != (address, port):
+                log.info("peer %s answered with its pinned certificate at %s:%d; address updated", peer.name,
+                         address, port)
+                self.store.update_address(peer.node_id, address, port)
+
+        url = f"https://{_host(address)}:{port}/hybridd/v1/link"
+        link = LinkClient(url, client_context(self.identity, peer.cert_pem), self.hello(), snapshot=self.capacity,
+                          inventory=self.inventory, expected_node_id=peer.node_id, on_state=on_state)
         self.links[peer.node_id] = link
         import asyncio
 
@@ -201,7 +209,7 @@ class PeerNode:
                 loaded={m.id: m.loaded_ctx for m in models if m.loaded_ctx}, up=state.up,
                 queue_depth=state.capacity.queue_depth if state.capacity else 0, rtt_s=state.rtt_s or 0.001,
             )
-            base = f"https://{_host(peer.address or '')}:{peer.port or DEFAULT_LAN_PORT}"
+            base = link.url.removesuffix("/hybridd/v1/link")  # where the pinned link answers
             out.append(PeerTarget(peer_state, base, ssl=client_context(self.identity, peer.cert_pem)))
         return out
 

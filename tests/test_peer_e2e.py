@@ -131,3 +131,44 @@ def test_demo_runs_from_the_readme(tmp_path: Path) -> None:
     assert "short context: ran on local" in out
     assert "long context (32768 tokens): ran on peer:spark-demo" in out
     assert out.count("why:") == 2 and "answer: The three primary colors of light are" in out
+
+
+async def test_client_leaving_cancels_the_work_on_the_peer(daemon_factory, long_model: Path) -> None:  # type: ignore[no-untyped-def]
+    # client -> desktop -> (mutual TLS) -> peer -> engine: when the client goes, each hop drops the next one, so the
+    # engine on the peer sees its connection close. The engine here is a fake that records exactly that.
+    import asyncio
+
+    import aiohttp
+
+    from tests.fake_upstream import FakeEngine, sse, start_fake
+
+    engine = FakeEngine()
+    server = await start_fake(engine)
+    try:
+        ext = f'[[models]]\nname = "ext"\nbase_url = "{str(server.make_url("/")).rstrip("/")}"\n'
+        peer = daemon_factory(node_config(long_model, "spark", "peer", 10**12, ext))
+        desk = daemon_factory(node_config(long_model, "desk", "desktop", 10**12))
+        code = json.loads((await asyncio.to_thread(cli, "pair", "--url", peer.url, "--json")).stdout)["code"]
+        paired = await asyncio.to_thread(cli, "pair", peer.lan_url.removeprefix("https://"), code, "--url", desk.url)
+        assert paired.returncode == 0, paired.stderr
+
+        async def linked() -> bool:
+            async with aiohttp.ClientSession() as session, session.get(desk.url + "/v1/models") as r:
+                return "ext" in {m["id"] for m in (await r.json())["data"]}
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not await linked():
+            assert asyncio.get_running_loop().time() < deadline, "the peer's models never reached the desktop"
+            await asyncio.sleep(0.05)  # polling the desktop's model list with a deadline
+
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(desk.url + "/v1/chat/completions", json={
+                "model": "ext", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            assert response.status == 200 and response.headers["x-hybridd-placement"] == "peer:spark"
+            await engine.release.put(sse("first"))
+            await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout=10)
+            response.close()  # the client goes away mid-stream
+        await asyncio.wait_for(engine.disconnected.wait(), timeout=10)
+    finally:
+        await engine.release.put(None)
+        await server.close()

@@ -20,6 +20,7 @@ class FakeEngine:
     headers: list[dict[str, str]] = field(default_factory=list)
     status: int = 200
     error_body: bytes = b""
+    break_stream: bool = False  # drop the connection at the next released chunk
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -52,6 +53,10 @@ class FakeEngine:
         await response.prepare(request)
         try:
             while (chunk := await self.release.get()) is not None:
+                if self.break_stream:
+                    assert request.transport is not None
+                    request.transport.abort()  # the engine dies mid-stream
+                    return response
                 await response.write(chunk)
             await response.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):

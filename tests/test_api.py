@@ -191,3 +191,17 @@ def test_config_unused_replace_guard() -> None:
     with pytest.raises(AttributeError):
         server.port = 1  # type: ignore[misc]
     assert replace(server, port=1).port == 1
+
+
+async def test_a_stream_broken_mid_event_ends_with_a_clean_error_event(hybridd: str, fake) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = fake
+    async with aiohttp.ClientSession() as session, \
+            session.post(hybridd + "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        await engine.release.put(sse("whole") + b'data: {"choices": [{"ind')  # one event and a half
+        first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout=5)
+        assert json.loads(first[6:])["choices"][0]["delta"]["content"] == "whole"
+        engine.break_stream = True
+        await engine.release.put(b"")
+        rest = await asyncio.wait_for(response.content.read(), timeout=5)
+    events = [e for e in rest.split(b"\n\n") if e]
+    assert len(events) == 1 and json.loads(events[0][6:])["error"]["code"] == "upstream_failed"

@@ -119,18 +119,27 @@ async def _stream(
     await response.prepare(request)
     # iter_any hands over whatever bytes have arrived: no line splitting, no waiting for more.
     chunks = upstream.content.iter_any()
+    partial = b""  # the start of an event the engine has not finished yet
     while True:
         try:
             async with asyncio.timeout(idle_timeout_s):
                 chunk = await anext(chunks)
         except StopAsyncIteration:
+            if partial:
+                await response.write(partial)
             break
         except (aiohttp.ClientError, TimeoutError) as exc:
             # After the first byte there is no retry: tell the client in the stream's own format, then end it.
+            # A half-sent event is dropped, so the error event is not glued onto truncated JSON.
             why = f"no data for {idle_timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
             log.warning("stream from %s broke: %s", url, why)
             await response.write(sse_error_event(f"upstream stream broke: {why}", "upstream_failed"))
             break
+        # Pass every complete event on at once; hold back only an unfinished tail (engines rarely split events).
+        chunk, cut = partial + chunk, (partial + chunk).rfind(b"\n\n") + 2
+        chunk, partial = chunk[:cut], chunk[cut:]
+        if not chunk:
+            continue
         now = time.monotonic()
         if not stats.events:
             stats.first_at = now

@@ -15,6 +15,7 @@ import pytest
 
 from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import http, wait_for
+from tests.nodes import node_config
 
 LONG_CTX = 131072
 NO_EOS = {"2": -100}
@@ -23,27 +24,6 @@ NO_EOS = {"2": -100}
 @pytest.fixture(scope="module")
 def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("peer") / "a.gguf", TinyLlama(n_ctx_train=262144))
-
-
-def node_config(model: Path, name: str, role: str, budget: int, extra: str = "") -> str:
-    lan = 'lan_listen = "127.0.0.1:0"' if role == "peer" else ""
-    return f"""
-[server]
-listen = "127.0.0.1:0"
-{lan}
-[node]
-name = "{name}"
-role = "{role}"
-hardware = "dgx-spark"
-ram_bytes = 200_000
-[[node.devices]]
-name = "budget0"
-memory_bytes = {budget}
-[[models]]
-name = "a"
-path = "{model}"
-ctx = 4096
-{extra}"""
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -64,7 +44,7 @@ def test_pair_link_and_forward_to_the_peer(daemon_factory, long_model: Path) -> 
     spec = model_spec(header.metadata, header.tensors)
     short, long = (estimate_memory(spec, RunSettings(ctx=c, flash_attn=False)).total_bytes for c in (4096, LONG_CTX))
     only_there = f'[[models]]\nname = "b"\npath = "{long_model}"\nctx = 4096\n'
-    peer = daemon_factory(node_config(long_model, "spark", "peer", long * 4, only_there))
+    peer = daemon_factory(node_config(long_model, "spark", "peer", long * 4, extra=only_there))
     desk = daemon_factory(node_config(long_model, "desk", "desktop", (short + long) // 2))
     assert peer.lan_url.startswith("https://127.0.0.1:")
 
@@ -146,7 +126,7 @@ async def test_client_leaving_cancels_the_work_on_the_peer(daemon_factory, long_
     server = await start_fake(engine)
     try:
         ext = f'[[models]]\nname = "ext"\nbase_url = "{str(server.make_url("/")).rstrip("/")}"\n'
-        peer = daemon_factory(node_config(long_model, "spark", "peer", 10**12, ext))
+        peer = daemon_factory(node_config(long_model, "spark", "peer", 10**12, extra=ext))
         desk = daemon_factory(node_config(long_model, "desk", "desktop", 10**12))
         code = json.loads((await asyncio.to_thread(cli, "pair", "--url", peer.url, "--json")).stdout)["code"]
         paired = await asyncio.to_thread(cli, "pair", peer.lan_url.removeprefix("https://"), code, "--url", desk.url)

@@ -27,6 +27,7 @@ import pytest
 
 from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import Daemon, http, wait_for
+from tests.nodes import node_config as shared_node_config
 
 NO_EOS = {"2": -100}
 CTX = 16384
@@ -280,28 +281,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def node_config(model: Path, name: str, role: str, bandwidth: float = 1.0e12) -> str:
-    lan = 'lan_listen = "127.0.0.1:0"' if role == "peer" else ""
     timeouts = f"peer_first_byte_timeout_s = {FIRST_BYTE_S}\npeer_idle_timeout_s = {IDLE_S}" \
         if role == "desktop" else ""
-    return f"""
-[server]
-listen = "127.0.0.1:0"
-{lan}
-[node]
-name = "{name}"
-role = "{role}"
-hardware = "dgx-spark"
-ram_bytes = 200_000
-{timeouts}
-[[node.devices]]
-name = "budget0"
-memory_bytes = 4_000_000_000
-bandwidth_bytes_s = {bandwidth}
-[[models]]
-name = "a"
-path = "{model}"
-ctx = {CTX}
-"""
+    return shared_node_config(model, name, role, bandwidth=bandwidth, ctx=CTX, node_extra=timeouts)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from hybridd.peer.discovery import SERVICE_TYPE
 from hybridd.peer.identity import Identity, new_identity
 from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import http, stop_daemon, wait_for
+from tests.nodes import node_config as shared_node_config
 
 LONG_CTX = 131072
 NO_EOS = {"2": -100}
@@ -236,24 +237,7 @@ def budgets(long_model: Path) -> tuple[int, int]:
 
 
 def node_config(model: Path, name: str, role: str, budget: int, lan_listen: str = "") -> str:
-    lan = f'lan_listen = "{lan_listen}"' if lan_listen else ""
-    return f"""
-[server]
-listen = "127.0.0.1:0"
-{lan}
-[node]
-name = "{name}"
-role = "{role}"
-hardware = "dgx-spark"
-ram_bytes = 200_000
-[[node.devices]]
-name = "budget0"
-memory_bytes = {budget}
-[[models]]
-name = "a"
-path = "{model}"
-ctx = 4096
-"""
+    return shared_node_config(model, name, role, budget, lan_listen=lan_listen)
 
 
 def _linked(desk: Callable[[], Any], name: str) -> dict[str, Any] | None:

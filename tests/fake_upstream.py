@@ -55,7 +55,11 @@ class FakeEngine:
             while (chunk := await self.release.get()) is not None:
                 if self.break_stream:
                     assert request.transport is not None
-                    request.transport.abort()  # the engine dies mid-stream
+                    if chunk:
+                        await response.write(chunk)
+                        request.transport.close()  # flushes chunk, then ends mid-stream (no final chunk)
+                    else:
+                        request.transport.abort()  # the engine dies mid-stream
                     return response
                 await response.write(chunk)
             await response.write(b"data: [DONE]\n\n")

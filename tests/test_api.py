@@ -205,3 +205,13 @@ async def test_a_stream_broken_mid_event_ends_with_a_clean_error_event(hybridd: 
         rest = await asyncio.wait_for(response.content.read(), timeout=5)
     events = [e for e in rest.split(b"\n\n") if e]
     assert len(events) == 1 and json.loads(events[0][6:])["error"]["code"] == "upstream_failed"
+
+
+async def test_a_stream_broken_inside_its_first_event_sends_only_the_error(hybridd: str, fake) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = fake
+    async with aiohttp.ClientSession() as session, \
+            session.post(hybridd + "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        engine.break_stream = True  # send a piece with no event boundary at all, then end the stream there
+        await engine.release.put(sse("never finished")[:10])
+        body = await asyncio.wait_for(response.content.read(), timeout=5)
+    assert body.startswith(b"data: {") and json.loads(body.strip()[6:])["error"]["code"] == "upstream_failed"

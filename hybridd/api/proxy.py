@@ -136,10 +136,12 @@ async def _stream(
             await response.write(sse_error_event(f"upstream stream broke: {why}", "upstream_failed"))
             break
         # Pass every complete event on at once; hold back only an unfinished tail (engines rarely split events).
-        chunk, cut = partial + chunk, (partial + chunk).rfind(b"\n\n") + 2
-        chunk, partial = chunk[:cut], chunk[cut:]
-        if not chunk:
+        data = partial + chunk if partial else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:  # no event finished yet: keep all of it
+            partial = data
             continue
+        chunk, partial = data[:end + 2], data[end + 2:]
         now = time.monotonic()
         if not stats.events:
             stats.first_at = now

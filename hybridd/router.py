@@ -92,7 +92,11 @@ class PeerTarget:
     state: PeerState
     base_url: str
     api_key: str | None = None
-    ssl: Any = True
+    ssl: Any = True  # as aiohttp takes it, or a callable making the SSL context when a request goes there
+
+    def tls(self) -> Any:
+        """What to give aiohttp's ssl= for one forwarded request."""
+        return self.ssl() if callable(self.ssl) else self.ssl
 
 
 PeerSource = Callable[[], list[PeerTarget]]
@@ -240,7 +244,7 @@ class Router:
             name = target.state.name
             self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(now)
             yield Route(f"peer:{name}", f"peer:{name}: only {name} serves '{model.name}'", target.base_url,
-                        target.api_key, forwarded=True, peer=name, ssl=target.ssl,
+                        target.api_key, forwarded=True, peer=name, ssl=target.tls(),
                         first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
                         idle_timeout_s=self.config.node.peer_idle_timeout_s)
             return
@@ -264,7 +268,7 @@ class Router:
             target = targets[name]
             self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(self.clock())
             yield Route(option.placement, decision.reason, target.base_url, target.api_key, forwarded=True,
-                        peer=name, ssl=target.ssl, first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
+                        peer=name, ssl=target.tls(), first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
                         idle_timeout_s=self.config.node.peer_idle_timeout_s)
             return
         slot = self._commit_local(model, option, decision)

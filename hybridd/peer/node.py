@@ -3,6 +3,7 @@ targets the scheduler places on. A desktop dials its paired peers; a peer accept
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import time
@@ -24,6 +25,7 @@ from hybridd.peer.link import LinkClient, LinkHub, PeerLinkState
 from hybridd.peer.messages import Capacity, Hello, Inventory, ModelOffer
 from hybridd.peer.pairing import PairedPeer, PairingServer, PairingStore, pair_with, paired_peer_for
 from hybridd.peer.tls import client_context, server_context
+from hybridd.place.hardware import Hardware
 from hybridd.place.scheduler import PeerState
 from hybridd.router import PeerTarget, Router
 
@@ -51,6 +53,7 @@ class PeerNode:
         self.hub = LinkHub(local_hello=self.hello(), authorize=self.authorize, snapshot=self.capacity,
                            inventory=self.inventory)
         self.lan_port: int | None = None
+        self._hardware: dict[str, Hardware] = {}
         router.peer_sources.append(self.targets)
 
     # -- what we tell paired nodes about ourselves
@@ -188,19 +191,13 @@ class PeerNode:
     # -- what the scheduler sees
     def targets(self) -> list[PeerTarget]:
         """Every paired peer whose link said hello, as a place the scheduler may put requests."""
-        from hybridd.errors import ConfigError
-        from hybridd.probe.hardware_profiles import load_hardware_profile
-
         out = []
         for node_id, link in self.links.items():
             peer = self.store.get(node_id)
             state = link.state
             if peer is None or state.hello is None:
                 continue
-            try:
-                hardware = load_hardware_profile(state.hello.hardware or "dgx-spark").hardware()
-            except ConfigError:
-                hardware = load_hardware_profile("dgx-spark").hardware()
+            hardware = self._peer_hardware(state.hello.hardware)
             if state.capacity is not None and state.capacity.free_bytes:
                 hardware = hardware.with_free(state.capacity.free_bytes)
             models = state.inventory.models if state.inventory else ()
@@ -210,8 +207,24 @@ class PeerNode:
                 queue_depth=state.capacity.queue_depth if state.capacity else 0, rtt_s=state.rtt_s or 0.001,
             )
             base = link.url.removesuffix("/hybridd/v1/link")  # where the pinned link answers
-            out.append(PeerTarget(peer_state, base, ssl=client_context(self.identity, peer.cert_pem)))
+            # Made only for the peer a request is forwarded to, not each time the targets are listed.
+            pinned = functools.partial(client_context, self.identity, peer.cert_pem)
+            out.append(PeerTarget(peer_state, base, ssl=pinned))
         return out
+
+    def _peer_hardware(self, profile: str) -> Hardware:
+        """A peer's hardware from the profile its hello names (a Spark when unknown), read once per profile:
+        every request asks for the peer targets."""
+        from hybridd.errors import ConfigError
+        from hybridd.probe.hardware_profiles import load_hardware_profile
+
+        name = profile or "dgx-spark"
+        if name not in self._hardware:
+            try:
+                self._hardware[name] = load_hardware_profile(name).hardware()
+            except ConfigError:  # a profile this node does not have
+                self._hardware[name] = load_hardware_profile("dgx-spark").hardware()
+        return self._hardware[name]
 
     def describe(self) -> dict[str, Any]:
         """For `hybridd peers`: this node, what mDNS shows (paired or not), and each paired peer's link."""

@@ -6,7 +6,7 @@ profile or, without one, this machine as NVML and psutil see it now.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from hybridd.model.memory import DEFAULT_CTX, RunSettings
 from hybridd.model.plan import plan
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.place.devices import Device
+from hybridd.place.hardware import Hardware
 
 
 @dataclass(frozen=True)
@@ -107,26 +108,23 @@ def find_header(name: str, quant: str | None, catalog: Catalog | None) -> tuple[
                         f"profile ({', '.join(profiles)})")
 
 
-def find_devices(hardware: str | None) -> tuple[list[Device], int, str]:
-    """(devices, host RAM free, where they came from): a hardware profile, or this machine's probe."""
+def find_devices(hardware: str | None) -> tuple[list[Device], int, str, Hardware]:
+    """(GPUs to fit on, host RAM free, where they came from, the node as placement sees it): a hardware profile,
+    or one probe of this machine."""
     if hardware:
         from hybridd.probe.hardware_profiles import load_hardware_profile
 
-        profile = load_hardware_profile(hardware)
-        devices = profile.devices()
-        host_free = 0 if any(d.unified for d in devices) else profile.system_ram_bytes
-        return devices, host_free, f"hardware profile {hardware}"
-    from hybridd.probe.gpus import GpuProbe, devices_from_snapshot
+        node = load_hardware_profile(hardware).hardware()
+        return list(node.devices), node.ram_bytes, f"hardware profile {hardware}", node
+    from hybridd.config import Config
+    from hybridd.probe.gpus import devices_from_snapshot
+    from hybridd.resources import hardware_from_snapshot, probe_machine
 
-    probe = GpuProbe.for_this_machine()
-    try:
-        snapshot = probe.snapshot()
-    finally:
-        probe.close()
+    snapshot = probe_machine()
     devices = devices_from_snapshot(snapshot)
     host_free = 0 if snapshot.unified else snapshot.host_available_bytes
     label = "this machine (" + (", ".join(g.name for g in snapshot.gpus) or "no GPU: CPU only") + ")"
-    return devices, host_free, label
+    return devices, host_free, label, hardware_from_snapshot(Config(), snapshot)
 
 
 def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str, Any]:
@@ -143,22 +141,18 @@ def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str,
     )
     if settings.type_v not in ("f16", "f32", "bf16") and not flash:
         raise BadRequest(f"type_v: a quantized V cache ('{settings.type_v}') needs flash attention")
-    devices, host_free, source = find_devices(request.hardware)
+    devices, host_free, source, node = find_devices(request.hardware)
     result = plan(spec, settings, devices, host_free)
     result["model"] = result.get("model") or request.model
     result["hardware"] = source
     result["file_bytes"] = header.file_bytes
-    result.update(placement_options(spec, settings, request))
+    result.update(placement_options(spec, settings, node, request.peers))
     return result
 
 
-def placement_options(spec: ModelSpec, settings: RunSettings, request: PlanRequest) -> dict[str, Any]:
+def placement_options(spec: ModelSpec, settings: RunSettings, node: Hardware, peers: Sequence[str]) -> dict[str, Any]:
     """Where a reference request would run (this node or the --peer profiles) and each option's speed."""
-    from hybridd.config import Config
     from hybridd.place.options import plan_options
     from hybridd.probe.hardware_profiles import load_hardware_profile
-    from hybridd.resources import local_hardware
 
-    local = load_hardware_profile(request.hardware).hardware() if request.hardware else local_hardware(Config())
-    peers = [load_hardware_profile(name).hardware() for name in request.peers]
-    return plan_options(spec, settings, local, peers)
+    return plan_options(spec, settings, node, [load_hardware_profile(name).hardware() for name in peers])

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from hybridd.config import Config
 from hybridd.place.devices import Device
 from hybridd.place.hardware import Hardware
 from hybridd.router import Peer
+
+if TYPE_CHECKING:
+    from hybridd.probe.gpus import MachineSnapshot
 
 log = logging.getLogger("hybridd")
 
@@ -35,7 +39,12 @@ def local_hardware(config: Config) -> Hardware:
         from hybridd.probe.hardware_profiles import load_hardware_profile
 
         return load_hardware_profile(node.hardware).hardware(disk_read_bytes_s=node.disk_read_bytes_s)
-    from hybridd.probe.gpus import GpuProbe, devices_from_snapshot
+    return hardware_from_snapshot(config, probe_machine())
+
+
+def probe_machine() -> MachineSnapshot:
+    """This machine's GPUs and RAM now, as NVML and psutil see them."""
+    from hybridd.probe.gpus import GpuProbe
 
     probe = GpuProbe.for_this_machine()
     try:
@@ -44,6 +53,15 @@ def local_hardware(config: Config) -> Hardware:
         probe.close()
     for note in snapshot.notes:
         log.info("probe: %s", note)
+    return snapshot
+
+
+def hardware_from_snapshot(config: Config, snapshot: MachineSnapshot) -> Hardware:
+    """The probed machine as placement hardware; with no GPU, system RAM is the one pool."""
+    from hybridd.probe.gpus import devices_from_snapshot
+
+    node = config.node
+    name = node_name(config)
     gpus = tuple(devices_from_snapshot(snapshot, display_reserve_bytes=node.display_reserve_bytes))
     if gpus:
         ram = 0 if snapshot.unified else snapshot.host_available_bytes

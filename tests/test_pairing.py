@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import ssl
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -39,6 +37,7 @@ from hybridd.peer.pairing import (
     paired_peer_for,
 )
 from hybridd.peer.tls import client_context, peer_fingerprint, server_context
+from tests.tls_server import serve
 
 T0 = 1_700_000_000.0
 
@@ -51,19 +50,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@contextlib.asynccontextmanager
-async def serve(app: web.Application, context: ssl.SSLContext) -> AsyncIterator[str]:
-    """Serve `app` with TLS on a free loopback port; yields its https base URL and always cleans up."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        yield f"https://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 async def whoami(request: web.Request) -> web.Response:

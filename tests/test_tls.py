@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -20,22 +18,10 @@ from hybridd.peer.tls import (
     require_pinned,
     server_context,
 )
+from tests.tls_server import serve
 
 SPARK = new_identity("spark-1")
 DESKTOP = new_identity("desktop")
-
-
-@contextlib.asynccontextmanager
-async def serve(app: web.Application, context: ssl.SSLContext) -> AsyncIterator[str]:
-    """Serve `app` with TLS on a free loopback port; yields its https base URL and always cleans up."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        yield f"https://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 def whoami_app() -> web.Application:

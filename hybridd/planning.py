@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from hybridd.catalog import Catalog
-from hybridd.config import KV_CACHE_TYPES
-from hybridd.errors import BadRequest, ModelNotFound
+from hybridd.config import KV_CACHE_TYPES, ModelEntry
+from hybridd.errors import BadRequest, HybriddError, ModelNotFound
 from hybridd.model.header import GgufHeader
 from hybridd.model.memory import DEFAULT_CTX, RunSettings
 from hybridd.model.plan import plan
@@ -81,6 +81,18 @@ def check_request(request: PlanRequest) -> None:
         raise BadRequest(f"slots: must be between 1 and 256, got {request.slots}")
 
 
+def entry_header(model: ModelEntry) -> GgufHeader:
+    """A configured model's header: from its GGUF file, else from its profile (peer-only models)."""
+    from hybridd.probe.gguf_file import read_gguf_header
+    from hybridd.probe.model_profiles import load_profile, profile_header
+
+    if model.path is not None:
+        return read_gguf_header(model.path)
+    if model.profile is not None:
+        return profile_header(load_profile(model.profile), model.quant)
+    raise HybriddError(f"model '{model.name}' has neither a GGUF path nor a profile to size it by")
+
+
 def find_header(name: str, quant: str | None, catalog: Catalog | None) -> tuple[GgufHeader, dict[str, Any]]:
     """The model's header and the run settings its config implies (empty for files and profiles)."""
     from hybridd.probe.gguf_file import read_gguf_header
@@ -99,7 +111,7 @@ def find_header(name: str, quant: str | None, catalog: Catalog | None) -> tuple[
         if entry is not None and entry.path is not None:
             settings = {"ctx": entry.ctx, "type_k": entry.type_k, "type_v": entry.type_v,
                         "flash_attn": entry.flash_attn}
-            return read_gguf_header(entry.path), settings
+            return entry_header(entry), settings
     profiles = list_profiles()
     if name in profiles:
         return profile_header(load_profile(name), quant), {}

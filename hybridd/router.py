@@ -336,13 +336,7 @@ class Router:
 
 def _read_spec(model: ModelEntry) -> ModelSpec:
     from hybridd.model.spec import model_spec
-    from hybridd.probe.gguf_file import read_gguf_header
-    from hybridd.probe.model_profiles import load_profile, profile_header
+    from hybridd.planning import entry_header
 
-    if model.path is not None:
-        header = read_gguf_header(model.path)
-    elif model.profile is not None:
-        header = profile_header(load_profile(model.profile), model.quant)
-    else:
-        raise HybriddError(f"model '{model.name}' has neither a GGUF path nor a profile to size it by")
+    header = entry_header(model)
     return model_spec(header.metadata, header.tensors)

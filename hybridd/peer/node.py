@@ -3,6 +3,7 @@ targets the scheduler places on. A desktop dials its paired peers; a peer accept
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import ssl
@@ -140,8 +141,6 @@ class PeerNode:
         if old is not None and not replace_existing:
             return
         if old is not None:
-            import asyncio
-
             asyncio.get_running_loop().create_task(old.close())
 
         def on_state(_: str, state: PeerLinkState) -> None:
@@ -155,8 +154,6 @@ class PeerNode:
         link = LinkClient(url, client_context(self.identity, peer.cert_pem), self.hello(), snapshot=self.capacity,
                           inventory=self.inventory, expected_node_id=peer.node_id, on_state=on_state)
         self.links[peer.node_id] = link
-        import asyncio
-
         asyncio.get_running_loop().create_task(link.start())
 
     # -- pairing from the CLI

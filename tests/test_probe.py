@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from hybridd.place.devices import Device
 from hybridd.probe.gpus import (
     DEFAULT_DISPLAY_RESERVE_BYTES,
     GpuProbe,
@@ -326,12 +327,11 @@ def test_snapshot_stamps_with_the_injected_clock_when_no_time_is_given() -> None
 
 
 def test_devices_from_snapshot_reserve_runtime_everywhere_and_display_only_where_active() -> None:
-    devices_module = pytest.importorskip("hybridd.place.devices")
     probe, _ = desktop_probe(rtx_4090(), rtx_5070ti())
 
     big, small = devices_from_snapshot(probe.snapshot(now=0.0))
 
-    assert isinstance(big, devices_module.Device)
+    assert isinstance(big, Device)
     assert big.name == "CUDA0 (NVIDIA GeForce RTX 4090)"
     assert small.name == "CUDA1 (NVIDIA GeForce RTX 5070 Ti)"
     assert (big.total_bytes, big.free_bytes) == (RTX_4090_TOTAL, 23_000 * MIB)
@@ -342,7 +342,6 @@ def test_devices_from_snapshot_reserve_runtime_everywhere_and_display_only_where
 
 
 def test_devices_from_snapshot_keeps_unified_memory_and_custom_reserves() -> None:
-    pytest.importorskip("hybridd.place.devices")
     nvml = FakeNvml([FakeGpu(name="NVIDIA GB10", total=0, free=0, memory_error=NVML_ERROR_NOT_SUPPORTED)])
     snap = GpuProbe(nvml=nvml, host=HostProbe(FakePsutil(SPARK_HOST_TOTAL, SPARK_HOST_AVAILABLE))).snapshot(
         now=0

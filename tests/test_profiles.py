@@ -142,7 +142,6 @@ def test_measured_points_carry_the_design_facts_with_sources() -> None:
 
 
 def test_profile_devices_become_idle_placement_devices() -> None:
-    pytest.importorskip("hybridd.place.devices")
     desktop = load_hardware_profile("desktop-4090-5070ti")
 
     big, small = desktop.devices()

@@ -125,7 +125,7 @@ def test_peer_fingerprint_without_tls_is_none() -> None:
 
 def test_the_same_checks_hold_under_uvloop() -> None:
     """The daemon runs on uvloop, whose transports are not asyncio's; the fingerprint must still be visible."""
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop  # a dependency: the daemon runs on it
 
     async def scenario(identity: Identity | None) -> tuple[object, list[str]]:
         async with serve(whoami_app(), server_context(SPARK, [DESKTOP.cert_pem])) as url, \

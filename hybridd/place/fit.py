@@ -10,7 +10,7 @@ go to RAM; else the fewest layers in RAM; else it does not fit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hybridd.model.memory import MemoryEstimate
@@ -101,6 +101,19 @@ def _split(costs: Sequence[int], first_gpu_layer: int, capacities: Sequence[int]
     return greedy
 
 
+def _fewest(split: Callable[[int], list[list[int]] | None], n: int) -> tuple[int, list[list[int]]] | None:
+    """The smallest k in 1..n for which split(k) is an assignment (split must fail for k below it), with it."""
+    lo, hi, found = 1, n, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        assign = split(mid)
+        if assign is None:
+            lo = mid + 1
+        else:
+            found, hi = (mid, assign), mid - 1
+    return found
+
+
 def fit_model(est: MemoryEstimate, devices: Sequence[Device], host_ram_free: int) -> Fit:
     """Place `est` on `devices` (+ host RAM); fewest bytes in RAM wins, MoE experts before whole layers."""
     gpus = list(devices)
@@ -141,15 +154,16 @@ def fit_model(est: MemoryEstimate, devices: Sequence[Device], host_ram_free: int
         assign = _split(_layer_costs(est, 0), 0, capacities, est.output_weight_bytes)
         if assign is not None and (r := result(assign, 0, 0)):
             return r
+        # More layers off the GPUs only lowers what they hold and raises what RAM holds, so the fewest that fit
+        # on the GPUs is found by bisection, and if RAM cannot take that many it cannot take more either.
         if has_experts:
-            for k in range(1, n_layer + 1):
-                assign = _split(_layer_costs(est, k), 0, capacities, est.output_weight_bytes)
-                if assign is not None and (r := result(assign, 0, k)):
-                    return r
-        for first in range(1, n_layer + 1):
-            assign = _split(_layer_costs(est, 0), first, capacities, est.output_weight_bytes)
-            if assign is not None and (r := result(assign, first, 0)):
+            k = _fewest(lambda k: _split(_layer_costs(est, k), 0, capacities, est.output_weight_bytes), n_layer)
+            if k is not None and (r := result(k[1], 0, k[0])):
                 return r
+        costs = _layer_costs(est, 0)
+        first = _fewest(lambda first: _split(costs, first, capacities, est.output_weight_bytes), n_layer)
+        if first is not None and (r := result(first[1], first[0], 0)):
+            return r
     # nothing on a GPU: all in host RAM
     cpu_only = host_need_fixed + sum(_layer_costs(est, 0)) + est.output_weight_bytes + est.compute_bytes
     runs = cpu_only <= host_ram_free and not unified

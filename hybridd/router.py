@@ -24,6 +24,7 @@ from hybridd.config import Config, ModelEntry, PeerConfig
 from hybridd.engine.pool import EnginePool, EngineSlot
 from hybridd.errors import EngineLoadFailed, HybriddError
 from hybridd.model.spec import ModelSpec
+from hybridd.place.backlog import Backlog
 from hybridd.place.breaker import Breaker
 from hybridd.place.hardware import Hardware
 from hybridd.place.ledger import Ledger
@@ -118,6 +119,8 @@ class Router:
         self.calibration = Calibration()
         self.speeds: dict[str, SpeedModel] = {}
         self.request_s: dict[str, float] = {}
+        self.backlogs: dict[str, Backlog] = {}
+        self._evictions: set[asyncio.Task[None]] = set()
         self.ready_at: dict[str, float] = {}
         self.base_tok_s: dict[str, float] = {}
         self.evicting: set[str] = set()
@@ -133,6 +136,7 @@ class Router:
         self.ledger.release(key)
         self.speeds.pop(key, None)
         self.evicting.discard(key)
+        self.backlogs.pop(key, None)
 
     async def spec(self, model: ModelEntry) -> ModelSpec:
         """The model's spec, from its GGUF header or its profile (read once, off the event loop)."""
@@ -170,8 +174,9 @@ class Router:
         """This node as the scheduler sees it now."""
         self._sweep_dead()
         hardware = self.hardware or Hardware("none", (), 0, 1.0)
-        engines = tuple(self._engine_state(s) for s in self.pool.slots.values() if self._counts(s))
-        return LocalState(hardware, self.ledger, engines, node=self.node_name)
+        now = self.clock()
+        engines = tuple(self._engine_state(s, now) for s in self.pool.slots.values() if self._counts(s))
+        return LocalState(hardware, self.ledger, engines, node=self.node_name, leaving=frozenset(self.evicting))
 
     @property
     def node_name(self) -> str:
@@ -182,15 +187,21 @@ class Router:
         return (slot.key in self.speeds and slot.key not in self.evicting
                 and (slot.live or slot.waiting > 0 or slot.in_flight > 0))
 
-    def _engine_state(self, slot: EngineSlot) -> EngineState:
+    def _engine_state(self, slot: EngineSlot, now: float) -> EngineState:
         return EngineState(
             key=slot.key, model=slot.model.name, ctx=slot.run.ctx, speed=self.speeds[slot.key],
             # An engine serves one request at a time; the rest of its in-flight requests wait inside it.
             placement=Placement(slot.placement), in_flight=min(slot.in_flight, 1),
             queued=slot.waiting + max(0, slot.in_flight - 1),
             last_used=slot.last_used, loading=not slot.live, ready_at=self.ready_at.get(slot.key, 0.0),
-            request_s=self.request_s.get(slot.key, 1.0),
+            request_s=self.request_s.get(slot.key, 1.0), backlog_s=self._backlog(slot.key).seconds(now),
         )
+
+    def _backlog(self, key: str) -> Backlog:
+        backlog = self.backlogs.get(key)
+        if backlog is None:
+            backlog = self.backlogs[key] = Backlog()
+        return backlog
 
     def peer_targets(self) -> dict[str, PeerTarget]:
         """Every peer now: configured ones and those the peer sources (paired, linked) report."""
@@ -272,20 +283,42 @@ class Router:
                         idle_timeout_s=self.config.node.peer_idle_timeout_s)
             return
         slot = self._commit_local(model, option, decision)
-        self.pending.add(slot.key)
-        try:
-            for key in option.evict:
-                await self.pool.unload(key, f"evicted to make room for {model.name} at {option.ctx} ctx")
-        finally:
-            self.pending.discard(slot.key)  # the lease below counts the request as waiting from here on
+        if option.evict:
+            await self._evict(option, slot.key, f"evicted to make room for {model.name} at {option.ctx} ctx")
         started = self.clock()
-        async with self.pool.lease(slot) as lease:
-            route = Route(option.placement, decision.reason, lease.engine.base_url, cold_start_s=lease.cold_start_s)
-            yield route
+        backlog = self._backlog(slot.key)
+        backlog.admit(option.prefill_s + option.decode_s, started, self.ready_at.get(slot.key, 0.0))
+        try:
+            async with self.pool.lease(slot) as lease:
+                route = Route(option.placement, decision.reason, lease.engine.base_url,
+                              cold_start_s=lease.cold_start_s)
+                yield route
+        finally:
+            backlog.done(self.clock())
         elapsed = self.clock() - started - (lease.cold_start_s or 0.0)
         old = self.request_s.get(slot.key)
         self.request_s[slot.key] = elapsed if old is None else 0.8 * old + 0.2 * elapsed
         self._calibrate(model.name, slot.key, route.stats)
+
+    async def _evict(self, option: Any, key: str, why: str) -> None:
+        """Unload the option's victims, the busy ones (option.drain) once their admitted work is done. Their bytes
+        are already promised to the new engine `key`, so this runs to the end even if the request that asked goes
+        away, and `key` stays reserved (pending) until then: the victims hold that memory until they are gone."""
+
+        async def evict() -> None:
+            try:
+                for victim in option.evict:
+                    await self.pool.wait_idle(victim)  # at once for the idle ones
+                    await self.pool.unload(victim, why + (" once its requests finished" if victim in option.drain
+                                                          else ""))
+            finally:
+                self.pending.discard(key)  # the lease that follows counts the request as waiting from here on
+
+        self.pending.add(key)
+        task = asyncio.ensure_future(evict())
+        self._evictions.add(task)
+        task.add_done_callback(self._evictions.discard)
+        await asyncio.shield(task)
 
     def _calibrate(self, model: str, key: str, stats: StreamStats) -> None:
         """Fold an engine's measured decode speed into the calibration its next predictions use."""

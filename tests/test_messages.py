@@ -16,6 +16,7 @@ from hybridd.peer.messages import (
     CLOSE_TOO_BIG,
     CLOSE_UNSUPPORTED,
     MAX_FRAME_BYTES,
+    Busy,
     Capacity,
     Hello,
     Inventory,
@@ -47,6 +48,7 @@ def pack(body: object) -> bytes:
     Inventory(()),
     Inventory((ModelOffer("gpt-oss-120b", 131072, None), ModelOffer("glm-4.7-flash", 202752, 32768))),
     Capacity({"cuda:0": 20 << 30, "cuda:1": 0}, 3, {"glm-4.7-flash": 118.25}),
+    Capacity({"gb10": 9 << 30}, 2, {}, {"gpt-oss-120b": 41.5}, (Busy(41.5, {"gb10": 70 << 30}), Busy(0.0, {}))),
     Capacity(),
     Ping(1234.5),
     Pong(1.0, 1234.5),
@@ -58,6 +60,11 @@ def test_round_trip(msg: Message) -> None:
 def test_integer_times_and_rates_decode_as_floats() -> None:
     assert decode(pack({**PING, "t": 7})) == Ping(7.0)
     assert decode(pack({**CAPACITY, "decode_tok_s": {"m": 40}})).decode_tok_s == {"m": 40.0}  # type: ignore[union-attr]
+
+
+def test_a_capacity_without_backlogs_from_an_older_node_is_accepted() -> None:
+    msg = decode(pack(CAPACITY))
+    assert isinstance(msg, Capacity) and msg.backlog_s == {} and msg.busy == ()
 
 
 def test_encode_refuses_a_frame_over_the_limit() -> None:
@@ -136,6 +143,14 @@ def test_garbage_is_refused(frame: bytes, reason: str) -> None:
     ({**CAPACITY, "queue_depth": -1}, r"queue_depth: -1 outside"),
     ({**CAPACITY, "decode_tok_s": {"m": -2.0}}, "negative"),
     ({**CAPACITY, "decode_tok_s": {"m": "fast"}}, "expected a number"),
+    ({**CAPACITY, "backlog_s": {"m": -1.0}}, r"backlog_s\['m'\]: negative"),
+    ({**CAPACITY, "backlog_s": {"m": float("inf")}}, "not finite"),
+    ({**CAPACITY, "busy": {}}, r"capacity\.busy: expected an array"),
+    ({**CAPACITY, "busy": [1]}, r"capacity\.busy\[0\]: expected a map"),
+    ({**CAPACITY, "busy": [{"backlog_s": -3, "held": {}}]}, r"busy\[0\]\.backlog_s: negative"),
+    ({**CAPACITY, "busy": [{"backlog_s": 3}]}, r"busy\[0\]\.held: missing"),
+    ({**CAPACITY, "busy": [{"backlog_s": 3, "held": {"gb10": -1}}]}, r"held\['gb10'\]: -1 outside"),
+    ({**CAPACITY, "busy": [{"backlog_s": 3, "held": {}, "x": 1}]}, "unknown field 'x'"),
 ])
 def test_wrong_fields_are_refused(body: dict, reason: str) -> None:  # type: ignore[type-arg]
     _reject(pack(body), reason)

@@ -146,20 +146,17 @@ async def test_budget_evicts_the_idle_engine(daemon_factory, long_models, peer) 
     wait_for(lambda: pid_a not in [p.pid for p in engine_processes(daemon.pid)], what="evicted engine gone")
 
 
-async def test_busy_engine_is_never_evicted_and_the_queue_is_bounded(daemon_factory, long_models, peer) -> None:  # type: ignore[no-untyped-def]
+async def test_a_busy_engine_is_drained_before_eviction_queue_bounded(daemon_factory, long_models, peer) -> None:  # type: ignore[no-untyped-def]
     _, peer_url = peer
     one = need_bytes(long_models[0], 4096)
     daemon = daemon_factory(config(long_models, one + one // 2, peer_url, '["not-these"]', queue_limit=1))
 
-    # A long stream keeps a's engine busy; b cannot evict it, so b is refused as busy, not placed.
+    # A long stream keeps a's engine busy.
     async with aiohttp.ClientSession() as session:
         body = {"model": "a", "prompt": "x", "max_tokens": 300, "stream": True, "logit_bias": NO_EOS}
         async with session.post(daemon.url + "/v1/completions", json=body) as stream:
             assert stream.status == 200
             await stream.content.readuntil(b"\n\n")
-            code, headers, reply = await chat(daemon.url, "b")
-            assert code == 503 and reply["error"]["code"] == "capacity_busy"
-            assert "GiB" in reply["error"]["message"] and int(headers["Retry-After"]) >= 1
 
             # a's engine serves one request at a time: one more may wait (queue_limit 1), the next gets 429.
             second = asyncio.ensure_future(chat(daemon.url, "a", max_tokens=1))
@@ -167,9 +164,21 @@ async def test_busy_engine_is_never_evicted_and_the_queue_is_bounded(daemon_fact
                                     10.0)
             code, headers, reply = await chat(daemon.url, "a", max_tokens=1)
             assert code == 429 and reply["error"]["code"] == "queue_full" and int(headers["Retry-After"]) >= 1
+
+            # b does not fit beside a and cannot evict it while busy: b waits for a's requests to finish, then
+            # a is unloaded and b loads. Nothing a had accepted is cut short.
+            other = asyncio.ensure_future(chat(daemon.url, "b"))
+            await asyncio.to_thread(wait_for, lambda: asyncio.run(status(daemon.url))["decisions"][-1]["model"] == "b",
+                                    10.0)
+            reason = (await status(daemon.url))["decisions"][-1]["reason"]
+            assert reason.startswith("local: ") and "evicts a@4096 once they finish" in reason
             assert (await stream.read()).rstrip().endswith(b"[DONE]")
         assert (await second)[0] == 200
-    assert row(await status(daemon.url), "a")["state"] == "ready"
+    code, headers, reply = await other
+    assert code == 200 and headers["x-hybridd-placement"] == "local", reply
+    assert headers["x-hybridd-reason"].startswith(reason)
+    st = await status(daemon.url)
+    assert row(st, "a")["state"] == "stopped" and row(st, "b")["state"] == "ready"
 
 
 async def test_a_context_no_node_can_hold_is_refused_with_numbers(daemon_factory, long_models, peer) -> None:  # type: ignore[no-untyped-def]

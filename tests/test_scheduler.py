@@ -106,18 +106,56 @@ def test_a_30b_moe_that_fits_stays_local_even_with_the_spark_idle(model: str, qu
     assert "local: needs" in d.reason and "spark predicted" in d.reason and "tok/s" in d.reason
 
 
-def test_a_model_that_fits_only_with_layers_in_ram_goes_to_the_faster_spark() -> None:
+def busy_node(backlog_s: float) -> Node:
+    """Another model busy on both GPUs for `backlog_s` more seconds leaves room for GLM only with much of it in
+    RAM."""
     node = Node()
-    # another model busy on both GPUs leaves room for GLM only with much of it in RAM
     assert node.ledger.reserve("busy", {GPU0: 23 * GIB, DESKTOP.devices[1].name: 8 * GIB})
     node.engines["busy"] = EngineState("busy", "other", 8192, option(node.decide(need("llama-3.1-8b")), "local").speed,
-                                       in_flight=1, request_s=30.0)
-    d = node.decide(need("glm-4.7-flash", "Q4_K_M", prompt=24_000, max_tokens=2000), (spark_peer("glm-4.7-flash"),))
+                                       in_flight=1, request_s=30.0, backlog_s=backlog_s)
+    return node
+
+
+GLM_24K = need("glm-4.7-flash", "Q4_K_M", prompt=24_000, max_tokens=2000)
+
+
+def test_a_model_that_fits_only_with_layers_in_ram_goes_to_the_faster_spark() -> None:
+    d = busy_node(600.0).decide(GLM_24K, (spark_peer("glm-4.7-flash"),))
     offload = option(d, "local-offload")
     assert offload.n_cpu_moe or offload.offload_layers
     assert d.placement == "peer:spark"
     assert offload.predicted_tok_s < option(d, "peer:spark").predicted_tok_s
-    assert "busy" not in (d.chosen.evict if d.chosen else ())
+    drain = next(o for o in d.options if o.drain)  # waiting for the busy engine is considered, and too slow
+    assert drain.placement == "local" and drain.wait_s == 600.0 and drain.total_s > d.chosen.total_s
+
+
+def test_a_load_waits_for_a_busy_engine_that_finishes_soon_rather_than_offload() -> None:
+    node = busy_node(5.0)
+    d = node.decide(GLM_24K, (spark_peer("glm-4.7-flash"),))
+    assert d.placement == "local" and d.chosen is not None
+    assert d.chosen.drain == ("busy",) and d.chosen.evict == ("busy",) and d.chosen.wait_s == 5.0
+    assert "evicts busy once they finish (5.0 s)" in d.reason
+    # the load itself is all on the GPUs: that is what waiting buys
+    assert not d.chosen.offload_layers and not d.chosen.n_cpu_moe
+    # an engine being evicted is never loaded again under its key until it is gone
+    leaving = replace(node.state(), leaving=frozenset({d.chosen.engine_key or ""}))
+    again = decide(GLM_24K, leaving, (), node.now)
+    assert all(o.engine_key != d.chosen.engine_key for o in again.options if o.feasible)
+
+
+def test_a_new_load_on_a_busy_peer_waits_for_the_engine_that_frees_enough_memory() -> None:
+    from hybridd.place.scheduler import Drain
+
+    spark_gb10 = SPARK.devices[0].name
+    full = SPARK.with_free({spark_gb10: 2 * GIB})
+    drains = (Drain(900.0, {spark_gb10: 60 * GIB}), Drain(40.0, {spark_gb10: 70 * GIB}))
+    peer = PeerState("spark", full, frozenset({"gpt-oss-120b"}), draining=drains)
+    d = Node().decide(need("gpt-oss-120b", prompt=8000, max_tokens=2000, hint=Hint.PEER), (peer,))
+    assert d.placement == "peer:spark" and d.chosen is not None
+    assert d.chosen.wait_s == 40.0  # the sooner engine frees enough; the later one is not waited for
+    unknown = PeerState("spark", full, frozenset({"gpt-oss-120b"}))  # no drain report: it does not fit now
+    refused = Node().decide(need("gpt-oss-120b", prompt=8000, max_tokens=2000, hint=Hint.PEER), (unknown,))
+    assert refused.placement == "none" and refused.status == 503
 
 
 def test_gpt_oss_120b_goes_to_the_spark() -> None:
@@ -149,8 +187,11 @@ def test_two_requests_that_each_fit_but_not_together_never_both_reserve() -> Non
     # a decision made on the stale snapshot is refused by the ledger, the owner of the state
     assert not node.ledger.reserve("gemma@32768", second_stale.chosen.reserve)
     second = node.decide(need("gemma-3-27b", "Q8_0", prompt=20_000), peers)
-    assert second.placement != "local"
-    assert all(not o.evict for o in second.options)  # the only engine is busy: nothing may be evicted
+    # the only engine is busy: the second goes elsewhere or waits for it to finish, never evicts it at once
+    assert all(o.drain == o.evict for o in second.options)
+    on_gpus = [o for o in second.options if o.placement == "local" and o.feasible]
+    assert on_gpus and all(o.drain == (first.chosen.engine_key,) for o in on_gpus)
+    assert all(o.wait_s >= first.chosen.load_s for o in on_gpus)
 
 
 def test_eviction_takes_the_lru_idle_engine_never_one_in_flight() -> None:
@@ -262,3 +303,20 @@ def test_plan_options_reports_placement_and_each_options_speed() -> None:
     assert by["peer:dgx-spark"]["predicted_tok_s"] > by["local-offload"]["predicted_tok_s"] > 0
     local = plan_options(spec_of("glm-4.7-flash", "Q4_K_M"), RunSettings(ctx=32768), DESKTOP, [SPARK])
     assert local["placement"] == "local"
+
+
+def test_what_a_node_reports_to_its_peers_lets_them_predict_the_wait() -> None:
+    from hybridd.place.peer_view import peer_view
+
+    node = Node()
+    for model, quant in (("glm-4.7-flash", "Q4_K_M"), ("llama-3.1-8b", None)):
+        d = node.decide(need(model, quant))
+        assert d.chosen and node.commit(d.chosen, model)
+    glm, llama = "glm-4.7-flash@4096", "llama-3.1-8b@4096"
+    node.engines[glm] = replace(node.engines[glm], loading=False, in_flight=1, backlog_s=30.0)
+    node.finish(llama)  # idle: a new load here would evict it, so its bytes count as free
+    view = peer_view(node.state(), node.now)
+    free = node.ledger.free()
+    assert view.free_bytes[GPU0] == free[GPU0] + node.ledger.held(llama).get(GPU0, 0)
+    assert view.backlog_s == {"glm-4.7-flash": 30.0, "llama-3.1-8b": 0.0}
+    assert [(d.backlog_s, dict(d.held)) for d in view.draining] == [(30.0, dict(node.ledger.held(glm)))]

@@ -31,7 +31,7 @@ class EngineSlot:
     placement: str = "local"
     engine: Engine | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight or waiting
     in_flight: int = 0
     waiting: int = 0
     requests: int = 0
@@ -53,6 +53,13 @@ class EngineSlot:
     def live(self) -> bool:
         """True while the engine can take requests."""
         return self.engine is not None and self.engine.is_alive()
+
+    def settle(self) -> None:
+        """Bring the idle event in line with the counts (call after changing them)."""
+        if self.in_flight or self.waiting:
+            self.idle.clear()
+        else:
+            self.idle.set()
 
 
 @dataclass(frozen=True)
@@ -95,22 +102,29 @@ class EnginePool:
     async def lease(self, slot: EngineSlot) -> AsyncIterator[Lease]:
         """Hold slot's engine, started if needed, for the duration of one request."""
         slot.waiting += 1
+        slot.settle()
         try:
             cold_start = await self._ensure_ready(slot)
         finally:
             slot.waiting -= 1
+            slot.settle()
         assert slot.engine is not None
         slot.in_flight += 1
         slot.requests += 1
-        slot.idle.clear()
+        slot.settle()
         try:
             yield Lease(slot.engine, cold_start)
         finally:
             slot.in_flight -= 1
             slot.last_used = self.clock()
-            if not slot.in_flight:
-                slot.idle.set()
+            slot.settle()
             self._wake.set()
+
+    async def wait_idle(self, key: str) -> None:
+        """Until the engine of key has no request in flight or waiting for it (at once when there is none)."""
+        slot = self.slots.get(key)
+        while slot is not None and (slot.in_flight or slot.waiting):
+            await slot.idle.wait()
 
     async def _ensure_ready(self, slot: EngineSlot) -> float | None:
         async with slot.lock:

@@ -71,12 +71,24 @@ class Inventory:
 
 
 @dataclass(frozen=True)
+class Busy:
+    """A busy engine of the sender: predicted seconds until its admitted work is done, bytes it holds per device."""
+
+    backlog_s: float
+    held: dict[str, int]
+
+
+@dataclass(frozen=True)
 class Capacity:
-    """A node's load now: free bytes per device name, queued requests, recent decode tok/s per model id."""
+    """A node's load now: free bytes per device name (idle engines count as free: the node evicts them for a new
+    load), queued requests, recent decode tok/s per model id, seconds of work ahead of a new request on each
+    loaded model's engine, and its busy engines (what a new load could wait for)."""
 
     free_bytes: dict[str, int] = field(default_factory=dict)
     queue_depth: int = 0
     decode_tok_s: dict[str, float] = field(default_factory=dict)
+    backlog_s: dict[str, float] = field(default_factory=dict)
+    busy: tuple[Busy, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,7 +124,9 @@ def encode(msg: Message) -> bytes:
         body["models"] = [{"id": m.id, "max_ctx": m.max_ctx, "loaded_ctx": m.loaded_ctx} for m in msg.models]
     elif isinstance(msg, Capacity):
         body.update(free_bytes=dict(msg.free_bytes), queue_depth=msg.queue_depth,
-                    decode_tok_s={k: float(v) for k, v in msg.decode_tok_s.items()})
+                    decode_tok_s={k: float(v) for k, v in msg.decode_tok_s.items()},
+                    backlog_s={k: float(v) for k, v in msg.backlog_s.items()},
+                    busy=[{"backlog_s": float(b.backlog_s), "held": dict(b.held)} for b in msg.busy])
     elif isinstance(msg, Ping):
         body["t"] = float(msg.t)
     else:
@@ -262,14 +276,33 @@ def _parse_capacity(f: _Fields) -> Capacity:
     free = {name: _integer(v, f"capacity.free_bytes[{name!r}]", 0, MAX_BYTES)
             for name, v in f.mapping("free_bytes", MAX_DEVICES, MAX_ID_CHARS).items()}
     queue_depth = f.integer("queue_depth", 0, 1 << 31)
-    rates = {}
-    for model_id, value in f.mapping("decode_tok_s", MAX_MODELS, MAX_TEXT_CHARS).items():
-        rate = _number(value, f"capacity.decode_tok_s[{model_id!r}]")
-        if rate < 0:
-            raise LinkProtocolError(f"capacity.decode_tok_s[{model_id!r}]: negative")
-        rates[model_id] = rate
+    rates = _seconds_per_model(f, "decode_tok_s")
+    # Optional, so a node that predates them still reports its capacity.
+    backlog = _seconds_per_model(f, "backlog_s") if "backlog_s" in f.body else {}
+    busy = []
+    for index, raw in enumerate(f.array("busy", MAX_MODELS) if "busy" in f.body else []):
+        where = f"capacity.busy[{index}]"
+        if not isinstance(raw, dict):
+            raise LinkProtocolError(f"{where}: expected a map, got {_kind(raw)}")
+        entry = _Fields(where, raw)
+        seconds = _non_negative(entry.number("backlog_s"), f"{where}.backlog_s")
+        held = {name: _integer(v, f"{where}.held[{name!r}]", 0, MAX_BYTES)
+                for name, v in entry.mapping("held", MAX_DEVICES, MAX_ID_CHARS).items()}
+        entry.done()
+        busy.append(Busy(seconds, held))
     f.done()
-    return Capacity(free, queue_depth, rates)
+    return Capacity(free, queue_depth, rates, backlog, tuple(busy))
+
+
+def _non_negative(value: float, where: str) -> float:
+    if value < 0:
+        raise LinkProtocolError(f"{where}: negative")
+    return value
+
+
+def _seconds_per_model(f: _Fields, key: str) -> dict[str, float]:
+    return {model_id: _non_negative(_number(value, f"capacity.{key}[{model_id!r}]"), f"capacity.{key}[{model_id!r}]")
+            for model_id, value in f.mapping(key, MAX_MODELS, MAX_TEXT_CHARS).items()}
 
 
 def _parse_ping(f: _Fields) -> Ping:

@@ -23,11 +23,12 @@ from hybridd.peer.discovery import Advert, Discovery
 from hybridd.peer.errors import PairingError, UntrustedPeer
 from hybridd.peer.identity import Identity, load_or_create_identity
 from hybridd.peer.link import LinkClient, LinkHub, PeerLinkState
-from hybridd.peer.messages import Capacity, Hello, Inventory, ModelOffer
+from hybridd.peer.messages import Busy, Capacity, Hello, Inventory, ModelOffer
 from hybridd.peer.pairing import PairedPeer, PairingServer, PairingStore, pair_with, paired_peer_for
 from hybridd.peer.tls import client_context, server_context
 from hybridd.place.hardware import Hardware
-from hybridd.place.scheduler import PeerState
+from hybridd.place.peer_view import peer_view
+from hybridd.place.scheduler import Drain, PeerState
 from hybridd.router import PeerTarget, Router
 
 log = logging.getLogger("hybridd.peer")
@@ -76,10 +77,11 @@ class PeerNode:
         return Inventory(models=tuple(offers))
 
     def capacity(self) -> Capacity:
-        """Free bytes per device as our ledger sees them, how many requests wait, recent decode speeds."""
-        ledger = self.router.ledger
+        """Our load for the peers to predict with (place/peer_view.py) and how many requests wait."""
+        view = peer_view(self.router.local_state(), self.router.clock())
         queue = sum(s.waiting + max(0, s.in_flight - 1) for s in self.pool.slots.values())
-        return Capacity(free_bytes={d: ledger.free_bytes(d) for d in ledger.devices}, queue_depth=queue)
+        return Capacity(free_bytes=view.free_bytes, queue_depth=queue, backlog_s=view.backlog_s,
+                        busy=tuple(Busy(d.backlog_s, dict(d.held)) for d in view.draining))
 
     # -- trust
     def authorize(self, request: web.Request) -> str | None:
@@ -202,6 +204,8 @@ class PeerNode:
                 name=peer.name, hardware=hardware, models=frozenset(m.id for m in models),
                 loaded={m.id: m.loaded_ctx for m in models if m.loaded_ctx}, up=state.up,
                 queue_depth=state.capacity.queue_depth if state.capacity else 0, rtt_s=state.rtt_s or 0.001,
+                backlog_s=state.capacity.backlog_s if state.capacity else {},
+                draining=tuple(Drain(b.backlog_s, b.held) for b in state.capacity.busy) if state.capacity else (),
             )
             base = link.url.removesuffix("/hybridd/v1/link")  # where the pinned link answers
             # Made only for the peer a request is forwarded to, not each time the targets are listed.

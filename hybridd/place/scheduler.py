@@ -1,10 +1,13 @@
 """The placement decision: where a request finishes first, or why it cannot run (pure; `now` is an argument).
 
 For a request it weighs (a) each engine already loaded (or loading) with enough context, (b) a new load on the
-local GPUs, after evicting idle engines least recently used first if needed, (c) a new local load with part of the
-model in system RAM, (d) each peer that serves the model; and predicts for each
+local GPUs, after evicting idle engines least recently used first if needed, or else after waiting for busy engines
+to finish their admitted work and evicting them (a drain), (c) a new local load with part of the model in system
+RAM, (d) each peer that serves the model (a new load there may wait for its busy engines to drain too); and
+predicts for each
 
-    total_s = queue wait + load time if not loaded + prompt / prefill tok/s + max_tokens / decode tok/s (+ RTT)
+    total_s = queue or drain wait + load time if not loaded + prompt / prefill tok/s + max_tokens / decode tok/s
+              (+ RTT)
 
 The fastest wins; a local option within TIE_TOLERANCE of the best peer wins over it. The decision reserves
 nothing: the caller commits it with Ledger.reserve(option.engine_key, option.reserve) after evicting
@@ -98,11 +101,21 @@ class EngineState:
     loading: bool = False
     ready_at: float = 0.0  # predicted end of the load, when loading
     request_s: float = 0.0  # predicted (or recent mean) seconds per request, for queue waits
+    # predicted seconds of admitted work ahead of a new request once loaded (what is left of the running request
+    # plus every queued one); None: unknown, estimated from the counts and request_s
+    backlog_s: float | None = None
 
     @property
     def idle(self) -> bool:
-        """Nothing in flight, queued or loading: the only kind of engine eviction may take."""
+        """Nothing in flight, queued or loading: the only kind of engine eviction may take at once."""
         return self.in_flight == 0 and self.queued == 0 and not self.loading
+
+    def wait_s(self, now: float) -> float:
+        """Predicted seconds before a new request on this engine starts: what is left of its load, then its
+        admitted work."""
+        work = self.backlog_s if self.backlog_s is not None else \
+            self.in_flight * self.request_s / 2 + self.queued * self.request_s
+        return work + (max(0.0, self.ready_at - now) if self.loading else 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +126,15 @@ class LocalState:
     ledger: Ledger
     engines: tuple[EngineState, ...] = ()
     node: str = LOCAL_NODE
+    leaving: frozenset[str] = frozenset()  # keys of engines being evicted: not to be loaded again until gone
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """A busy engine on a peer: predicted seconds until its admitted work is done, and the bytes it holds."""
+
+    backlog_s: float
+    held: Mapping[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +148,10 @@ class PeerState:
     up: bool = True
     queue_depth: int = 0
     rtt_s: float = 0.001
+    # per model: predicted seconds before a new request could start on its loaded engine (the peer's own backlog)
+    backlog_s: Mapping[str, float] = field(default_factory=dict)
+    draining: tuple[Drain, ...] = ()  # its busy engines: when each finishes and what it then frees
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +166,7 @@ class Option:
     engine_key: str | None = None  # ledger key for a new local load
     reserve: Mapping[str, int] = field(default_factory=dict)  # bytes per device to reserve (new local loads)
     evict: tuple[str, ...] = ()  # engine keys to unload first
+    drain: tuple[str, ...] = ()  # those of them that are busy: wait until they finish their admitted work
     need_bytes: int = 0  # bytes on the GPUs (or the peer's pool)
     free_bytes: int = 0  # GPU bytes free for it (after evictions)
     offload_layers: int = 0
@@ -243,9 +270,7 @@ def _reuse_options(need: RequestNeed, local: LocalState, now: float, calibration
     for e in local.engines:
         if e.model != need.model or e.ctx < need.needed_ctx:
             continue
-        wait = e.in_flight * e.request_s / 2 + e.queued * e.request_s
-        if e.loading:
-            wait += max(0.0, e.ready_at - now)
+        wait = e.wait_s(now)
         full = queue_limit is not None and queue_full(e, queue_limit)
         option = Option(str(e.placement), not full, "queue full" if full else "", e.ctx, engine=e.key,
                         wait_s=wait, queue_full=full)
@@ -253,47 +278,78 @@ def _reuse_options(need: RequestNeed, local: LocalState, now: float, calibration
     return options
 
 
-def _new_load_options(need: RequestNeed, local: LocalState, calibration: Calibration) -> list[Option]:
-    """(b) all on GPUs, fewest evictions; (c) part in RAM, fewest evictions; at the bucket, else the exact ctx."""
+def _freed(ledger: Ledger, victims: Sequence[str]) -> dict[str, int]:
+    """Free bytes per device once `victims` are unloaded."""
+    free = ledger.free()
+    for key in victims:
+        for device, held in ledger.held(key).items():
+            free[device] = free.get(device, 0) + held
+    return free
+
+
+def _new_load_options(need: RequestNeed, local: LocalState, now: float, calibration: Calibration) -> list[Option]:
+    """(b) all on GPUs, fewest evictions, else after the fewest drains; (c) part in RAM, fewest evictions; at the
+    bucket, else the exact ctx. Idle engines go first (least recently used first), then busy ones (loading ones
+    too: they drain after their queue), soonest done first."""
     hw = local.hardware
     if not hw.devices:
         return []
     idle = sorted((e for e in local.engines if e.idle), key=lambda e: (e.last_used, e.key))
+    # an engine of this model that could serve it is reused or queued on (option a), never drained for a copy
+    busy = sorted((e for e in local.engines if not e.idle and not (e.model == need.model and e.ctx >= need.needed_ctx)),
+                  key=lambda e: (e.wait_s(now), e.key))
     factor = calibration.factor(local.node, need.model)
-    found: dict[Placement, Option] = {}
+    found: dict[tuple[Placement, bool], Option] = {}
     why_not = ""
-    existing = {e.key for e in local.engines}
+    existing = {e.key for e in local.engines} | local.leaving
     for ctx in _ctx_candidates(need):
         if f"{need.model}@{ctx}" in existing:
-            continue  # that engine is loaded or loading: reusing it is option (a), a second copy is not an option
+            continue  # loaded or loading (reusing it is option a), or on its way out
         est = estimate_memory(need.spec, need.settings(ctx))
-        for k in range(len(idle) + 1):
-            evict = tuple(e.key for e in idle[:k])
-            free = local.ledger.free()
-            for key in evict:
-                for device, held in local.ledger.held(key).items():
-                    free[device] = free.get(device, 0) + held
+        victims = idle + busy
+        for k in range(len(victims) + 1):
+            drain = victims[len(idle):k]
+            if drain and (Placement.LOCAL, True) in found:
+                break  # a longer drain than one already found
+            evict = tuple(e.key for e in victims[:k])
+            free = _freed(local.ledger, evict)
             avail = _hardware_with_free(hw, free)
             fit = fit_model(est, avail.devices, avail.ram_bytes)
             if not fit.runs:
                 why_not = fit.reason
                 continue
             kind = Placement.LOCAL if fit.fits else Placement.LOCAL_OFFLOAD
-            if kind in found:
-                continue
+            if (kind, bool(drain)) in found or (drain and kind is not Placement.LOCAL):
+                continue  # waiting for a drain is only worth it to get all of the model on the GPUs
             gpu_free = sum(free.get(d.name, 0) for d in hw.devices)
             option = Option(str(kind), True, ctx=ctx, engine_key=f"{need.model}@{ctx}", reserve=_reservation(fit, hw),
-                            evict=evict, need_bytes=_gpu_need(fit), free_bytes=gpu_free,
-                            offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe, load_s=_load_s(est, hw))
-            found[kind] = _timed(option, need, speed_model(need.spec, est, fit, hw), factor)
-            if fit.fits:
+                            evict=evict, drain=tuple(e.key for e in drain), need_bytes=_gpu_need(fit),
+                            free_bytes=gpu_free, offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe,
+                            wait_s=max((e.wait_s(now) for e in drain), default=0.0), load_s=_load_s(est, hw))
+            found[kind, bool(drain)] = _timed(option, need, speed_model(need.spec, est, fit, hw), factor)
+            if kind is Placement.LOCAL:
                 break
-        if Placement.LOCAL in found:
+        if (Placement.LOCAL, False) in found:
             break
     if not found:
         return [Option(str(Placement.LOCAL), False, why_not or "does not fit", ctx=_ctx_candidates(need)[-1])]
-    # an offload only counts when no full-GPU load exists or it avoids evictions
     return list(found.values())
+
+
+def _peer_fit(est: MemoryEstimate, peer: PeerState) -> tuple[Fit, float]:
+    """The layout of a new load on the peer, and how long it first waits for busy engines there to drain."""
+    hw = peer.hardware
+    fit = fit_model(est, hw.devices, hw.ram_bytes)
+    free = {d.name: d.usable_bytes for d in hw.devices}
+    wait = 0.0
+    for drain in sorted(peer.draining, key=lambda d: d.backlog_s):
+        if fit.runs:
+            break
+        for device, held in drain.held.items():
+            free[device] = free.get(device, 0) + held
+        avail = hw.with_free(free)
+        fit, wait = fit_model(est, avail.devices, avail.ram_bytes), drain.backlog_s
+    return fit, wait
 
 
 def _peer_option(need: RequestNeed, peer: PeerState, calibration: Calibration) -> Option:
@@ -301,22 +357,27 @@ def _peer_option(need: RequestNeed, peer: PeerState, calibration: Calibration) -
     if not peer.up:
         return Option(label, False, f"{peer.name} is down")
     loaded_ctx = peer.loaded.get(need.model, 0)
-    ctx = loaded_ctx if loaded_ctx >= need.needed_ctx else context_bucket(need.needed_ctx, need.spec.n_ctx_train)
+    resident = loaded_ctx >= need.needed_ctx
+    ctx = loaded_ctx if resident else context_bucket(need.needed_ctx, need.spec.n_ctx_train)
     est = estimate_memory(need.spec, need.settings(ctx))
     hw = peer.hardware
-    if loaded_ctx >= need.needed_ctx:
+    if resident:
         # the model is resident there: judge the speed on the peer's idle layout
-        fit = fit_model(est, hw.idle().devices, hw.idle().ram_bytes)
+        fit, drain_s = fit_model(est, hw.idle().devices, hw.idle().ram_bytes), 0.0
     else:
-        fit = fit_model(est, hw.devices, hw.ram_bytes)
+        fit, drain_s = _peer_fit(est, peer)
     if not fit.runs:
         return Option(label, False, f"{peer.name}: {fit.reason}", ctx=ctx, need_bytes=est.total_bytes)
     speed = speed_model(need.spec, est, fit, hw)
     option = Option(label, True, ctx=ctx, need_bytes=_gpu_need(fit),
                     free_bytes=sum(d.usable_bytes for d in hw.devices), offload_layers=fit.offload_layers,
-                    n_cpu_moe=fit.n_cpu_moe, load_s=0.0 if loaded_ctx >= need.needed_ctx else _load_s(est, hw),
-                    network_s=peer.rtt_s)
+                    n_cpu_moe=fit.n_cpu_moe, load_s=0.0 if resident else _load_s(est, hw), network_s=peer.rtt_s)
     timed = _timed(option, need, speed, calibration.factor(peer.name, need.model))
+    if not resident:
+        return replace(timed, wait_s=drain_s)
+    if need.model in peer.backlog_s:
+        return replace(timed, wait_s=peer.backlog_s[need.model])
+    # no backlog reported (a plain OpenAI-compatible peer): each queued request taken to be as long as this one
     return replace(timed, wait_s=peer.queue_depth * (timed.prefill_s + timed.decode_s))
 
 
@@ -342,6 +403,8 @@ def _reason(chosen: Option, others: Sequence[Option]) -> str:
             head += f", {chosen.offload_layers} layers in RAM"
         if chosen.evict:
             head += f", evicts {', '.join(chosen.evict)}"
+        if chosen.drain:
+            head += f" once they finish ({chosen.wait_s:.1f} s)"
     head += f" ({chosen.total_s:.1f} s)"
     rest = [_describe(o) for o in others if o.feasible and o is not chosen and o.placement != chosen.placement]
     return head + ("; " + "; ".join(rest) if rest else "")
@@ -397,7 +460,7 @@ def decide(need: RequestNeed, local: LocalState, peers: Sequence[PeerState], now
     options: list[Option] = []
     if need.hint is not Hint.PEER:
         options += _reuse_options(need, local, now, calibration, queue_limit)
-        options += _new_load_options(need, local, calibration)
+        options += _new_load_options(need, local, now, calibration)
     if need.hint is not Hint.LOCAL:
         options += [_peer_option(need, p, calibration) for p in peers if need.model in p.models]
     feasible = [o for o in options if o.feasible and _allowed(o, need.hint)]

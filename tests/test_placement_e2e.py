@@ -4,6 +4,7 @@ peer, so eviction, context tiering, 'does not fit' and the bounded queue run in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -215,3 +216,33 @@ async def test_unreachable_peer_falls_back_local_and_opens_its_breaker(daemon_fa
     last = (await status(daemon.url))["decisions"][-1]
     spark = next(o for o in last["options"] if o["placement"] == "peer:spark")
     assert not spark["feasible"] and "down" in spark["why_not"]
+
+
+async def test_a_drain_goes_on_when_the_client_that_asked_for_it_leaves(daemon_factory, long_models, peer) -> None:  # type: ignore[no-untyped-def]
+    _, peer_url = peer
+    one = need_bytes(long_models[0], 4096)
+    daemon = daemon_factory(config(long_models, one + one // 2, peer_url, '["not-these"]'))
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "a", "prompt": "x", "max_tokens": 300, "stream": True, "logit_bias": NO_EOS}
+        async with session.post(daemon.url + "/v1/completions", json=body) as stream:
+            await stream.content.readuntil(b"\n\n")
+            # b's client gives up while b waits for a to drain
+            leaver = asyncio.ensure_future(chat(daemon.url, "b"))
+            await asyncio.to_thread(wait_for, lambda: asyncio.run(status(daemon.url))["decisions"][-1]["model"] == "b",
+                                    10.0)
+            leaver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaver
+            assert (await stream.read()).rstrip().endswith(b"[DONE]")  # a's accepted work is untouched
+    # a is still unloaded (its memory was promised). Once a's process is gone the promise is let go and b loads
+    # (until then b is refused as busy, honestly: a still holds the memory).
+    await asyncio.to_thread(wait_for, lambda: row(asyncio.run(status(daemon.url)), "a")["state"] == "stopped", 10.0)
+
+    def b_placed() -> dict[str, str] | None:
+        code, headers, reply = asyncio.run(chat(daemon.url, "b"))
+        assert code in (200, 503), reply
+        return headers if code == 200 else None
+
+    headers = await asyncio.to_thread(wait_for, b_placed, 20.0)
+    assert headers["x-hybridd-placement"] == "local"
+    assert "evicts" not in headers["x-hybridd-reason"]  # nothing left to evict: a is gone

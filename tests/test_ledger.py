@@ -114,3 +114,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
 TestLedgerMachine = LedgerMachine.TestCase
 TestLedgerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_free_can_count_keys_as_released_without_releasing_them() -> None:
+    ledger = Ledger({"gpu0": 10, "gpu1": 10})
+    assert ledger.reserve("a", {"gpu0": 6}) and ledger.reserve("b", {"gpu0": 1, "gpu1": 4})
+    assert ledger.free(releasing=["a", "b", "a"]) == {"gpu0": 10, "gpu1": 10}
+    assert ledger.free(releasing=["nobody"]) == ledger.free() == {"gpu0": 3, "gpu1": 6}
+    assert ledger.held("a") == {"gpu0": 6}  # nothing was released

@@ -276,9 +276,9 @@ def _parse_capacity(f: _Fields) -> Capacity:
     free = {name: _integer(v, f"capacity.free_bytes[{name!r}]", 0, MAX_BYTES)
             for name, v in f.mapping("free_bytes", MAX_DEVICES, MAX_ID_CHARS).items()}
     queue_depth = f.integer("queue_depth", 0, 1 << 31)
-    rates = _seconds_per_model(f, "decode_tok_s")
+    rates = _non_negative_per_model(f, "decode_tok_s")
     # Optional, so a node that predates them still reports its capacity.
-    backlog = _seconds_per_model(f, "backlog_s") if "backlog_s" in f.body else {}
+    backlog = _non_negative_per_model(f, "backlog_s") if "backlog_s" in f.body else {}
     busy = []
     for index, raw in enumerate(f.array("busy", MAX_MODELS) if "busy" in f.body else []):
         where = f"capacity.busy[{index}]"
@@ -300,7 +300,7 @@ def _non_negative(value: float, where: str) -> float:
     return value
 
 
-def _seconds_per_model(f: _Fields, key: str) -> dict[str, float]:
+def _non_negative_per_model(f: _Fields, key: str) -> dict[str, float]:
     return {model_id: _non_negative(_number(value, f"capacity.{key}[{model_id!r}]"), f"capacity.{key}[{model_id!r}]")
             for model_id, value in f.mapping(key, MAX_MODELS, MAX_TEXT_CHARS).items()}
 

@@ -46,9 +46,13 @@ class Ledger:
         """Bytes a new reservation may still take on `device` (never negative)."""
         return max(0, self.capacity(device) - self.used_bytes(device))
 
-    def free(self) -> dict[str, int]:
-        """free_bytes of every device."""
-        return {device: self.free_bytes(device) for device in self._capacity}
+    def free(self, releasing: Iterable[str] = ()) -> dict[str, int]:
+        """free_bytes of every device, counting the keys in `releasing` as already released."""
+        free = {device: self.free_bytes(device) for device in self._capacity}
+        for key in set(releasing):
+            for device, held in self._held.get(key, {}).items():
+                free[device] = free.get(device, 0) + held
+        return free
 
     def can_reserve(self, bytes_per_device: Mapping[str, int], releasing: Iterable[str] = ()) -> bool:
         """Whether reserve() would succeed, counting the keys in `releasing` as already released."""

@@ -24,16 +24,12 @@ class PeerView:
 def peer_view(local: LocalState, now: float) -> PeerView:
     """The figures a peer predicts with, from this node's scheduler state at `now`."""
     ledger = local.ledger
-    free = ledger.free()
+    free = ledger.free(releasing=(e.key for e in local.engines if e.idle))
     largest: dict[str, tuple[int, float]] = {}  # model -> (ctx, seconds ahead) of its largest engine
     draining = []
     for engine in local.engines:
-        held = dict(ledger.held(engine.key))
-        if engine.idle:
-            for device, n in held.items():
-                free[device] = free.get(device, 0) + n
-        else:
-            draining.append(Drain(engine.wait_s(now), held))
+        if not engine.idle:
+            draining.append(Drain(engine.wait_s(now), dict(ledger.held(engine.key))))
         if engine.ctx >= largest.get(engine.model, (0, 0.0))[0]:
             largest[engine.model] = (engine.ctx, engine.wait_s(now))
     return PeerView(free, {model: seconds for model, (_, seconds) in largest.items()},

@@ -278,15 +278,6 @@ def _reuse_options(need: RequestNeed, local: LocalState, now: float, calibration
     return options
 
 
-def _freed(ledger: Ledger, victims: Sequence[str]) -> dict[str, int]:
-    """Free bytes per device once `victims` are unloaded."""
-    free = ledger.free()
-    for key in victims:
-        for device, held in ledger.held(key).items():
-            free[device] = free.get(device, 0) + held
-    return free
-
-
 def _new_load_options(need: RequestNeed, local: LocalState, now: float, calibration: Calibration) -> list[Option]:
     """(b) all on GPUs, fewest evictions, else after the fewest drains; (c) part in RAM, fewest evictions; at the
     bucket, else the exact ctx. Idle engines go first (least recently used first), then busy ones (loading ones
@@ -312,7 +303,7 @@ def _new_load_options(need: RequestNeed, local: LocalState, now: float, calibrat
             if drain and (Placement.LOCAL, True) in found:
                 break  # a longer drain than one already found
             evict = tuple(e.key for e in victims[:k])
-            free = _freed(local.ledger, evict)
+            free = local.ledger.free(releasing=evict)
             avail = _hardware_with_free(hw, free)
             fit = fit_model(est, avail.devices, avail.ram_bytes)
             if not fit.runs:

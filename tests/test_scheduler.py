@@ -158,6 +158,29 @@ def test_a_new_load_on_a_busy_peer_waits_for_the_engine_that_frees_enough_memory
     assert refused.placement == "none" and refused.status == 503
 
 
+def test_a_busy_engine_on_the_peer_is_weighed_against_a_second_one_there() -> None:
+    # the peer decides for itself: with memory to spare it loads a second engine of the model at the request's
+    # context and runs it beside the busy one, so the desktop must not predict the busy engine's queue
+    peer = spark_peer("glm-4.7-flash", loaded={"glm-4.7-flash": 65536}, backlog_s={"glm-4.7-flash": 500.0})
+    d = busy_node(600.0).decide(GLM_24K, (peer,))
+    spark = option(d, "peer:spark")
+    assert spark.ctx == 32768 and spark.wait_s == 0.0 and spark.load_s > 0
+    assert d.placement == "peer:spark"
+    # without room for a second engine there, the request queues on the loaded one
+    full = replace(peer, hardware=SPARK.with_free({SPARK.devices[0].name: 4 * GIB}))
+    queued = option(busy_node(600.0).decide(GLM_24K, (full,)), "peer:spark")
+    assert queued.ctx == 65536 and queued.wait_s == 500.0 and queued.load_s == 0.0
+
+
+def test_an_offloaded_load_may_wait_for_a_busy_engine_when_nothing_else_can_hold_it() -> None:
+    node = busy_node(60.0)
+    node.ledger.set_capacity("host", 30 * GIB)  # too little RAM for gpt-oss-120b beside the busy engine
+    d = node.decide(need("gpt-oss-120b", prompt=8000, max_tokens=1000, hint=Hint.LOCAL))
+    assert d.placement == "local-offload" and d.chosen is not None
+    assert d.chosen.drain == ("busy",) and d.chosen.wait_s == 60.0
+    assert d.chosen.n_cpu_moe or d.chosen.offload_layers
+
+
 def test_gpt_oss_120b_goes_to_the_spark() -> None:
     d = Node().decide(need("gpt-oss-120b", prompt=8000, max_tokens=2000), (spark_peer("gpt-oss-120b"),))
     assert d.placement == "peer:spark"

@@ -3,8 +3,9 @@
 For a request it weighs (a) each engine already loaded (or loading) with enough context, (b) a new load on the
 local GPUs, after evicting idle engines least recently used first if needed, or else after waiting for busy engines
 to finish their admitted work and evicting them (a drain), (c) a new local load with part of the model in system
-RAM, (d) each peer that serves the model (a new load there may wait for its busy engines to drain too); and
-predicts for each
+RAM, after evicting idle engines, or else after a drain, (d) each peer that serves the model, as the peer would
+serve it: queued on its engine of the model, or a new engine there (beside a busy one, or once its busy engines
+have drained), whichever finishes first; and predicts for each
 
     total_s = queue or drain wait + load time if not loaded + prompt / prefill tok/s + max_tokens / decode tok/s
               (+ RTT)
@@ -279,9 +280,10 @@ def _reuse_options(need: RequestNeed, local: LocalState, now: float, calibration
 
 
 def _new_load_options(need: RequestNeed, local: LocalState, now: float, calibration: Calibration) -> list[Option]:
-    """(b) all on GPUs, fewest evictions, else after the fewest drains; (c) part in RAM, fewest evictions; at the
-    bucket, else the exact ctx. Idle engines go first (least recently used first), then busy ones (loading ones
-    too: they drain after their queue), soonest done first."""
+    """(b) all on GPUs, fewest evictions, else after the fewest drains; (c) part in RAM, fewest evictions, else
+    after the fewest drains (when nothing idle makes room); at the bucket, else the exact ctx. Idle engines go first
+    (least recently used first), then busy ones (loading ones too: they drain after their queue), soonest done
+    first."""
     hw = local.hardware
     if not hw.devices:
         return []
@@ -310,8 +312,8 @@ def _new_load_options(need: RequestNeed, local: LocalState, now: float, calibrat
                 why_not = fit.reason
                 continue
             kind = Placement.LOCAL if fit.fits else Placement.LOCAL_OFFLOAD
-            if (kind, bool(drain)) in found or (drain and kind is not Placement.LOCAL):
-                continue  # waiting for a drain is only worth it to get all of the model on the GPUs
+            if (kind, bool(drain)) in found:
+                continue
             gpu_free = sum(free.get(d.name, 0) for d in hw.devices)
             option = Option(str(kind), True, ctx=ctx, engine_key=f"{need.model}@{ctx}", reserve=_reservation(fit, hw),
                             evict=evict, drain=tuple(e.key for e in drain), need_bytes=_gpu_need(fit),
@@ -344,32 +346,54 @@ def _peer_fit(est: MemoryEstimate, peer: PeerState) -> tuple[Fit, float]:
 
 
 def _peer_option(need: RequestNeed, peer: PeerState, calibration: Calibration) -> Option:
+    """The peer's fastest way to serve it, as the peer decides: queue on its engine of the model, or load one (a
+    copy at another context too, to run in parallel with a busy one)."""
     label = f"{Placement.PEER}:{peer.name}"
     if not peer.up:
         return Option(label, False, f"{peer.name} is down")
+    factor = calibration.factor(peer.name, need.model)
     loaded_ctx = peer.loaded.get(need.model, 0)
-    resident = loaded_ctx >= need.needed_ctx
-    ctx = loaded_ctx if resident else context_bucket(need.needed_ctx, need.spec.n_ctx_train)
+    options = []
+    for ctx in _ctx_candidates(need):
+        if ctx != loaded_ctx:
+            options.append(_peer_load(need, peer, label, ctx, factor))
+            if options[-1].feasible:
+                break
+    if loaded_ctx >= need.needed_ctx:
+        options.append(_peer_queue(need, peer, label, loaded_ctx, factor))
+    feasible = [o for o in options if o.feasible]
+    if not feasible:
+        return options[0]
+    return min(feasible, key=lambda o: o.total_s)
+
+
+def _peer_queue(need: RequestNeed, peer: PeerState, label: str, ctx: int, factor: float) -> Option:
+    """Queue on the peer's engine of the model; its speed judged on the peer's idle layout."""
     est = estimate_memory(need.spec, need.settings(ctx))
     hw = peer.hardware
-    if resident:
-        # the model is resident there: judge the speed on the peer's idle layout
-        fit, drain_s = fit_model(est, hw.idle().devices, hw.idle().ram_bytes), 0.0
-    else:
-        fit, drain_s = _peer_fit(est, peer)
+    fit = fit_model(est, hw.idle().devices, hw.idle().ram_bytes)
     if not fit.runs:
         return Option(label, False, f"{peer.name}: {fit.reason}", ctx=ctx, need_bytes=est.total_bytes)
-    speed = speed_model(need.spec, est, fit, hw)
-    option = Option(label, True, ctx=ctx, need_bytes=_gpu_need(fit),
-                    free_bytes=sum(d.usable_bytes for d in hw.devices), offload_layers=fit.offload_layers,
-                    n_cpu_moe=fit.n_cpu_moe, load_s=0.0 if resident else _load_s(est, hw), network_s=peer.rtt_s)
-    timed = _timed(option, need, speed, calibration.factor(peer.name, need.model))
-    if not resident:
-        return replace(timed, wait_s=drain_s)
+    option = Option(label, True, ctx=ctx, need_bytes=_gpu_need(fit), free_bytes=sum(d.usable_bytes for d in hw.devices),
+                    offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe, network_s=peer.rtt_s)
+    timed = _timed(option, need, speed_model(need.spec, est, fit, hw), factor)
     if need.model in peer.backlog_s:
         return replace(timed, wait_s=peer.backlog_s[need.model])
     # no backlog reported (a plain OpenAI-compatible peer): each queued request taken to be as long as this one
     return replace(timed, wait_s=peer.queue_depth * (timed.prefill_s + timed.decode_s))
+
+
+def _peer_load(need: RequestNeed, peer: PeerState, label: str, ctx: int, factor: float) -> Option:
+    """A new load on the peer at `ctx`, after its busy engines that must make room have drained."""
+    est = estimate_memory(need.spec, need.settings(ctx))
+    fit, drain_s = _peer_fit(est, peer)
+    if not fit.runs:
+        return Option(label, False, f"{peer.name}: {fit.reason}", ctx=ctx, need_bytes=est.total_bytes)
+    hw = peer.hardware
+    option = Option(label, True, ctx=ctx, need_bytes=_gpu_need(fit), free_bytes=sum(d.usable_bytes for d in hw.devices),
+                    offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe, wait_s=drain_s,
+                    load_s=_load_s(est, hw), network_s=peer.rtt_s)
+    return _timed(option, need, speed_model(need.spec, est, fit, hw), factor)
 
 
 def _allowed(option: Option, hint: Hint) -> bool:

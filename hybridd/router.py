@@ -28,6 +28,7 @@ from hybridd.place.backlog import Backlog
 from hybridd.place.breaker import Breaker
 from hybridd.place.hardware import Hardware
 from hybridd.place.ledger import Ledger
+from hybridd.place.lengths import CompletionLengths
 from hybridd.place.scheduler import (
     Decision,
     EngineState,
@@ -117,6 +118,7 @@ class Router:
         self.clock = clock
         self.ledger = ledger_for(hardware) if hardware is not None else Ledger()
         self.calibration = Calibration()
+        self.lengths = CompletionLengths()
         self.speeds: dict[str, SpeedModel] = {}
         self.request_s: dict[str, float] = {}
         self.backlogs: dict[str, Backlog] = {}
@@ -266,6 +268,7 @@ class Router:
             model=model.name, spec=spec, prompt_tokens=size.tokens, max_tokens=budget, type_k=model.type_k,
             type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
             min_ctx=max(inference.hints.min_ctx, model.ctx if model.local else 0),
+            expected_tokens=self.lengths.expect(model.name, budget),
         )
         targets = self.peer_targets()
         decision = decide(need, self.local_state(), self.peer_states(targets, exclude), self.clock(),
@@ -278,9 +281,11 @@ class Router:
             name = option.placement.removeprefix("peer:")
             target = targets[name]
             self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(self.clock())
-            yield Route(option.placement, decision.reason, target.base_url, target.api_key, forwarded=True,
-                        peer=name, ssl=target.tls(), first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
-                        idle_timeout_s=self.config.node.peer_idle_timeout_s)
+            route = Route(option.placement, decision.reason, target.base_url, target.api_key, forwarded=True,
+                          peer=name, ssl=target.tls(), first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
+                          idle_timeout_s=self.config.node.peer_idle_timeout_s)
+            yield route
+            self._learn_length(model.name, route.stats)
             return
         slot = self._commit_local(model, option, decision)
         if option.evict:
@@ -299,6 +304,7 @@ class Router:
         old = self.request_s.get(slot.key)
         self.request_s[slot.key] = elapsed if old is None else 0.8 * old + 0.2 * elapsed
         self._calibrate(model.name, slot.key, route.stats)
+        self._learn_length(model.name, route.stats)
 
     async def _evict(self, option: Any, key: str, why: str) -> None:
         """Unload the option's victims, the busy ones (option.drain) once their admitted work is done. Their bytes
@@ -330,6 +336,10 @@ class Router:
         log.debug("%s: measured %.1f tok/s, predicted %.1f; factor now %.2f", key, measured, predicted,
                   self.calibration.factor(self.node_name, model))
 
+    def _learn_length(self, model: str, stats: StreamStats) -> None:
+        """Fold the length a finished stream ran to into what the model's next completions are expected to be."""
+        self.lengths = self.lengths.observe(model, stats.completion_tokens())
+
     def _commit_local(self, model: ModelEntry, option: Any, decision: Decision) -> EngineSlot:
         """Reserve the chosen local option's bytes (no await since decide) and return its engine slot."""
         if option.engine is not None:
@@ -358,6 +368,7 @@ class Router:
         entry = {
             "at": time.time(), "model": need.model, "placement": decision.placement, "ctx": decision.ctx,
             "prompt_tokens": size.tokens, "prompt_exact": size.exact, "max_tokens": need.max_tokens,
+            "expected_tokens": need.completion_tokens,
             "reason": decision.reason,
             "options": [{"placement": o.placement, "feasible": o.feasible, "why_not": o.why_not, "ctx": o.ctx,
                          "predicted_tok_s": round(o.predicted_tok_s, 1), "total_s": round(o.total_s, 2)}

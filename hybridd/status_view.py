@@ -54,7 +54,9 @@ def render_status(status: dict[str, Any]) -> str:
     if decisions:
         text += "\n\nrecent decisions:"
         for d in decisions[-5:]:
-            text += f"\n  {d['model']} ({d['prompt_tokens']} prompt tokens) -> {d['placement']}: {d['reason']}"
+            expected = d.get("expected_tokens", d.get("max_tokens"))
+            text += (f"\n  {d['model']} ({d['prompt_tokens']} prompt tokens, ~{expected} of {d.get('max_tokens')} "
+                     f"completion) -> {d['placement']}: {d['reason']}")
     return text
 
 

@@ -234,3 +234,9 @@ def test_measured_stream_speed_corrects_the_prediction(daemon_factory, tiny_mode
     # The speed model predicts GPU-class speed for this tiny model; the CPU engine's real rate pulls it down.
     assert set(factors) == {f"{daemon.status()['node']}/tiny", f"{daemon.status()['node']}/*"}
     assert all(f < 1.0 for f in factors.values())
+    # the stream's length is learned too (from its events: about one per token; this random-vocabulary model's
+    # byte tokens add a few empty ones): the next request's time is predicted from it, not from its budget
+    assert 38 <= daemon.status()["completion_tokens"]["tiny"] <= 46
+    client(daemon).completions.create(model="tiny", prompt="y", max_tokens=200, logit_bias=NO_EOS)
+    last = daemon.status()["decisions"][-1]
+    assert last["max_tokens"] == 200 and last["expected_tokens"] == daemon.status()["completion_tokens"]["tiny"]

@@ -32,6 +32,11 @@ class StreamStats:
             return None
         return (self.events - 2) / (self.last_at - self.first_at)
 
+    def completion_tokens(self) -> int:
+        """About the tokens the stream carried: llama.cpp servers send one event per token, then the finish reason
+        and [DONE]; 0: none seen."""
+        return max(0, self.events - 2)
+
 # Hop-by-hop and framing headers are ours to set, not the engine's.
 _DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding",
                           "date", "server"}

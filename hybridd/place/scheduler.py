@@ -7,8 +7,11 @@ RAM, after evicting idle engines, or else after a drain, (d) each peer that serv
 serve it: queued on its engine of the model, or a new engine there (beside a busy one, or once its busy engines
 have drained), whichever finishes first; and predicts for each
 
-    total_s = queue or drain wait + load time if not loaded + prompt / prefill tok/s + max_tokens / decode tok/s
-              (+ RTT)
+    total_s = queue or drain wait + load time if not loaded + prompt / prefill tok/s
+              + completion tokens / decode tok/s (+ RTT)
+
+where the completion tokens are those the model's completions are expected to run to (place/lengths.py), at most
+max_tokens; the context is sized for the whole max_tokens.
 
 The fastest wins; a local option within TIE_TOLERANCE of the best peer wins over it. The decision reserves
 nothing: the caller commits it with Ledger.reserve(option.engine_key, option.reserve) after evicting
@@ -76,6 +79,12 @@ class RequestNeed:
     flash_attn: bool = True
     hint: Hint = Hint.AUTO
     min_ctx: int = 0
+    expected_tokens: int = 0  # completion tokens expected (place/lengths.py); 0: the whole max_tokens budget
+
+    @property
+    def completion_tokens(self) -> int:
+        """Completion tokens to predict time with: the expected length, never beyond the budget."""
+        return min(self.max_tokens, self.expected_tokens) if self.expected_tokens > 0 else self.max_tokens
 
     @property
     def needed_ctx(self) -> int:
@@ -243,12 +252,12 @@ def _load_s(est: MemoryEstimate, hardware: Hardware) -> float:
 
 def _timed(option: Option, need: RequestNeed, speed: SpeedModel, factor: float) -> Option:
     # mean context during decode: the prompt plus half the completion
-    position = need.prompt_tokens + need.max_tokens // 2
+    position = need.prompt_tokens + need.completion_tokens // 2
     base = speed.decode_tok_s(position)
     tok_s = base * factor
     prefill = speed.prefill_tok_s * factor
     return replace(option, speed=speed, factor=factor, predicted_tok_s=tok_s, base_tok_s=base, prefill_tok_s=prefill,
-                   prefill_s=need.prompt_tokens / prefill, decode_s=need.max_tokens / tok_s)
+                   prefill_s=need.prompt_tokens / prefill, decode_s=need.completion_tokens / tok_s)
 
 
 def _hardware_with_free(hardware: Hardware, free: Mapping[str, int]) -> Hardware:

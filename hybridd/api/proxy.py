@@ -30,7 +30,7 @@ class StreamStats:
         """Events per second after the first, which llama.cpp servers send one token each; None if too short."""
         if self.events < 8 or self.last_at <= self.first_at:
             return None
-        return (self.events - 2) / (self.last_at - self.first_at)
+        return self.completion_tokens() / (self.last_at - self.first_at)
 
     def completion_tokens(self) -> int:
         """About the tokens the stream carried: llama.cpp servers send one event per token, then the finish reason

@@ -379,13 +379,10 @@ def _peer_option(need: RequestNeed, peer: PeerState, calibration: Calibration) -
 def _peer_queue(need: RequestNeed, peer: PeerState, label: str, ctx: int, factor: float) -> Option:
     """Queue on the peer's engine of the model; its speed judged on the peer's idle layout."""
     est = estimate_memory(need.spec, need.settings(ctx))
-    hw = peer.hardware
-    fit = fit_model(est, hw.idle().devices, hw.idle().ram_bytes)
-    if not fit.runs:
-        return Option(label, False, f"{peer.name}: {fit.reason}", ctx=ctx, need_bytes=est.total_bytes)
-    option = Option(label, True, ctx=ctx, need_bytes=_gpu_need(fit), free_bytes=sum(d.usable_bytes for d in hw.devices),
-                    offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe, network_s=peer.rtt_s)
-    timed = _timed(option, need, speed_model(need.spec, est, fit, hw), factor)
+    idle = peer.hardware.idle()
+    timed = _on_peer(need, peer, label, ctx, factor, est, fit_model(est, idle.devices, idle.ram_bytes))
+    if not timed.feasible:
+        return timed
     if need.model in peer.backlog_s:
         return replace(timed, wait_s=peer.backlog_s[need.model])
     # no backlog reported (a plain OpenAI-compatible peer): each queued request taken to be as long as this one
@@ -396,12 +393,18 @@ def _peer_load(need: RequestNeed, peer: PeerState, label: str, ctx: int, factor:
     """A new load on the peer at `ctx`, after its busy engines that must make room have drained."""
     est = estimate_memory(need.spec, need.settings(ctx))
     fit, drain_s = _peer_fit(est, peer)
+    return _on_peer(need, peer, label, ctx, factor, est, fit, wait_s=drain_s, load_s=_load_s(est, peer.hardware))
+
+
+def _on_peer(need: RequestNeed, peer: PeerState, label: str, ctx: int, factor: float, est: MemoryEstimate, fit: Fit,
+             wait_s: float = 0.0, load_s: float = 0.0) -> Option:
+    """The peer option for a layout there, timed; infeasible with the reason when the layout does not run."""
     if not fit.runs:
         return Option(label, False, f"{peer.name}: {fit.reason}", ctx=ctx, need_bytes=est.total_bytes)
     hw = peer.hardware
     option = Option(label, True, ctx=ctx, need_bytes=_gpu_need(fit), free_bytes=sum(d.usable_bytes for d in hw.devices),
-                    offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe, wait_s=drain_s,
-                    load_s=_load_s(est, hw), network_s=peer.rtt_s)
+                    offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe, wait_s=wait_s, load_s=load_s,
+                    network_s=peer.rtt_s)
     return _timed(option, need, speed_model(need.spec, est, fit, hw), factor)
 
 

@@ -215,3 +215,19 @@ async def test_a_stream_broken_inside_its_first_event_sends_only_the_error(hybri
         await engine.release.put(sse("never finished")[:10])
         body = await asyncio.wait_for(response.content.read(), timeout=5)
     assert body.startswith(b"data: {") and json.loads(body.strip()[6:])["error"]["code"] == "upstream_failed"
+
+
+@pytest.mark.parametrize(("payload", "tokens"), [
+    (b'{"usage": {"prompt_tokens": 5, "completion_tokens": 17}}', 17),
+    (b'{"usage": {"prompt_tokens": 5, "total_tokens": 5}}', None),  # an embedding: nothing to learn
+    (b'{"usage": {"completion_tokens": "lots"}}', None),  # a lying engine or peer teaches nothing
+    (b'{"usage": {"completion_tokens": -3}}', None),
+    (b'{"usage": {"completion_tokens": true}}', None),
+    (b'{"usage": null}', None),
+    (b"[1, 2]", None),
+    (b"not json", None),
+])
+def test_a_whole_answer_reports_its_length_from_usage_only_when_it_is_a_count(payload: bytes, tokens) -> None:  # type: ignore[no-untyped-def]
+    from hybridd.api.proxy import _usage_tokens
+
+    assert _usage_tokens(payload) == tokens

@@ -20,11 +20,13 @@ log = logging.getLogger("hybridd.api")
 
 @dataclass
 class StreamStats:
-    """What a stream looked like: server-sent events passed and when the first and last arrived."""
+    """What an answer looked like: server-sent events passed and when the first and last arrived, or for a whole
+    answer the completion tokens its usage reported."""
 
     events: int = 0
     first_at: float = 0.0
     last_at: float = 0.0
+    usage_tokens: int | None = None
 
     def decode_tok_s(self) -> float | None:
         """Events per second after the first, which llama.cpp servers send one token each; None if too short."""
@@ -33,8 +35,10 @@ class StreamStats:
         return self.completion_tokens() / (self.last_at - self.first_at)
 
     def completion_tokens(self) -> int:
-        """About the tokens the stream carried: llama.cpp servers send one event per token, then the finish reason
-        and [DONE]; 0: none seen."""
+        """The completion's tokens: exact from a whole answer's usage; about, for a stream, since llama.cpp
+        servers send one event per token, then the finish reason and [DONE]; 0: none seen."""
+        if self.usage_tokens is not None:
+            return self.usage_tokens
         return max(0, self.events - 2)
 
 # Hop-by-hop and framing headers are ours to set, not the engine's.
@@ -74,7 +78,7 @@ async def forward(
         raise UpstreamUnreachable(f"{url} sent nothing within {first_byte_timeout_s:g} s") from exc
     try:
         if not stream or upstream.status != 200:
-            return await _whole(upstream, url, extra_headers)
+            return await _whole(upstream, url, extra_headers, stats)
         return await _stream(request, upstream, url, extra_headers, stats or StreamStats(), idle_timeout_s)
     finally:
         # Closing (not releasing) an unfinished response drops the connection: the engine sees the
@@ -82,17 +86,29 @@ async def forward(
         upstream.close()
 
 
-async def _whole(upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str]) -> web.Response:
+async def _whole(upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str],
+                 stats: StreamStats | None = None) -> web.Response:
     try:
         payload = await upstream.read()
     except aiohttp.ClientError as exc:
         raise EngineFailed(f"engine at {url} failed mid-response: {exc}") from exc
+    if stats is not None and upstream.status == 200:
+        stats.usage_tokens = _usage_tokens(payload)
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
     headers.update(extra_headers)
     if upstream.status >= 400:
         payload = _as_envelope(upstream.status, payload)
         headers["Content-Type"] = "application/json"
     return web.Response(body=payload, status=upstream.status, headers=headers)
+
+
+def _usage_tokens(payload: bytes) -> int | None:
+    """usage.completion_tokens of an OpenAI answer; None when it has none (an embedding) or is not one."""
+    try:
+        tokens = json.loads(payload)["usage"]["completion_tokens"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None
 
 
 def _as_envelope(status: int, payload: bytes) -> bytes:

@@ -165,11 +165,11 @@ class Router:
             return guess_tokens(inference.endpoint, inference.body)
 
     def _sweep_dead(self) -> None:
-        # An engine that died, or is being stopped, is going away: free its bytes so its key can be loaded again.
-        # That is safe because a slot's lock orders the two: the new engine starts only after the old one is gone.
+        # An engine that died (or never started) holds no memory: free its bytes so its key can be loaded again.
+        # One being stopped keeps them until its process is gone (the pool's on_stopped frees them then).
         for slot in self.pool.slots.values():
-            if (slot.key in self.speeds and slot.key not in self.pending and not slot.live and not slot.waiting
-                    and not slot.in_flight):
+            if (slot.key in self.speeds and slot.key not in self.pending and not slot.live and not slot.stopping
+                    and not slot.waiting and not slot.in_flight):
                 self._stopped(slot.key)
 
     def local_state(self) -> LocalState:
@@ -185,9 +185,11 @@ class Router:
         return self.config.node.name or "local"
 
     def _counts(self, slot: EngineSlot) -> bool:
-        # An engine the scheduler may reuse or evict: placed by us, not being evicted, alive or about to be.
+        # An engine the scheduler may reuse or evict: placed by us, not being evicted, alive or about to be, or
+        # being stopped (idle, unloaded by the reaper): a request for it then waits for the stop and loads it again
+        # in the bytes it still holds; another model's load drains it, so it starts only once the process is gone.
         return (slot.key in self.speeds and slot.key not in self.evicting
-                and (slot.live or slot.waiting > 0 or slot.in_flight > 0))
+                and (slot.live or slot.stopping or slot.waiting > 0 or slot.in_flight > 0))
 
     def _engine_state(self, slot: EngineSlot, now: float) -> EngineState:
         return EngineState(

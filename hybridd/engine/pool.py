@@ -30,6 +30,7 @@ class EngineSlot:
     run: ModelEntry  # the settings the engine runs with (its ctx may exceed model.ctx)
     placement: str = "local"
     engine: Engine | None = None
+    stopping: bool = False  # its engine is being stopped: the process may still hold its memory
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight or waiting
     in_flight: int = 0
@@ -43,6 +44,8 @@ class EngineSlot:
 
     @property
     def state(self) -> EngineState:
+        if self.stopping:
+            return EngineState.STOPPING
         if self.engine is None:
             return EngineState.FAILED if self.last_error else EngineState.STOPPED
         if self.engine.state is EngineState.READY and not self.engine.is_alive():
@@ -165,10 +168,17 @@ class EnginePool:
             return True
 
     async def _stop(self, slot: EngineSlot) -> None:
+        """Stop slot's engine (the caller holds slot.lock). on_stopped runs once its process is gone, and only if
+        no request waits for the slot: one that does starts the engine again in its place (and reservation)."""
         engine, slot.engine, slot.loaded_at = slot.engine, None, None
-        if engine is not None:
-            await engine.stop()
-        self.on_stopped(slot.key)
+        slot.stopping = engine is not None
+        try:
+            if engine is not None:
+                await engine.stop()
+        finally:
+            slot.stopping = False
+        if not slot.waiting:
+            self.on_stopped(slot.key)
 
     def _loaded(self) -> list[LoadedEngine]:
         return [

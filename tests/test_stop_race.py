@@ -1,0 +1,205 @@
+"""Requests that arrive while an engine is being stopped: the app in-process with real routing, placement and
+ledger, and fake engines whose stop the test holds open (a process that takes a while to exit)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from hybridd.api import keys
+from hybridd.api.app import make_app
+from hybridd.catalog import Catalog
+from hybridd.config import ModelEntry, parse_config
+from hybridd.engine.base import EngineState
+from hybridd.model.memory import RunSettings, estimate_memory
+from hybridd.model.spec import model_spec
+from hybridd.probe.gguf_file import read_gguf_header
+from hybridd.resources import local_hardware
+from hybridd.router import Router
+from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
+from tests.conftest import wait_for
+from tests.fake_upstream import FakeEngine, start_fake
+
+KEY_A, KEY_B = "a@4096", "b@4096"
+
+
+@dataclass
+class Lab:
+    """What the fake engines share: one upstream to answer, the stops the test lets finish, what ran when."""
+
+    url: str
+    permits: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(0))  # one per stop let through
+    starts: list[str] = field(default_factory=list)
+    stops_begun: list[str] = field(default_factory=list)
+    running: set[str] = field(default_factory=set)  # engines whose process exists (started, not yet fully stopped)
+    overlaps: list[tuple[str, set[str]]] = field(default_factory=list)  # an engine started while others existed
+
+
+class SlowStopEngine:
+    """An engine whose process lingers after stop() begins until the test gives the lab a permit."""
+
+    kind = "fake"
+
+    def __init__(self, model: ModelEntry, lab: Lab) -> None:
+        self.model, self.lab = model, lab
+        self.state = EngineState.STOPPED
+
+    @property
+    def base_url(self) -> str:
+        return self.lab.url
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    def is_alive(self) -> bool:
+        return self.state is EngineState.READY
+
+    async def start(self) -> None:
+        if self.lab.running:
+            self.lab.overlaps.append((self.model.name, set(self.lab.running)))
+        self.lab.starts.append(self.model.name)
+        self.lab.running.add(self.model.name)
+        self.state = EngineState.READY
+
+    async def stop(self) -> None:
+        self.state = EngineState.STOPPING
+        self.lab.stops_begun.append(self.model.name)
+        await self.lab.permits.acquire()
+        self.lab.running.discard(self.model.name)
+        self.state = EngineState.STOPPED
+
+    def kill_now(self) -> None:
+        self.state = EngineState.STOPPED
+
+
+def need_bytes(path: Path, ctx: int) -> int:
+    header = read_gguf_header(path)
+    return estimate_memory(model_spec(header.metadata, header.tensors), RunSettings(ctx=ctx)).total_bytes
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("stop-race")
+    return write_tiny_llama(folder / "a.gguf", TinyLlama()), write_tiny_llama(folder / "b.gguf", TinyLlama(seed=1))
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    upstream = FakeEngine()
+    server = await start_fake(upstream)
+    yield Lab(str(server.make_url("/")).rstrip("/"))
+    await server.close()
+
+
+@dataclass
+class Node:
+    """The app under test, served on a loopback port."""
+
+    url: str
+    app: web.Application
+
+    @property
+    def router(self) -> Router:
+        return self.app[keys.ROUTER]
+
+
+@pytest.fixture
+async def node_factory(lab: Lab) -> AsyncIterator[Callable[[str], Awaitable[Node]]]:
+    servers: list[TestServer] = []
+
+    async def make(text: str) -> Node:
+        config = parse_config(text)
+        app = make_app(config, Catalog(config.models), lambda model, http: SlowStopEngine(model, lab),
+                       hardware=local_hardware(config))
+        server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
+        await server.start_server()
+        servers.append(server)
+        return Node(str(server.make_url("/")).rstrip("/"), app)
+
+    yield make
+    for _ in range(100):  # let every stop still to come (shutdown's) finish
+        lab.permits.release()
+    for server in servers:
+        await server.close()
+
+
+def config(models: tuple[Path, Path], budget: int, idle_ttl_a: float) -> str:
+    a, b = models
+    return f"""
+[server]
+listen = "127.0.0.1:0"
+[node]
+name = "desk"
+ram_bytes = 200_000
+default_max_tokens = 16
+[[node.devices]]
+name = "budget0"
+memory_bytes = {budget}
+[[models]]
+name = "a"
+path = "{a}"
+ctx = 4096
+idle_ttl_s = {idle_ttl_a}
+[[models]]
+name = "b"
+path = "{b}"
+ctx = 4096
+"""
+
+
+async def chat(url: str, model: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    async with aiohttp.ClientSession() as session, session.post(url + "/v1/chat/completions", json=body) as r:
+        return r.status, dict(r.headers), await r.json(content_type=None)
+
+
+async def until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+    await asyncio.to_thread(wait_for, predicate, 10.0, what=what)
+
+
+async def test_a_request_while_the_reaper_stops_its_engine_waits_and_reloads(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
+    one = need_bytes(models[0], 4096)
+    node = await node_factory(config(models, one * 4, idle_ttl_a=0.2))
+    assert (await chat(node.url, "a"))[0] == 200
+    held = dict(node.router.ledger.held(KEY_A))
+    assert held
+
+    await until(lambda: lab.stops_begun, "the reaper to begin stopping a's engine")
+    # a's request arrives while the old process is still exiting: it waits for the stop, then a loads again.
+    request = asyncio.ensure_future(chat(node.url, "a"))
+    await until(lambda: node.router.pool.slots[KEY_A].waiting, "a's request to wait for a's engine")
+    assert dict(node.router.ledger.held(KEY_A)) == held  # the exiting process keeps its bytes
+    assert lab.starts == ["a"]  # nothing starts before the old process is gone
+    lab.permits.release()
+    code, headers, reply = await request
+    assert code == 200 and headers["x-hybridd-placement"] == "local", reply
+    assert lab.starts == ["a", "a"] and not lab.overlaps
+    # The engine that replaced it holds the same reservation (its stop did not take the new engine's bytes).
+    assert dict(node.router.ledger.held(KEY_A)) == held
+    assert node.router.ledger.keys == (KEY_A,)
+
+
+async def test_another_model_waits_until_the_stopping_engine_is_gone(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
+    one = need_bytes(models[0], 4096)
+    node = await node_factory(config(models, one + one // 2, idle_ttl_a=0.2))  # room for one engine only
+    assert (await chat(node.url, "a"))[0] == 200
+
+    await until(lambda: lab.stops_begun, "the reaper to begin stopping a's engine")
+    request = asyncio.ensure_future(chat(node.url, "b"))
+    await until(lambda: node.router.decisions[-1]["model"] == "b", "b's request to be placed")
+    # a's process still holds the memory b needs: b must not load beside it.
+    assert lab.starts == ["a"]
+    lab.permits.release()
+    code, headers, reply = await request
+    assert code == 200 and headers["x-hybridd-placement"] == "local", reply
+    assert lab.starts == ["a", "b"] and not lab.overlaps
+    assert node.router.ledger.keys == (KEY_B,)

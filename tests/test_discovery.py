@@ -178,11 +178,28 @@ async def test_silence_is_judged_by_the_injected_clock(pair: tuple[Discovery, Di
         await a.stop()
 
 
-async def test_malformed_txt_is_ignored_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+async def test_malformed_txt_is_ignored_with_one_log_line(caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridd.peer import discovery as discovery_module
+
+    junk = f"junk-{RUN}"
+    # Which versions of the junk instance `a` has resolved and judged: the test waits on these, not on a sleep.
+    judged: list[dict[bytes, bytes | None]] = []
+    real_parse = discovery_module.parse_advert
+
+    def parse(instance: str, properties: dict[bytes, bytes | None], *rest):  # type: ignore[no-untyped-def]
+        if instance.lower().startswith(junk):
+            judged.append(dict(properties))
+        return real_parse(instance, properties, *rest)
+
+    monkeypatch.setattr(discovery_module, "parse_advert", parse)
+
+    def junk_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if junk in r.getMessage()]
+
     a = Discovery(interfaces=["127.0.0.1"], refresh_s=0.5)
     await a.start()
     liar = AsyncZeroconf(interfaces=["127.0.0.1"])
-    junk = f"junk-{RUN}"
     try:
         bad = AsyncServiceInfo(SERVICE_TYPE, f"{junk}.{SERVICE_TYPE}", port=1, server=f"{junk}.local.",
                                properties={b"id": b"\xff\xfe", b"role": b"x"}, parsed_addresses=["127.0.0.1"])
@@ -192,14 +209,15 @@ async def test_malformed_txt_is_ignored_with_one_log_line(caplog: pytest.LogCapt
                                     properties={"id": f"{RUN}-fine", "role": "spark", "version": "1", "port": "2"},
                                     parsed_addresses=["127.0.0.1"])
             await liar.async_register_service(good)
-            await _until(lambda: ours(a), 10, "the well-formed advert")
+            await _until(lambda: ours(a) and junk_lines(), 10, "the well-formed advert and the malformed one's line")
             # A second malformed version of the same instance is ignored without another log line.
             worse = AsyncServiceInfo(SERVICE_TYPE, f"{junk}.{SERVICE_TYPE}", port=1, server=f"{junk}.local.",
                                      properties={b"id": b"ok", b"port": b"99999"}, parsed_addresses=["127.0.0.1"])
             await liar.async_update_service(worse)
-            await asyncio.sleep(1.0)
+            # Judged and logged (or not) in one step: once `a` has parsed the new version, its log line would be there.
+            await _until(lambda: any(p.get(b"id") == b"ok" for p in judged), 10, "the malformed update to be judged")
         assert [x.node_id for x in ours(a)] == [f"{RUN}-fine"]
-        lines = [r.getMessage() for r in caplog.records if junk in r.getMessage()]
+        lines = junk_lines()
         assert len(lines) == 1 and "TXT id: not ASCII" in lines[0], lines
     finally:
         await liar.async_close()

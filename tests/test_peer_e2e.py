@@ -72,7 +72,10 @@ def test_pair_link_and_forward_to_the_peer(daemon_factory, long_model: Path) -> 
         peers = get(desk.url + "/hybridd/v1/peers")["paired"]
         return peers[0] if peers and peers[0]["link"] == "up" and peers[0]["models"] else None
 
-    link = wait_for(linked, timeout=20, what="the desktop's link to the peer")
+    # The link is up with the peer's models once its hello and inventory are in; its RTT comes with the first pong,
+    # which the peer sends only after reading our ping, so it may be a moment behind: wait for that too.
+    link = wait_for(lambda: (s := linked()) and s["rtt_ms"] is not None and s, timeout=20,
+                    what="the desktop's link to the peer, with an RTT")
     assert link["name"] == "spark" and link["models"] == ["a", "b"] and link["rtt_ms"] is not None
     # /v1/models on the desktop lists local and peer models together and says where each runs.
     listing = {m["id"]: m["hybridd"]["runs_on"] for m in get(desk.url + "/v1/models")["data"]}

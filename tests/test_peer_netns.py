@@ -245,6 +245,15 @@ def _linked(desk: Callable[[], Any], name: str) -> dict[str, Any] | None:
     return peers[0] if peers and peers[0]["link"] == "up" and peers[0]["models"] else None
 
 
+def _refused_by_pin(peers: Callable[[], Any], name: str) -> dict[str, Any] | None:
+    """The paired peer's row once the desktop has recorded a failed pinned handshake as the reason it is down.
+
+    The impostor sees its handshake fail when the desktop's TLS alert arrives; the desktop records why only when
+    that error has come back up through its connector to the link, which may be a moment later."""
+    [paired] = [p for p in peers()["paired"] if p["name"] == name]
+    return paired if "CERTIFICATE_VERIFY_FAILED" in (paired["down_reason"] or "") else None
+
+
 def _local_or_clear_refusal(status: int, headers: dict[str, str], body: str, hints: dict[str, Any]) -> None:
     """With the peer unreachable a request is served locally, or refused with an error that says why."""
     if status == 200:
@@ -285,8 +294,10 @@ def _pair_in_netns(net: NetnsPair, start: Callable[..., NetnsNode], model: Path,
     assert paired["rc"] == 0, paired["stderr"]
     assert f"paired with {name} (peer) at {net.a.address}:{lan_port}" in paired["stdout"], paired["stdout"]
 
-    link = wait_for(lambda: _linked(lambda: desk.get("/hybridd/v1/peers"), name), timeout=20, interval=0.1,
-                    what="the desktop's link to the peer")
+    # Up with the peer's models once its hello and inventory are in; the RTT comes with the first pong, which the
+    # peer sends only after reading our ping, so it may be a moment behind: wait for that too.
+    link = wait_for(lambda: (s := _linked(lambda: desk.get("/hybridd/v1/peers"), name)) and s["rtt_ms"] is not None
+                    and s, timeout=20, interval=0.1, what="the desktop's link to the peer, with an RTT")
     assert link["address"] == net.a.address and link["port"] == lan_port and link["models"] == ["a"]
     return peer, desk, link
 
@@ -338,8 +349,8 @@ def test_impostor_with_the_peers_name_and_id_on_mdns_gets_no_request_byte(long_m
         # The desktop follows the advert of its paired node id to the new port, dials, and the pinned handshake fails.
         impostor.expect(lambda line: line.get("event") == "handshake_failed", 20,
                         "the desktop to dial the impostor and refuse its certificate")
-        view = desk.get("/hybridd/v1/peers")
-        [paired] = [p for p in view["paired"] if p["name"] == name]
+        paired = wait_for(lambda: _refused_by_pin(lambda: desk.get("/hybridd/v1/peers"), name), timeout=10,
+                          interval=0.1, what="the desktop to record the impostor's refused certificate")
         assert paired["link"] == "down" and "CERTIFICATE_VERIFY_FAILED" in (paired["down_reason"] or ""), paired
         # An advert is only a hint: the stored address moves only once the pinned certificate answers there.
         assert paired["port"] != advert["port"], paired
@@ -401,7 +412,8 @@ def test_impostor_on_the_peers_own_loopback_port_gets_no_request_byte(daemon_fac
     try:
         wait_for(lambda: [e for e in events if e["event"] == "handshake_failed"], timeout=25, interval=0.05,
                  what="the desktop's link to redial the impostor and refuse its certificate")
-        [view] = [p for p in peers()["paired"] if p["name"] == name]
+        view = wait_for(lambda: _refused_by_pin(peers, name), timeout=10, interval=0.1,
+                        what="the desktop to record the impostor's refused certificate")
         assert view["link"] == "down" and "CERTIFICATE_VERIFY_FAILED" in (view["down_reason"] or ""), view
 
         local = http("POST", desk.url + "/v1/completions", SHORT_BODY)

@@ -99,7 +99,8 @@ def test_concurrent_first_requests_start_one_engine(daemon_factory, tiny_model: 
 
 
 def test_idle_engine_is_unloaded_and_reloaded(daemon_factory, tiny_model: Path) -> None:
-    daemon = daemon_factory(tiny_config(tiny_model, idle_ttl_s=1))
+    # 3 s: long enough that the reaper cannot take the engine between a reply and the status read after it
+    daemon = daemon_factory(tiny_config(tiny_model, idle_ttl_s=3))
     api = client(daemon)
     api.completions.create(model="tiny", prompt="x", max_tokens=1)
     pid = daemon.model_status("tiny")["pid"]

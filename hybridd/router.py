@@ -287,7 +287,7 @@ class Router:
                           peer=name, ssl=target.tls(), first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
                           idle_timeout_s=self.config.node.peer_idle_timeout_s)
             yield route
-            self._learn_length(model.name, route.stats)
+            self._learn_length(model.name, route.stats, budget)
             return
         slot = self._commit_local(model, option, decision)
         if option.evict:
@@ -306,7 +306,7 @@ class Router:
         old = self.request_s.get(slot.key)
         self.request_s[slot.key] = elapsed if old is None else 0.8 * old + 0.2 * elapsed
         self._calibrate(model.name, slot.key, route.stats)
-        self._learn_length(model.name, route.stats)
+        self._learn_length(model.name, route.stats, budget)
 
     async def _evict(self, option: Any, key: str, why: str) -> None:
         """Unload the option's victims, the busy ones (option.drain) once their admitted work is done. Their bytes
@@ -338,9 +338,10 @@ class Router:
         log.debug("%s: measured %.1f tok/s, predicted %.1f; factor now %.2f", key, measured, predicted,
                   self.calibration.factor(self.node_name, model))
 
-    def _learn_length(self, model: str, stats: StreamStats) -> None:
-        """Fold the length a finished stream ran to into what the model's next completions are expected to be."""
-        self.lengths = self.lengths.observe(model, stats.completion_tokens())
+    def _learn_length(self, model: str, stats: StreamStats, budget: int) -> None:
+        """Fold the length an answer ran to, out of its max_tokens `budget`, into what the model's next completions
+        are expected to be."""
+        self.lengths = self.lengths.observe(model, stats.completion_tokens(), budget)
 
     def _commit_local(self, model: ModelEntry, option: Any, decision: Decision) -> EngineSlot:
         """Reserve the chosen local option's bytes (no await since decide) and return its engine slot."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from hybridd.place.lengths import CompletionLengths
@@ -14,11 +16,39 @@ def test_an_unseen_model_is_expected_to_use_its_whole_budget() -> None:
 
 
 def test_lengths_are_an_ewma_per_model_capped_by_the_budget() -> None:
-    lengths = CompletionLengths().observe("glm", 800).observe("glm", 400).observe("qwen", 50)
+    lengths = CompletionLengths().observe("glm", 800, 32_000).observe("glm", 400, 32_000).observe("qwen", 50, 8000)
     assert lengths.expect("glm", 32_000) == round(0.7 * 800 + 0.3 * 400)
+    assert lengths.tokens == {"glm": pytest.approx(0.7 * 800 + 0.3 * 400), "qwen": 50}
     assert lengths.expect("glm", 300) == 300  # never beyond what the request allows
     assert lengths.expect("qwen", 32_000) == 50
-    assert lengths.observe("glm", 0) is lengths  # a stream that carried nothing teaches nothing
+    assert lengths.observe("glm", 0, 100) is lengths  # an answer that carried nothing teaches nothing
+
+
+def mean_error(lengths: CompletionLengths, requests: list[tuple[int, int]]) -> float:
+    """Mean absolute error of predicting each request before learning from it."""
+    errors = []
+    for tokens, budget in requests:
+        errors.append(abs(lengths.expect("m", budget) - tokens))
+        lengths = lengths.observe("m", tokens, budget)
+    return sum(errors[5:]) / len(errors[5:])
+
+
+def test_a_client_whose_budget_is_its_length_is_predicted_from_the_budget() -> None:
+    # max_tokens set to what the client wants back: 300-2000 tokens, each answer uses all of it
+    rng = random.Random(1)
+    requests = [(n, n) for n in (rng.randint(300, 2000) for _ in range(40))]
+    assert mean_error(CompletionLengths(), requests) < 1  # the share of the budget used (all of it) wins
+
+
+def test_an_agent_with_a_large_budget_is_predicted_from_its_lengths() -> None:
+    # an agent asks for 8k-32k and stops after 300-2000: the budget says nothing about the length
+    rng = random.Random(2)
+    requests = [(rng.randint(300, 2000), rng.choice((8192, 16_384, 32_000))) for _ in range(40)]
+    lengths = CompletionLengths()
+    for tokens, budget in requests:
+        lengths = lengths.observe("m", tokens, budget)
+    assert 300 <= lengths.expect("m", 32_000) <= 2000  # the mean length, not a share of the budget
+    assert mean_error(CompletionLengths(), requests) < 700  # at most the spread of the lengths themselves
 
 
 def test_time_is_predicted_from_the_expected_length_and_memory_from_the_budget() -> None:

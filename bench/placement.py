@@ -1,16 +1,21 @@
 """Benchmark: hybridd's placement decisions against baselines and an oracle, in one discrete-event simulation.
 
-    .venv/bin/python bench/placement.py [--requests N] [--seed S]
+    .venv/bin/python bench/placement.py [--requests N] [--seed S] [--budgets]
 
 The trace (fixed seed) is a coding-agent workload built from the facts of DESIGN.md: GLM-4.7-Flash and
 Qwen3-Coder-30B-A3B at 8k-64k context as the bread and butter, GPT-OSS-120B and Qwen3-Coder-Next requests,
 occasional 128k-256k context jobs, Llama-3.1-70B rarely; Poisson arrivals with bursts (agents fanning out).
+Completions run to their max_tokens; with --budgets the same requests ask for an agent's budget (8k-32k) instead
+and stop where they did, so the context must hold the budget while the work is only the completion.
 
 Hardware: the desktop-4090-5070ti profile as the local node, one dgx-spark as the peer. Every strategy runs in the
 same simulator:
-- service time of a request on an engine = prompt / prefill tok/s + max_tokens / decode tok/s at the mean decode
-  context, from the engine's SpeedModel (the one the scheduler predicts with; calibration factor 1), plus the
-  peer's RTT when forwarded. So predicted service times are exact: the comparison is of decisions, not of models.
+- service time of a request on an engine = prompt / prefill tok/s + completion tokens / decode tok/s at the mean
+  decode context, from the engine's SpeedModel (the one the scheduler predicts with; calibration factor 1), plus
+  the peer's RTT when forwarded. Speeds are predicted exactly: the comparison is of decisions, not of speed models.
+  Completion lengths are not known in advance: the scheduler expects what the daemon would, from the lengths it
+  learned (place/lengths.py) from the requests that have ended so far, and the backlogs it sees are the sums of
+  those predictions (place/backlog.py), as in the daemon.
 - an engine serves one request at a time (FIFO queue); a new engine is ready option.load_s after it is placed.
   Engines run independently (two engines on one node do not slow each other: bandwidth sharing is not modelled).
 - memory is the scheduler's Ledger; an engine is evicted at once only when idle (nothing in flight, queued,
@@ -23,6 +28,7 @@ Strategies:
 - hybridd: `decide()` on the desktop with the Spark as a peer; the desktop sees what the daemon's capacity message
   carries (place/peer_view.py): the peer's free memory (idle engines count as free: the peer may evict them), the
   models loaded there, the work ahead on each and when each busy engine there is done.
+- budget: hybridd predicting every completion at its max_tokens (as before it learned lengths).
 - local: always on the desktop (`decide()` with hint local and no peer): layers/experts in RAM when needed,
   evicting least recently used idle engines.
 - peer: everything forwarded to the Spark (which places it on itself with the same scheduler).
@@ -67,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.place.hardware import Hardware
+from hybridd.place.lengths import CompletionLengths
 from hybridd.place.peer_view import peer_view
 from hybridd.place.scheduler import (
     Decision,
@@ -91,7 +98,7 @@ PEER_NAME = "spark"
 RTT_S = 0.001
 QUANTS = {"glm-4.7-flash": "Q4_K_M", "qwen3-coder-30b-a3b": "Q4_K_M", "gpt-oss-120b": "MXFP4",
           "qwen3-coder-next": "Q4_K_M", "llama-3.1-70b": "Q4_K_M"}
-STRATEGIES = ("hybridd", "local", "peer", "swap", "now", "oracle")
+STRATEGIES = ("hybridd", "budget", "local", "peer", "swap", "now", "oracle")
 TARGET_RATIO = 1.05
 HORIZON = 16  # events the oracle plays ahead after each option
 QUEUE_LIMIT = 16  # the daemon's default node.queue_limit: a full queue answers 429 (retried later here)
@@ -114,10 +121,17 @@ class Job:
     arrival: float
     model: str
     prompt: int
-    max_tokens: int
+    max_tokens: int  # the budget the client asks for: the context is sized for it
+    tokens: int = 0  # what the completion really runs to; 0: the whole budget
 
-    def need(self, hint: Hint = Hint.AUTO) -> RequestNeed:
-        return RequestNeed(self.model, spec_of(self.model), self.prompt, self.max_tokens, hint=hint)
+    @property
+    def length(self) -> int:
+        return self.tokens or self.max_tokens
+
+    def need(self, hint: Hint = Hint.AUTO, expected: int = 0) -> RequestNeed:
+        """The request as the scheduler sees it, expecting `expected` completion tokens (0: the whole budget)."""
+        return RequestNeed(self.model, spec_of(self.model), self.prompt, self.max_tokens, hint=hint,
+                           expected_tokens=expected)
 
 
 # (weight, model, prompt range, max_tokens range)
@@ -133,9 +147,17 @@ MIX: tuple[tuple[float, str, tuple[int, int], tuple[int, int]], ...] = (
 )
 
 
-def make_trace(n: int = 300, seed: int = 7, mean_gap_s: float = 60.0) -> list[Job]:
-    """`n` requests: Poisson arrivals (mean gap `mean_gap_s`), one in five a burst of 3-8 within a few seconds."""
+# what coding agents ask for as max_tokens when they set a budget rather than a length
+AGENT_BUDGETS = (8_192, 16_384, 32_000)
+
+
+def make_trace(n: int = 300, seed: int = 7, mean_gap_s: float = 60.0, budgets: bool = False) -> list[Job]:
+    """`n` requests: Poisson arrivals (mean gap `mean_gap_s`), one in five a burst of 3-8 within a few seconds.
+
+    Completions run to max_tokens; with `budgets`, each request asks for an agent's budget (8k-32k) instead and
+    stops where the completion would have (the same lengths, the same arrivals: only max_tokens differs)."""
     rng = random.Random(seed)
+    budget_rng = random.Random(seed + 1)
     weights = [w for w, *_ in MIX]
     jobs: list[Job] = []
     t = 0.0
@@ -151,7 +173,12 @@ def make_trace(n: int = 300, seed: int = 7, mean_gap_s: float = 60.0) -> list[Jo
             if rng.random() < 0.25:
                 _, model, (p_lo, p_hi), (m_lo, m_hi) = rng.choices(MIX, weights)[0]
             prompt = int(math.exp(rng.uniform(math.log(p_lo), math.log(p_hi))))
-            jobs.append(Job(len(jobs), round(at, 3), model, prompt, rng.randint(m_lo, m_hi)))
+            length = rng.randint(m_lo, m_hi)
+            if budgets:  # clients clamp the budget to what the model's context has left
+                budget = min(budget_rng.choice(AGENT_BUDGETS), spec_of(model).n_ctx_train - prompt)
+                jobs.append(Job(len(jobs), round(at, 3), model, prompt, max(budget, length), length))
+            else:
+                jobs.append(Job(len(jobs), round(at, 3), model, prompt, length))
             at += rng.uniform(0.05, 2.0)
         t = max(t, at)
     return sorted(jobs, key=lambda j: (j.arrival, j.id))
@@ -161,9 +188,10 @@ def make_trace(n: int = 300, seed: int = 7, mean_gap_s: float = 60.0) -> list[Jo
 
 
 def service_s(job: Job, speed: SpeedModel) -> float:
-    """Seconds an engine with `speed` takes for `job`: the scheduler's own formula (_timed), factor 1."""
-    position = job.prompt + job.max_tokens // 2
-    return job.prompt / speed.prefill_tok_s + job.max_tokens / speed.decode_tok_s(position)
+    """Seconds an engine with `speed` takes for `job`: the scheduler's own formula (_timed) at the completion's
+    real length, factor 1."""
+    position = job.prompt + job.length // 2
+    return job.prompt / speed.prefill_tok_s + job.length / speed.decode_tok_s(position)
 
 
 @dataclass
@@ -178,7 +206,9 @@ class SimEngine:
     created: float
     ready_at: float
     request_s: float
-    runs: list[tuple[float, float]] = field(default_factory=list)  # (start, end) per request, FIFO
+    # (start, end, predicted seconds) per request, FIFO: the ends are real, the backlog the scheduler sees is
+    # predicted, as the daemon's (place/backlog.py)
+    runs: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def free_at(self) -> float:
@@ -188,25 +218,23 @@ class SimEngine:
         return self.free_at <= now
 
     def state(self, now: float) -> EngineState:
-        in_flight = sum(1 for s, e in self.runs if s <= now < e)
-        queued = sum(1 for s, _ in self.runs if s > now)
-        used = [self.created] + [s for s, _ in self.runs if s <= now] + [e for _, e in self.runs if e <= now]
-        done = [e - s for s, e in self.runs if e <= now]
+        in_flight = sum(1 for s, e, _ in self.runs if s <= now < e)
+        queued = sum(1 for s, _, _ in self.runs if s > now)
+        used = [self.created] + [s for s, _, _ in self.runs if s <= now] + [e for _, e, _ in self.runs if e <= now]
         request_s = self.request_s
-        for d in done:  # the router's EWMA of observed request times
-            request_s = 0.8 * request_s + 0.2 * d
+        backlog = 0.0
+        for start, end, predicted in self.runs:
+            if end <= now:  # the router's EWMA of observed request times
+                request_s = 0.8 * request_s + 0.2 * (end - start)
+            else:  # the daemon's Backlog: the rest of the running one, then the queued ones, all predicted
+                backlog += max(0.0, predicted - max(0.0, now - start))
         return EngineState(self.key, self.model, self.ctx, self.speed, Placement(self.placement), in_flight, queued,
-                           max(used), now < self.ready_at, self.ready_at, request_s,
-                           max(0.0, self.free_at - max(now, self.ready_at)))
+                           max(used), now < self.ready_at, self.ready_at, request_s, backlog)
 
-    def finish_if_queued(self, job: Job, now: float) -> float:
-        """When `job` would end if it joined this engine's queue now."""
-        return max(now, self.free_at) + service_s(job, self.speed)
-
-    def enqueue(self, job: Job, now: float) -> float:
+    def enqueue(self, job: Job, now: float, predicted_s: float) -> float:
         start = max(now, self.free_at)
         end = start + service_s(job, self.speed)
-        self.runs.append((start, end))
+        self.runs.append((start, end, predicted_s))
         return end
 
 
@@ -229,13 +257,14 @@ class SimNode:
         other.engines = {k: replace(e, runs=list(e.runs)) for k, e in self.engines.items()}
         return other
 
-    def decide(self, job: Job, now: float) -> Decision:
-        return decide(job.need(Hint.LOCAL), self.state(now), (), now, queue_limit=QUEUE_LIMIT)
+    def decide(self, need: RequestNeed, now: float) -> Decision:
+        return decide(need, self.state(now), (), now, queue_limit=QUEUE_LIMIT)
 
     def commit(self, option: Option, job: Job, now: float) -> float | None:
         """Evict, reserve, load or reuse; the end time of `job`, None when the ledger refuses (stale)."""
+        predicted = option.prefill_s + option.decode_s
         if option.engine is not None:
-            return self.engines[option.engine].enqueue(job, now)
+            return self.engines[option.engine].enqueue(job, now, predicted)
         assert option.engine_key is not None and option.speed is not None
         if option.engine_key in self.engines or not self.ledger.can_reserve(option.reserve, option.evict):
             return None  # the daemon's _commit_local answers 503 here
@@ -248,10 +277,10 @@ class SimNode:
             del self.engines[key]
         assert self.ledger.reserve(option.engine_key, option.reserve)
         engine = SimEngine(option.engine_key, job.model, option.ctx, option.speed, option.placement, now,
-                           start + option.load_s, option.prefill_s + option.decode_s)
+                           start + option.load_s, predicted)
         self.engines[engine.key] = engine
         self.loads += 1
-        return engine.enqueue(job, now)
+        return engine.enqueue(job, now, predicted)
 
     def next_free(self, now: float) -> float | None:
         ends = [e.free_at for e in self.engines.values() if e.free_at > now]
@@ -290,17 +319,17 @@ class Outcome:
 Placed = tuple[float, str] | None  # (end, placement), or None: refused, retry later
 
 
-def _on_peer(peer: SimNode, job: Job, now: float) -> Placed:
-    d = peer.decide(job, now)
+def _on_peer(peer: SimNode, job: Job, need: RequestNeed, now: float) -> Placed:
+    d = peer.decide(replace(need, hint=Hint.LOCAL), now)
     if d.chosen is None:
         return None
     end = peer.commit(d.chosen, job, now + RTT_S)
     return None if end is None else (end + RTT_S, f"peer:{PEER_NAME}")
 
 
-def _candidates(node: SimNode, job: Job, now: float) -> list[Option]:
-    """Every feasible option of `node` for `job` that can be committed now (the oracle's choices there)."""
-    d = decide(job.need(Hint.LOCAL), node.state(now), (), now, queue_limit=QUEUE_LIMIT)
+def _candidates(node: SimNode, need: RequestNeed, now: float) -> list[Option]:
+    """Every feasible option of `node` for a request that can be committed now (the oracle's choices there)."""
+    d = decide(replace(need, hint=Hint.LOCAL), node.state(now), (), now, queue_limit=QUEUE_LIMIT)
     return [o for o in d.options if o.feasible and (o.engine is not None or o.engine_key not in node.engines)]
 
 
@@ -318,6 +347,9 @@ class Sim:
         self.swap_free_at = 0.0
         self.events = [(j.arrival, j.id) for j in jobs]  # arrivals, then retries of refused requests
         heapq.heapify(self.events)
+        # completion lengths are learned as the daemon learns them: from each request once it has ended
+        self.lengths = CompletionLengths()
+        self.ending: list[tuple[float, int]] = []  # (end, id) of placed requests not yet learned from
 
     def clone(self, strategy: str) -> Sim:
         other = copy.copy(self)
@@ -325,7 +357,14 @@ class Sim:
         other.desktop, other.spark = self.desktop.clone(), self.spark.clone()
         other.out = Outcome(dict(self.out.end), dict(self.out.where), self.out.refusals, self.out.stale)
         other.events = list(self.events)
+        other.ending = list(self.ending)
         return other
+
+    def need(self, job: Job, hint: Hint = Hint.AUTO) -> RequestNeed:
+        """`job` as the scheduler sees it: its length predicted from the lengths learned so far (strategy
+        `budget`: from its max_tokens, as hybridd did before it learned lengths)."""
+        expected = 0 if self.strategy == "budget" else self.lengths.expect(job.model, job.max_tokens)
+        return job.need(hint, expected)
 
     def run(self) -> Outcome:
         while self.events:
@@ -336,14 +375,21 @@ class Sim:
     def step(self) -> float:
         """Place the next event's request (or schedule its retry); returns the event's time."""
         now, jid = heapq.heappop(self.events)
+        while self.ending and self.ending[0][0] <= now:
+            done = self.jobs[heapq.heappop(self.ending)[1]]
+            self.lengths = self.lengths.observe(done.model, done.length, done.max_tokens)
         job = self.jobs[jid]
         placed = getattr(self, f"_{self.strategy}")(job, now)
         if placed is None:
             self.out.refusals += 1
             frees = [t for t in (self.desktop.next_free(now), self.spark.next_free(now)) if t is not None]
-            heapq.heappush(self.events, (min(frees) if frees else now + 1.0, jid))
+            if not frees:  # nothing running that could make room: it never fits
+                raise RuntimeError(f"{self.strategy}: request {jid} ({job.model}, {job.prompt} + {job.max_tokens} "
+                                   "tokens) cannot be placed even on idle nodes")
+            heapq.heappush(self.events, (min(frees), jid))
         else:
             self.out.end[jid], self.out.where[jid] = placed
+            heapq.heappush(self.ending, (placed[0], jid))
         return now
 
     def _commit(self, node: SimNode, option: Option, job: Job, now: float) -> Placed:
@@ -357,19 +403,22 @@ class Sim:
 
     def _hybridd(self, job: Job, now: float) -> Placed:
         peer = self.spark.peer_state(job.model, now)
-        d = decide(job.need(), self.desktop.state(now), (peer,), now, queue_limit=QUEUE_LIMIT)
+        need = self.need(job)
+        d = decide(need, self.desktop.state(now), (peer,), now, queue_limit=QUEUE_LIMIT)
         if d.chosen is None:
             return None
         if not d.chosen.local:
-            return _on_peer(self.spark, job, now)
+            return _on_peer(self.spark, job, need, now)
         return self._commit(self.desktop, d.chosen, job, now)
 
+    _budget = _hybridd  # the same placer, predicting every completion at its max_tokens (see need())
+
     def _local(self, job: Job, now: float) -> Placed:
-        d = self.desktop.decide(job, now)
+        d = self.desktop.decide(self.need(job, Hint.LOCAL), now)
         return None if d.chosen is None else self._commit(self.desktop, d.chosen, job, now)
 
     def _peer(self, job: Job, now: float) -> Placed:
-        return _on_peer(self.spark, job, now)
+        return _on_peer(self.spark, job, self.need(job), now)
 
     def _swap(self, job: Job, now: float) -> Placed:
         current = self.swap_engine
@@ -378,7 +427,7 @@ class Sim:
             # alone on an idle desktop: the scheduler's own load (all on GPUs, else part in RAM) and its speed
             d = decide(job.need(Hint.LOCAL), LocalState(DESKTOP, ledger_for(DESKTOP)), (), start)
             if d.chosen is None:
-                return _on_peer(self.spark, job, now)  # fits nowhere locally even alone
+                return _on_peer(self.spark, job, self.need(job), now)  # fits nowhere locally even alone
             o = d.chosen
             assert o.speed is not None
             current = self.swap_engine = (job.model, o.ctx, o.speed, o.placement)
@@ -397,8 +446,9 @@ class Sim:
         return self._best(job, now, 0)
 
     def _best(self, job: Job, now: float, horizon: int) -> Placed:
-        choices = [(self.desktop, o) for o in _candidates(self.desktop, job, now)]
-        choices += [(self.spark, o) for o in _candidates(self.spark, job, now + RTT_S)]
+        need = self.need(job)
+        choices = [(self.desktop, o) for o in _candidates(self.desktop, need, now)]
+        choices += [(self.spark, o) for o in _candidates(self.spark, need, now + RTT_S)]
         if len(choices) > 1:
             choices.sort(key=lambda c: self._rollout(job, now, c[0] is self.desktop, c[1], horizon))
         return self._commit(choices[0][0], choices[0][1], job, now) if choices else None
@@ -455,8 +505,8 @@ def summarize(jobs: Sequence[Job], outcomes: dict[str, Outcome]) -> dict[str, di
     return rows
 
 
-def run(n: int = 300, seed: int = 7) -> dict[str, object]:
-    jobs = make_trace(n, seed)
+def run(n: int = 300, seed: int = 7, budgets: bool = False) -> dict[str, object]:
+    jobs = make_trace(n, seed, budgets=budgets)
     started = time.perf_counter()
     outcomes = {s: simulate(s, jobs) for s in STRATEGIES}
     rows = summarize(jobs, outcomes)
@@ -468,6 +518,7 @@ def run(n: int = 300, seed: int = 7) -> dict[str, object]:
         mix[key] = mix.get(key, 0) + 1
     return {
         "trace": {"requests": n, "seed": seed, "span_s": round(jobs[-1].arrival, 1), "mix": dict(sorted(mix.items())),
+                  "max_tokens": "agent budgets 8k-32k, completions shorter" if budgets else "the completion's length",
                   "quants": QUANTS, "local": DESKTOP.name, "peer": SPARK.name},
         "results": rows,
         "targets": {
@@ -491,9 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "placement.json")
+    ap.add_argument("--budgets", action="store_true",
+                    help="requests ask for an agent's budget (8k-32k max_tokens) and stop far short of it")
+    ap.add_argument("--out", type=Path, help="default: bench/results/placement[-budgets].json")
     args = ap.parse_args(argv)
-    result = run(args.requests, args.seed)
+    out = args.out or HERE / "results" / f"placement{'-budgets' if args.budgets else ''}.json"
+    result = run(args.requests, args.seed, args.budgets)
     trace = result["trace"]
     assert isinstance(trace, dict)
     print(f"trace: {trace['requests']} requests over {trace['span_s']} s, seed {trace['seed']}: {trace['mix']}")
@@ -506,8 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['mean_vs_envelope']:>9.3f} {r['p95_vs_envelope']:>8.3f}  "
               f"{r.get('placements', '')}")
     print(f"targets: {result['targets']} (simulated in {result['sim_seconds']} s)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

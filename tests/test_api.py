@@ -231,3 +231,13 @@ def test_a_whole_answer_reports_its_length_from_usage_only_when_it_is_a_count(pa
     from hybridd.api.proxy import _usage_tokens
 
     assert _usage_tokens(payload) == tokens
+
+
+def test_a_stream_is_timed_from_the_events_after_its_first_read() -> None:
+    from hybridd.api.proxy import StreamStats
+
+    # read all at once (a proxy that fell behind its engine): no speed, whatever the length
+    assert StreamStats(events=300, first_events=300, first_at=1.0, last_at=1.0).decode_tok_s() is None
+    # 10 events in the first read, 40 tokens + [DONE] after it over 2 s: 20 tok/s
+    assert StreamStats(events=51, first_events=10, first_at=1.0, last_at=3.0).decode_tok_s() == 20.0
+    assert StreamStats(events=12, first_events=4, first_at=1.0, last_at=3.0).decode_tok_s() is None  # too few

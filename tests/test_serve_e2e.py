@@ -228,9 +228,10 @@ def test_engine_keeps_serving_after_a_client_leaves_mid_stream(daemon_factory, t
 def test_measured_stream_speed_corrects_the_prediction(daemon_factory, tiny_model: Path) -> None:
     daemon = daemon_factory(tiny_config(tiny_model))
     assert daemon.status()["calibration"] == {}
-    chunks = list(client(daemon).completions.create(model="tiny", prompt="x", max_tokens=40, logit_bias=NO_EOS,
+    # long enough that hybridd reads it in many parts: a stream read all at once cannot be timed, whatever its length
+    chunks = list(client(daemon).completions.create(model="tiny", prompt="x", max_tokens=300, logit_bias=NO_EOS,
                                                     stream=True))
-    assert len(chunks) >= 40
+    assert len(chunks) >= 300
     # hybridd learns once the stream has ended on its side, which may be just after the client read [DONE]
     node = daemon.status()["node"]
     factors = wait_for(lambda: daemon.status()["calibration"], what="the stream's speed to be learned")
@@ -240,10 +241,10 @@ def test_measured_stream_speed_corrects_the_prediction(daemon_factory, tiny_mode
     # the stream's length is learned too (from its events: about one per token; this random-vocabulary model's
     # byte tokens add a few empty ones): the next request's time is predicted from it, not from its budget
     learned = daemon.status()["completion_tokens"]["tiny"]
-    assert 38 <= learned <= 46
-    reply = client(daemon).completions.create(model="tiny", prompt="y", max_tokens=200, logit_bias=NO_EOS)
+    assert 298 <= learned <= 345
+    reply = client(daemon).completions.create(model="tiny", prompt="y", max_tokens=1000, logit_bias=NO_EOS)
     last = daemon.status()["decisions"][-1]
-    assert last["max_tokens"] == 200 and last["expected_tokens"] == learned
-    # a whole answer teaches its exact length, from its usage: the estimate moves toward 200
-    assert reply.usage.completion_tokens == 200
-    wait_for(lambda: daemon.status()["completion_tokens"]["tiny"] > learned + 10, what="the answer's length")
+    assert last["max_tokens"] == 1000 and last["expected_tokens"] == learned
+    # a whole answer teaches its exact length, from its usage: the estimate moves toward 1000
+    assert reply.usage.completion_tokens >= 1000  # llama-cpp-python may count one more
+    wait_for(lambda: daemon.status()["completion_tokens"]["tiny"] > learned + 100, what="the answer's length")

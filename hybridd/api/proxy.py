@@ -24,15 +24,18 @@ class StreamStats:
     answer the completion tokens its usage reported."""
 
     events: int = 0
+    first_events: int = 0  # those that came in the first read: they mark when decoding was under way
     first_at: float = 0.0
     last_at: float = 0.0
     usage_tokens: int | None = None
 
     def decode_tok_s(self) -> float | None:
-        """Events per second after the first, which llama.cpp servers send one token each; None if too short."""
-        if self.events < 8 or self.last_at <= self.first_at:
+        """Events per second after the first read (llama.cpp servers send one per token); None when fewer than 8
+        came after it: too short, or read all at once (a proxy that fell behind its engine cannot time it)."""
+        after = self.events - self.first_events - 1  # the last read also carries [DONE]
+        if after < 8 or self.last_at <= self.first_at:
             return None
-        return self.completion_tokens() / (self.last_at - self.first_at)
+        return after / (self.last_at - self.first_at)
 
     def completion_tokens(self) -> int:
         """The completion's tokens: exact from a whole answer's usage; about, for a stream, since llama.cpp
@@ -164,9 +167,10 @@ async def _stream(
             continue
         chunk, partial = data[:end + 2], data[end + 2:]
         now = time.monotonic()
+        events = chunk.count(b"data: ")
         if not stats.events:
-            stats.first_at = now
-        stats.events += chunk.count(b"data: ")
+            stats.first_at, stats.first_events = now, events
+        stats.events += events
         stats.last_at = now
         # A client that went away makes this raise ConnectionResetError; forward() then drops the engine's
         # connection, which cancels its work.

@@ -7,9 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -19,14 +17,12 @@ from hybridd.api.app import make_app
 from hybridd.catalog import Catalog
 from hybridd.config import ModelEntry, parse_config
 from hybridd.engine.base import EngineState
-from hybridd.model.memory import RunSettings, estimate_memory
-from hybridd.model.spec import model_spec
-from hybridd.probe.gguf_file import read_gguf_header
 from hybridd.resources import local_hardware
 from hybridd.router import Router
 from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import wait_for
 from tests.fake_upstream import FakeEngine, start_fake
+from tests.test_placement_e2e import chat, need_bytes
 
 KEY_A, KEY_B = "a@4096", "b@4096"
 
@@ -79,11 +75,6 @@ class SlowStopEngine:
 
     def kill_now(self) -> None:
         self.state = EngineState.STOPPED
-
-
-def need_bytes(path: Path, ctx: int) -> int:
-    header = read_gguf_header(path)
-    return estimate_memory(model_spec(header.metadata, header.tensors), RunSettings(ctx=ctx)).total_bytes
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +145,6 @@ name = "b"
 path = "{b}"
 ctx = 4096
 """
-
-
-async def chat(url: str, model: str) -> tuple[int, dict[str, str], dict[str, Any]]:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    async with aiohttp.ClientSession() as session, session.post(url + "/v1/chat/completions", json=body) as r:
-        return r.status, dict(r.headers), await r.json(content_type=None)
 
 
 async def until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]

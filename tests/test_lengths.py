@@ -11,8 +11,18 @@ from hybridd.place.scheduler import LocalState, RequestNeed, decide, ledger_for
 from tests.test_scheduler import DESKTOP, spec_of
 
 
-def test_an_unseen_model_is_expected_to_use_its_whole_budget() -> None:
+def test_before_any_answer_has_ended_a_request_is_expected_to_use_its_whole_budget() -> None:
     assert CompletionLengths().expect("glm", 32_000) == 32_000
+
+
+def test_a_model_not_seen_yet_is_expected_to_answer_as_the_others_have() -> None:
+    # The same agent, a model it has not asked for yet: its answers are as long as the agent's others so far, not
+    # its 32k budget (which made every queue behind a first request look hours long).
+    lengths = CompletionLengths().observe("glm", 800, 32_000).observe("qwen", 400, 32_000)
+    assert lengths.expect("gpt-oss", 32_000) == round(0.7 * 800 + 0.3 * 400)
+    assert lengths.expect("gpt-oss", 300) == 300
+    assert lengths.expect("glm", 32_000) == 800  # a model seen keeps its own
+    assert set(lengths.tokens) == {"glm", "qwen"}
 
 
 def test_lengths_are_an_ewma_per_model_capped_by_the_budget() -> None:

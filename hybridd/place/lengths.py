@@ -7,8 +7,11 @@ longer than it is.
 
 So each model keeps two predictors, both EWMAs of its finished completions: the tokens they ran to (right for
 agents: the length does not follow the budget), and the share of the budget they used (right when the budget is
-the length). A prediction takes the one whose recent predictions were closer, capped by the request's budget; a
-model with none observed yet is predicted at its full budget.
+the length). A prediction takes the one whose recent predictions were closer, capped by the request's budget.
+
+How long answers run depends on the client more than on the model, so the same two predictors are also kept over
+every model's completions; a model with none observed yet is predicted from those. Before anything has ended,
+the full budget is all there is to go on.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class CompletionLengths:
 
     models: Mapping[str, ModelLengths] = field(default_factory=dict)
     alpha: float = EWMA_ALPHA
+    pooled: ModelLengths | None = None  # over every model: the prior of a model not seen yet
 
     @property
     def tokens(self) -> dict[str, float]:
@@ -57,14 +61,16 @@ class CompletionLengths:
 
     def expect(self, model: str, budget: int) -> int:
         """Tokens a completion of `model` with max_tokens `budget` is expected to run to."""
-        seen = self.models.get(model)
+        seen = self.models.get(model) or self.pooled
         return budget if seen is None else seen.expect(budget)
 
     def observe(self, model: str, tokens: int, budget: int) -> CompletionLengths:
         """A new estimate with one finished completion of `tokens`, out of a budget of `budget`, folded in."""
         if tokens <= 0 or budget <= 0:
             return self
-        old = self.models.get(model)
-        new = ModelLengths(tokens, min(1.0, tokens / budget)) if old is None else old.observe(tokens, budget,
-                                                                                              self.alpha)
-        return CompletionLengths({**self.models, model: new}, self.alpha)
+        return CompletionLengths({**self.models, model: self._fold(self.models.get(model), tokens, budget)},
+                                 self.alpha, self._fold(self.pooled, tokens, budget))
+
+    def _fold(self, old: ModelLengths | None, tokens: int, budget: int) -> ModelLengths:
+        return ModelLengths(tokens, min(1.0, tokens / budget)) if old is None else old.observe(tokens, budget,
+                                                                                               self.alpha)

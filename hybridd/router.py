@@ -123,7 +123,8 @@ class Router:
         self.request_s: dict[str, float] = {}
         self.backlogs: dict[str, Backlog] = {}
         self._evictions: set[asyncio.Task[None]] = set()
-        self.ready_at: dict[str, float] = {}
+        self.ready_at: dict[str, float] = {}  # predicted end of each engine's (re)load
+        self.load_s: dict[str, float] = {}  # predicted seconds of each engine's load
         self.base_tok_s: dict[str, float] = {}
         self.evicting: set[str] = set()
         self.pending: set[str] = set()  # reserved for a load whose lease has not begun yet
@@ -137,6 +138,8 @@ class Router:
     def _stopped(self, key: str) -> None:
         self.ledger.release(key)
         self.speeds.pop(key, None)
+        self.ready_at.pop(key, None)
+        self.load_s.pop(key, None)
         self.evicting.discard(key)
         self.backlogs.pop(key, None)
 
@@ -197,9 +200,18 @@ class Router:
             # An engine serves one request at a time; the rest of its in-flight requests wait inside it.
             placement=Placement(slot.placement), in_flight=min(slot.in_flight, 1),
             queued=slot.waiting + max(0, slot.in_flight - 1),
-            last_used=slot.last_used, loading=not slot.live, ready_at=self.ready_at.get(slot.key, 0.0),
+            last_used=slot.last_used, loading=not slot.live, ready_at=self._ready_at(slot, now),
             request_s=self.request_s.get(slot.key, 1.0), backlog_s=self._backlog(slot.key).seconds(now),
         )
+
+    def _ready_at(self, slot: EngineSlot, now: float) -> float:
+        """When the slot's engine is predicted ready. One that ran before and is not live now (being stopped, or
+        stopped with a request waiting) must load again: the first time the scheduler sees that, its ready time
+        moves to a whole load from now."""
+        ready = self.ready_at.get(slot.key, 0.0)
+        if not slot.live and ready <= now and (slot.stopping or slot.load_seconds is not None):
+            ready = self.ready_at[slot.key] = now + self.load_s.get(slot.key, 0.0)
+        return ready
 
     def _backlog(self, key: str) -> Backlog:
         backlog = self.backlogs.get(key)
@@ -357,6 +369,7 @@ class Router:
         self.speeds[key] = option.speed
         self.base_tok_s[key] = option.base_tok_s
         self.ready_at[key] = self.clock() + option.load_s
+        self.load_s[key] = option.load_s
         self.request_s.setdefault(key, option.prefill_s + option.decode_s)
         n_layers = len(self._specs[model.name].layers)
         gpu_layers = model.n_gpu_layers

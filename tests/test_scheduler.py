@@ -272,6 +272,20 @@ def test_a_loaded_engine_with_enough_context_is_reused_without_load_time() -> No
     assert "loaded at 32768 ctx" in again.reason
 
 
+def test_a_request_for_an_engine_still_loading_waits_for_the_rest_of_its_load() -> None:
+    node = Node()
+    d = node.decide(need("glm-4.7-flash", "Q4_K_M", prompt=20_000))
+    assert d.chosen and node.commit(d.chosen, "glm-4.7-flash")
+    load = d.chosen.load_s
+    node.now = load / 4
+    key = "glm-4.7-flash@32768"
+    node.engines[key] = replace(node.engines[key], in_flight=0, backlog_s=0.0)  # loading, nothing admitted yet
+    again = node.decide(need("glm-4.7-flash", "Q4_K_M", prompt=500))
+    assert again.chosen is not None and again.chosen.engine == key
+    assert again.chosen.load_s == pytest.approx(load * 3 / 4) and again.chosen.wait_s == 0
+    assert f"loading ({load * 3 / 4:.1f} s left) at 32768 ctx" in again.reason
+
+
 def test_a_busy_engine_counts_its_queue_and_a_full_queue_gives_429() -> None:
     node = Node()
     d = node.decide(need("glm-4.7-flash", "Q8_0", prompt=20_000))

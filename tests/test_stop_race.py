@@ -163,6 +163,7 @@ async def test_a_request_while_the_reaper_stops_its_engine_waits_and_reloads(mod
     request = asyncio.ensure_future(chat(node.url, "a"))
     await until(lambda: node.router.pool.slots[KEY_A].waiting, "a's request to wait for a's engine")
     assert dict(node.router.ledger.held(KEY_A)) == held  # the exiting process keeps its bytes
+    assert "engine a@4096 loading (" in node.router.decisions[-1]["reason"]  # a load to wait for, not "loaded"
     assert lab.starts == ["a"]  # nothing starts before the old process is gone
     lab.permits.release()
     code, headers, reply = await request

@@ -280,10 +280,10 @@ def _reuse_options(need: RequestNeed, local: LocalState, now: float, calibration
     for e in local.engines:
         if e.model != need.model or e.ctx < need.needed_ctx:
             continue
-        wait = e.wait_s(now)
+        load = max(0.0, e.ready_at - now) if e.loading else 0.0
         full = queue_limit is not None and queue_full(e, queue_limit)
         option = Option(str(e.placement), not full, "queue full" if full else "", e.ctx, engine=e.key,
-                        wait_s=wait, queue_full=full)
+                        wait_s=e.wait_s(now) - load, load_s=load, queue_full=full)
         options.append(_timed(option, need, e.speed, calibration.factor(local.node, need.model)))
     return options
 
@@ -419,7 +419,8 @@ def _describe(option: Option) -> str:
 
 def _reason(chosen: Option, others: Sequence[Option]) -> str:
     if chosen.engine is not None:
-        head = (f"{chosen.placement}: engine {chosen.engine} loaded at {chosen.ctx} ctx, "
+        state = f"loading ({chosen.load_s:.1f} s left)" if chosen.load_s else "loaded"
+        head = (f"{chosen.placement}: engine {chosen.engine} {state} at {chosen.ctx} ctx, "
                 f"{chosen.wait_s:.1f} s wait, predicted {chosen.predicted_tok_s:.0f} tok/s")
     else:
         head = (f"{chosen.placement}: needs {_gib(chosen.need_bytes)} at {chosen.ctx} ctx, "

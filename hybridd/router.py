@@ -298,8 +298,10 @@ class Router:
             route = Route(option.placement, decision.reason, target.base_url, target.api_key, forwarded=True,
                           peer=name, ssl=target.tls(), first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
                           idle_timeout_s=self.config.node.peer_idle_timeout_s)
-            yield route
-            self._learn_length(model.name, route.stats, budget)
+            try:
+                yield route
+            finally:  # also when the client left right after the answer (its handler is cancelled then)
+                self._learn_length(model.name, route.stats, budget)
             return
         slot = self._commit_local(model, option, decision)
         if option.evict:
@@ -307,18 +309,29 @@ class Router:
         started = self.clock()
         backlog = self._backlog(slot.key)
         backlog.admit(option.prefill_s + option.decode_s, started, self.ready_at.get(slot.key, 0.0))
+        served: Route | None = None
         try:
             async with self.pool.lease(slot) as lease:
-                route = Route(option.placement, decision.reason, lease.engine.base_url,
-                              cold_start_s=lease.cold_start_s)
-                yield route
+                served = Route(option.placement, decision.reason, lease.engine.base_url,
+                               cold_start_s=lease.cold_start_s)
+                yield served
         finally:
             backlog.done(self.clock())
-        elapsed = self.clock() - started - (lease.cold_start_s or 0.0)
-        old = self.request_s.get(slot.key)
-        self.request_s[slot.key] = elapsed if old is None else 0.8 * old + 0.2 * elapsed
-        self._calibrate(model.name, slot.key, route.stats)
-        self._learn_length(model.name, route.stats, budget)
+            # Learning runs here so that a client that closes its connection as soon as it has read the last
+            # event (its handler is cancelled while the stream is being closed) still teaches what it was sent.
+            if served is not None:
+                self._learn_local(model.name, slot.key, served, budget, self.clock() - started)
+
+    def _learn_local(self, model: str, key: str, route: Route, budget: int, elapsed: float) -> None:
+        """Fold one local request into the predictions: its engine's speed, from any stream long enough to time;
+        and from an answer that came whole, how long it took and how long it ran."""
+        self._calibrate(model, key, route.stats)
+        if not route.stats.complete:
+            return  # cut short (the client left, the engine failed): not a service time, not a length
+        elapsed -= route.cold_start_s or 0.0
+        old = self.request_s.get(key)
+        self.request_s[key] = elapsed if old is None else 0.8 * old + 0.2 * elapsed
+        self._learn_length(model, route.stats, budget)
 
     async def _evict(self, option: Any, key: str, why: str) -> None:
         """Unload the option's victims, the busy ones (option.drain) once their admitted work is done. Their bytes
@@ -352,8 +365,9 @@ class Router:
 
     def _learn_length(self, model: str, stats: StreamStats, budget: int) -> None:
         """Fold the length an answer ran to, out of its max_tokens `budget`, into what the model's next completions
-        are expected to be."""
-        self.lengths = self.lengths.observe(model, stats.completion_tokens(), budget)
+        are expected to be; an answer cut short says nothing of its length."""
+        if stats.complete:
+            self.lengths = self.lengths.observe(model, stats.completion_tokens(), budget)
 
     def _commit_local(self, model: ModelEntry, option: Any, decision: Decision) -> EngineSlot:
         """Reserve the chosen local option's bytes (no await since decide) and return its engine slot."""

@@ -28,6 +28,7 @@ class StreamStats:
     first_at: float = 0.0
     last_at: float = 0.0
     usage_tokens: int | None = None
+    complete: bool = False  # the engine's answer arrived whole: a 200 read to its end, or a stream up to [DONE]
 
     def decode_tok_s(self) -> float | None:
         """Events per second after the first read (llama.cpp servers send one per token); None when fewer than 8
@@ -96,7 +97,7 @@ async def _whole(upstream: aiohttp.ClientResponse, url: str, extra_headers: dict
     except aiohttp.ClientError as exc:
         raise EngineFailed(f"engine at {url} failed mid-response: {exc}") from exc
     if stats is not None and upstream.status == 200:
-        stats.usage_tokens = _usage_tokens(payload)
+        stats.usage_tokens, stats.complete = _usage_tokens(payload), True
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
     headers.update(extra_headers)
     if upstream.status >= 400:
@@ -172,6 +173,7 @@ async def _stream(
             stats.first_at, stats.first_events = now, events
         stats.events += events
         stats.last_at = now
+        stats.complete = stats.complete or b"data: [DONE]" in chunk
         # A client that went away makes this raise ConnectionResetError; forward() then drops the engine's
         # connection, which cancels its work.
         await response.write(chunk)

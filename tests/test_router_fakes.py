@@ -1,5 +1,6 @@
-"""Requests that arrive while an engine is being stopped: the app in-process with real routing, placement and
-ledger, and fake engines whose stop the test holds open (a process that takes a while to exit)."""
+"""The app in-process with real routing, placement and ledger, and fake engines the test steers: requests that
+arrive while an engine is being stopped (its stop held open, as a process that takes a while to exit), and clients
+that leave as soon as they have read what they wanted."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -17,11 +19,11 @@ from hybridd.api.app import make_app
 from hybridd.catalog import Catalog
 from hybridd.config import ModelEntry, parse_config
 from hybridd.engine.base import EngineState
-from hybridd.resources import local_hardware
+from hybridd.resources import configured_peers, local_hardware
 from hybridd.router import Router
 from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import wait_for
-from tests.fake_upstream import FakeEngine, start_fake
+from tests.fake_upstream import FakeEngine, sse, start_fake
 from tests.test_placement_e2e import chat, need_bytes
 
 KEY_A, KEY_B = "a@4096", "b@4096"
@@ -31,6 +33,7 @@ KEY_A, KEY_B = "a@4096", "b@4096"
 class Lab:
     """What the fake engines share: one upstream to answer, the stops the test lets finish, what ran when."""
 
+    upstream: FakeEngine
     url: str
     permits: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(0))  # one per stop let through
     starts: list[str] = field(default_factory=list)
@@ -87,7 +90,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 async def lab() -> AsyncIterator[Lab]:
     upstream = FakeEngine()
     server = await start_fake(upstream)
-    yield Lab(str(server.make_url("/")).rstrip("/"))
+    yield Lab(upstream, str(server.make_url("/")).rstrip("/"))
     await server.close()
 
 
@@ -110,7 +113,7 @@ async def node_factory(lab: Lab) -> AsyncIterator[Callable[[str], Awaitable[Node
     async def make(text: str) -> Node:
         config = parse_config(text)
         app = make_app(config, Catalog(config.models), lambda model, http: SlowStopEngine(model, lab),
-                       hardware=local_hardware(config))
+                       hardware=local_hardware(config), peers=configured_peers(config))
         server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
         await server.start_server()
         servers.append(server)
@@ -123,9 +126,16 @@ async def node_factory(lab: Lab) -> AsyncIterator[Callable[[str], Awaitable[Node
         await server.close()
 
 
-def config(models: tuple[Path, Path], budget: int, idle_ttl_a: float) -> str:
+def config(models: tuple[Path, Path], budget: int, idle_ttl_a: float, peer_url: str | None = None) -> str:
     a, b = models
-    return f"""
+    peer = f"""
+[[peers]]
+name = "spark"
+base_url = "{peer_url}"
+hardware = "dgx-spark"
+models = ["b"]
+""" if peer_url else ""
+    return peer + f"""
 [server]
 listen = "127.0.0.1:0"
 [node]
@@ -189,3 +199,62 @@ async def test_another_model_waits_until_the_stopping_engine_is_gone(models, lab
     assert code == 200 and headers["x-hybridd-placement"] == "local", reply
     assert lab.starts == ["a", "b"] and not lab.overlaps
     assert node.router.ledger.keys == (KEY_B,)
+
+
+
+async def stream_until(url: str, model: str, last: bytes, events: list[bytes],
+                       hints: dict | None = None) -> None:  # type: ignore[type-arg]
+    """Stream a chat completion into `events` and hang up as soon as an event starting with `last` arrives, as
+    clients do once they have [DONE] (before the engine has ended its response)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": True}
+    if hints:
+        body["hybridd"] = hints
+    async with aiohttp.ClientSession() as session, session.post(url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for line in r.content:
+            if line.startswith(b"data: "):
+                events.append(line.strip())
+                if line.startswith(last):
+                    return
+
+
+async def test_a_client_that_hangs_up_at_done_still_teaches_speed_and_length(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
+    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, idle_ttl_a=600))
+    events: list[bytes] = []
+    await lab.upstream.release.put(sse("first"))
+    request = asyncio.ensure_future(stream_until(node.url, "a", b"data: [DONE]", events))
+    # the rest comes in later reads than the first event, so the stream can be timed; the engine then holds its
+    # response open: the client has [DONE] and goes, and hybridd's handler is cancelled before the stream's end
+    await until(lambda: events, "the first event to reach the client")
+    for word in range(30):
+        await lab.upstream.release.put(sse(str(word)))
+    await lab.upstream.release.put(b"data: [DONE]\n\n")
+    await request
+    assert len(events) == 32 and events[-1] == b"data: [DONE]"
+    await until(lambda: "a" in node.router.lengths.models, "the stream's length to be learned")
+    assert node.router.lengths.tokens["a"] == 30  # 32 events, less what llama.cpp adds: a finish event, [DONE]
+    assert set(node.router.calibration.ratios) == {("desk", "a"), ("desk", "*")}
+
+
+async def test_a_stream_cut_short_by_its_client_teaches_no_length(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
+    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, idle_ttl_a=600))
+    for word in range(20):
+        await lab.upstream.release.put(sse(str(word)))
+    events: list[bytes] = []
+    await stream_until(node.url, "a", sse("19").strip(), events)
+    assert len(events) == 20
+    await until(lambda: lab.upstream.disconnected.is_set(), "hybridd to drop the engine's stream")
+    assert "a" not in node.router.lengths.models  # where the client stopped reading, not the answer's length
+
+
+async def test_a_forwarded_stream_teaches_its_length_though_the_client_hangs_up(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
+    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, idle_ttl_a=600, peer_url=lab.url))
+    for word in range(12):
+        await lab.upstream.release.put(sse(str(word)))
+    await lab.upstream.release.put(b"data: [DONE]\n\n")
+    events: list[bytes] = []
+    await stream_until(node.url, "b", b"data: [DONE]", events, hints={"placement": "peer"})
+    assert len(events) == 13 and node.router.decisions[-1]["placement"] == "peer:spark"
+    assert lab.upstream.headers[-1]["x-hybridd-forwarded"] == "1"
+    await until(lambda: "b" in node.router.lengths.models, "the forwarded stream's length to be learned")
+    assert node.router.lengths.tokens["b"] == 11

@@ -244,9 +244,12 @@ class Router:
         self.breakers[name] = breaker
         log.warning("peer %s failed (%s); breaker %s", name, why, breaker.state(self.clock()))
 
-    def peer_answered(self, name: str) -> None:
-        """A forward to name got its answer."""
-        self.breakers[name] = self.breakers.get(name, Breaker()).on_success()
+    def _peer_done(self, name: str, stats: StreamStats) -> None:
+        """A forward to name is over: the peer answered, or the request went away before it did (a failure before
+        the first byte is counted by peer_failed, after this). Either way a probe it was is no longer in flight, even
+        when the client left and its handler was cancelled."""
+        breaker = self.breakers.get(name, Breaker())
+        self.breakers[name] = breaker.on_success() if stats.responded else breaker.on_abandoned()
 
     @contextlib.asynccontextmanager
     async def route(self, inference: InferenceRequest, model: ModelEntry,
@@ -270,10 +273,14 @@ class Router:
             target = min(up, key=lambda t: t.state.queue_depth)
             name = target.state.name
             self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(now)
-            yield Route(f"peer:{name}", f"peer:{name}: only {name} serves '{model.name}'", target.base_url,
-                        target.api_key, forwarded=True, peer=name, ssl=target.tls(),
-                        first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
-                        idle_timeout_s=self.config.node.peer_idle_timeout_s)
+            only = Route(f"peer:{name}", f"peer:{name}: only {name} serves '{model.name}'", target.base_url,
+                         target.api_key, forwarded=True, peer=name, ssl=target.tls(),
+                         first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
+                         idle_timeout_s=self.config.node.peer_idle_timeout_s)
+            try:
+                yield only
+            finally:
+                self._peer_done(name, only.stats)
             return
         spec = await self.spec(model)
         size = await self.size(inference, model)
@@ -301,6 +308,7 @@ class Router:
             try:
                 yield route
             finally:  # also when the client left right after the answer (its handler is cancelled then)
+                self._peer_done(name, route.stats)
                 self._learn_length(model.name, route.stats, budget)
             return
         slot = self._commit_local(model, option, decision)

@@ -19,6 +19,7 @@ from hybridd.api.app import make_app
 from hybridd.catalog import Catalog
 from hybridd.config import ModelEntry, parse_config
 from hybridd.engine.base import EngineState
+from hybridd.place.breaker import Breaker
 from hybridd.resources import configured_peers, local_hardware
 from hybridd.router import Router
 from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
@@ -258,3 +259,16 @@ async def test_a_forwarded_stream_teaches_its_length_though_the_client_hangs_up(
     assert lab.upstream.headers[-1]["x-hybridd-forwarded"] == "1"
     await until(lambda: "b" in node.router.lengths.models, "the forwarded stream's length to be learned")
     assert node.router.lengths.tokens["b"] == 11
+
+
+async def test_a_probe_answered_closes_the_breaker_though_the_client_hangs_up(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
+    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, idle_ttl_a=600, peer_url=lab.url))
+    router = node.router
+    router.breakers["spark"] = Breaker(failures=3, opened_at=router.clock() - 100)  # failed long ago: one probe
+    await lab.upstream.release.put(sse("x"))
+    await lab.upstream.release.put(b"data: [DONE]\n\n")
+    events: list[bytes] = []
+    await stream_until(node.url, "b", b"data: [DONE]", events, hints={"placement": "peer"})
+    assert events[-1] == b"data: [DONE]" and lab.upstream.requests
+    # the peer answered: closed, not stuck open with a probe that never reported back
+    await until(lambda: router.breakers["spark"].state(router.clock()) == "closed", "the breaker to close")

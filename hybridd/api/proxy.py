@@ -28,6 +28,7 @@ class StreamStats:
     first_at: float = 0.0
     last_at: float = 0.0
     usage_tokens: int | None = None
+    responded: bool = False  # the upstream answered (a status line came back), whatever followed
     complete: bool = False  # the engine's answer arrived whole: a 200 read to its end, or a stream up to [DONE]
 
     def decode_tok_s(self) -> float | None:
@@ -80,6 +81,8 @@ async def forward(
         raise UpstreamUnreachable(f"{url} could not be reached: {exc}") from exc
     except TimeoutError as exc:
         raise UpstreamUnreachable(f"{url} sent nothing within {first_byte_timeout_s:g} s") from exc
+    if stats is not None:
+        stats.responded = True
     try:
         if not stream or upstream.status != 200:
             return await _whole(upstream, url, extra_headers, stats)

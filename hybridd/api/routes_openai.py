@@ -129,8 +129,6 @@ async def _serve(request: web.Request, endpoint: Endpoint, raw: bytes, inference
         except UpstreamUnreachable as exc:
             exc.peer = route.peer
             raise
-        if route.peer is not None:
-            router.peer_answered(route.peer)
         return response
 
 

@@ -33,6 +33,11 @@ class Breaker:
         """A request is sent; in half-open state it is the one probe."""
         return replace(self, probing=True) if self.state(now) == "half-open" else self
 
+    def on_abandoned(self) -> Breaker:
+        """The request went away before the peer answered or failed (its client left): no verdict on the peer, but
+        the probe it may have been is free again."""
+        return replace(self, probing=False)
+
     def on_success(self) -> Breaker:
         """The peer answered: close the breaker."""
         return replace(self, failures=0, opened_at=None, probing=False)

@@ -176,7 +176,8 @@ async def _stream(
             stats.first_at, stats.first_events = now, events
         stats.events += events
         stats.last_at = now
-        stats.complete = stats.complete or b"data: [DONE]" in chunk
+        # [DONE] as an event of its own (JSON text cannot hold a raw newline, so a model writing it cannot match)
+        stats.complete = stats.complete or chunk.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in chunk
         # A client that went away makes this raise ConnectionResetError; forward() then drops the engine's
         # connection, which cancels its work.
         await response.write(chunk)

@@ -209,7 +209,7 @@ class Router:
         stopped with a request waiting) must load again: the first time the scheduler sees that, its ready time
         moves to a whole load from now."""
         ready = self.ready_at.get(slot.key, 0.0)
-        if not slot.live and ready <= now and (slot.stopping or slot.load_seconds is not None):
+        if not slot.live and ready <= now and slot.load_seconds is not None:
             ready = self.ready_at[slot.key] = now + self.load_s.get(slot.key, 0.0)
         return ready
 
@@ -244,12 +244,22 @@ class Router:
         self.breakers[name] = breaker
         log.warning("peer %s failed (%s); breaker %s", name, why, breaker.state(self.clock()))
 
-    def _peer_done(self, name: str, stats: StreamStats) -> None:
-        """A forward to name is over: the peer answered, or the request went away before it did (a failure before
-        the first byte is counted by peer_failed, after this). Either way a probe it was is no longer in flight, even
-        when the client left and its handler was cancelled."""
-        breaker = self.breakers.get(name, Breaker())
-        self.breakers[name] = breaker.on_success() if stats.responded else breaker.on_abandoned()
+    @contextlib.asynccontextmanager
+    async def _to_peer(self, target: PeerTarget, reason: str) -> AsyncIterator[Route]:
+        """The route of one request forwarded to `target`, counted by its breaker as an attempt. When the forward is
+        over, the peer answered, or the request went away before it did (a failure before the first byte is counted
+        by peer_failed, after this): either way a probe it was is no longer in flight, even when the client left and
+        its handler was cancelled."""
+        name = target.state.name
+        self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(self.clock())
+        route = Route(f"peer:{name}", reason, target.base_url, target.api_key, forwarded=True, peer=name,
+                      ssl=target.tls(), first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
+                      idle_timeout_s=self.config.node.peer_idle_timeout_s)
+        try:
+            yield route
+        finally:
+            breaker = self.breakers.get(name, Breaker())
+            self.breakers[name] = breaker.on_success() if route.stats.responded else breaker.on_abandoned()
 
     @contextlib.asynccontextmanager
     async def route(self, inference: InferenceRequest, model: ModelEntry,
@@ -272,15 +282,8 @@ class Router:
                                                 "capacity_busy", 5.0))
             target = min(up, key=lambda t: t.state.queue_depth)
             name = target.state.name
-            self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(now)
-            only = Route(f"peer:{name}", f"peer:{name}: only {name} serves '{model.name}'", target.base_url,
-                         target.api_key, forwarded=True, peer=name, ssl=target.tls(),
-                         first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
-                         idle_timeout_s=self.config.node.peer_idle_timeout_s)
-            try:
-                yield only
-            finally:
-                self._peer_done(name, only.stats)
+            async with self._to_peer(target, f"peer:{name}: only {name} serves '{model.name}'") as route:
+                yield route
             return
         spec = await self.spec(model)
         size = await self.size(inference, model)
@@ -299,17 +302,11 @@ class Router:
         if option is None:
             raise PlacementRefused(decision)
         if not option.local:
-            name = option.placement.removeprefix("peer:")
-            target = targets[name]
-            self.breakers[name] = self.breakers.get(name, Breaker()).on_attempt(self.clock())
-            route = Route(option.placement, decision.reason, target.base_url, target.api_key, forwarded=True,
-                          peer=name, ssl=target.tls(), first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
-                          idle_timeout_s=self.config.node.peer_idle_timeout_s)
-            try:
-                yield route
-            finally:  # also when the client left right after the answer (its handler is cancelled then)
-                self._peer_done(name, route.stats)
-                self._learn_length(model.name, route.stats, budget)
+            async with self._to_peer(targets[option.placement.removeprefix("peer:")], decision.reason) as route:
+                try:
+                    yield route
+                finally:  # also when the client left right after the answer (its handler is cancelled then)
+                    self._learn_length(model.name, route.stats, budget)
             return
         slot = self._commit_local(model, option, decision)
         if option.evict:

@@ -47,9 +47,19 @@ async def peer() -> AsyncIterator[tuple[FakeEngine, str]]:
     await server.close()
 
 
-def config(models: tuple[Path, Path], budget: int, peer_url: str, peer_models: str, queue_limit: int = 16) -> str:
+def config(models: tuple[Path, Path], budget: int, peer_url: str | None, peer_models: str = '["a"]',
+           queue_limit: int = 16, idle_ttl_a: float | None = None) -> str:
+    """Models a and b under a memory budget, and a peer "spark" serving peer_models at peer_url (None: no peer)."""
     a, b = models
-    return f"""
+    peer = f"""
+[[peers]]
+name = "spark"
+base_url = "{peer_url}"
+hardware = "dgx-spark"
+models = {peer_models}
+""" if peer_url else ""
+    idle_ttl = f"idle_ttl_s = {idle_ttl_a}" if idle_ttl_a is not None else ""
+    return peer + f"""
 [server]
 listen = "127.0.0.1:0"
 [node]
@@ -60,15 +70,11 @@ default_max_tokens = 64
 [[node.devices]]
 name = "budget0"
 memory_bytes = {budget}
-[[peers]]
-name = "spark"
-base_url = "{peer_url}"
-hardware = "dgx-spark"
-models = {peer_models}
 [[models]]
 name = "a"
 path = "{a}"
 ctx = 4096
+{idle_ttl}
 [[models]]
 name = "b"
 path = "{b}"

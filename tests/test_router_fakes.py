@@ -25,7 +25,7 @@ from hybridd.router import Router
 from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import wait_for
 from tests.fake_upstream import FakeEngine, sse, start_fake
-from tests.test_placement_e2e import chat, need_bytes
+from tests.test_placement_e2e import chat, config, need_bytes
 
 KEY_A, KEY_B = "a@4096", "b@4096"
 
@@ -127,47 +127,18 @@ async def node_factory(lab: Lab) -> AsyncIterator[Callable[[str], Awaitable[Node
         await server.close()
 
 
-def config(models: tuple[Path, Path], budget: int, idle_ttl_a: float, peer_url: str | None = None) -> str:
-    a, b = models
-    peer = f"""
-[[peers]]
-name = "spark"
-base_url = "{peer_url}"
-hardware = "dgx-spark"
-models = ["b"]
-""" if peer_url else ""
-    return peer + f"""
-[server]
-listen = "127.0.0.1:0"
-[node]
-name = "desk"
-ram_bytes = 200_000
-default_max_tokens = 16
-[[node.devices]]
-name = "budget0"
-memory_bytes = {budget}
-[[models]]
-name = "a"
-path = "{a}"
-ctx = 4096
-idle_ttl_s = {idle_ttl_a}
-[[models]]
-name = "b"
-path = "{b}"
-ctx = 4096
-"""
-
-
 async def until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
     await asyncio.to_thread(wait_for, predicate, 10.0, what=what)
 
 
 async def test_a_request_while_the_reaper_stops_its_engine_waits_and_reloads(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
     one = need_bytes(models[0], 4096)
-    node = await node_factory(config(models, one * 4, idle_ttl_a=0.2))
+    node = await node_factory(config(models, one * 4, None, idle_ttl_a=0.2))
     assert (await chat(node.url, "a"))[0] == 200
     held = dict(node.router.ledger.held(KEY_A))
     assert held
+    # a's first load ended long ago, as a real reaper's idle TTL makes sure: only a reload can be left to wait for
+    node.router.ready_at[KEY_A] = node.router.clock() - 60
 
     await until(lambda: lab.stops_begun, "the reaper to begin stopping a's engine")
     # a's request arrives while the old process is still exiting: it waits for the stop, then a loads again.
@@ -187,7 +158,7 @@ async def test_a_request_while_the_reaper_stops_its_engine_waits_and_reloads(mod
 
 async def test_another_model_waits_until_the_stopping_engine_is_gone(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
     one = need_bytes(models[0], 4096)
-    node = await node_factory(config(models, one + one // 2, idle_ttl_a=0.2))  # room for one engine only
+    node = await node_factory(config(models, one + one // 2, None, idle_ttl_a=0.2))  # room for one engine only
     assert (await chat(node.url, "a"))[0] == 200
 
     await until(lambda: lab.stops_begun, "the reaper to begin stopping a's engine")
@@ -220,7 +191,7 @@ async def stream_until(url: str, model: str, last: bytes, events: list[bytes],
 
 
 async def test_a_client_that_hangs_up_at_done_still_teaches_speed_and_length(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
-    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, idle_ttl_a=600))
+    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, None, idle_ttl_a=600))
     events: list[bytes] = []
     await lab.upstream.release.put(sse("first"))
     request = asyncio.ensure_future(stream_until(node.url, "a", b"data: [DONE]", events))
@@ -238,7 +209,7 @@ async def test_a_client_that_hangs_up_at_done_still_teaches_speed_and_length(mod
 
 
 async def test_a_stream_cut_short_by_its_client_teaches_no_length(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
-    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, idle_ttl_a=600))
+    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, None, idle_ttl_a=600))
     for word in range(20):  # one answer quotes the end of a stream: that is text, not the end
         await lab.upstream.release.put(sse("data: [DONE]" if word == 10 else str(word)))
     events: list[bytes] = []
@@ -249,7 +220,7 @@ async def test_a_stream_cut_short_by_its_client_teaches_no_length(models, lab, n
 
 
 async def test_a_forwarded_stream_teaches_its_length_though_the_client_hangs_up(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
-    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, idle_ttl_a=600, peer_url=lab.url))
+    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, lab.url, '["b"]', idle_ttl_a=600))
     for word in range(12):
         await lab.upstream.release.put(sse(str(word)))
     await lab.upstream.release.put(b"data: [DONE]\n\n")
@@ -262,7 +233,7 @@ async def test_a_forwarded_stream_teaches_its_length_though_the_client_hangs_up(
 
 
 async def test_a_probe_answered_closes_the_breaker_though_the_client_hangs_up(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
-    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, idle_ttl_a=600, peer_url=lab.url))
+    node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, lab.url, '["b"]', idle_ttl_a=600))
     router = node.router
     router.breakers["spark"] = Breaker(failures=3, opened_at=router.clock() - 100)  # failed long ago: one probe
     await lab.upstream.release.put(sse("x"))

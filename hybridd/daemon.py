@@ -14,10 +14,10 @@ from aiohttp import web
 from hybridd.api.app import make_app
 from hybridd.api.keys import PEER, POOL
 from hybridd.api.routes_peers import make_lan_app
-from hybridd.catalog import Catalog
+from hybridd.node.catalog import Catalog
 from hybridd.config import Config, lan_listen
 from hybridd.place.hardware import Hardware
-from hybridd.router import Peer
+from hybridd.node.router import Peer
 from hybridd.sdnotify import sd_notify
 
 log = logging.getLogger("hybridd")

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hybridd.launch_node import start_node
-from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
+from hybridd.demo.launch import start_node
+from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 

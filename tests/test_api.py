@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from hybridd.api.app import make_app
-from hybridd.catalog import Catalog
+from hybridd.node.catalog import Catalog
 from hybridd.config import Config, ModelEntry, ServerConfig
 from tests.fake_upstream import FakeEngine, sse, start_fake
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridd.catalog import build_catalog, model_id_for, scan_library, split_part
+from hybridd.node.catalog import build_catalog, model_id_for, scan_library, split_part
 from hybridd.config import parse_config
 from hybridd.errors import ModelNotFound
 

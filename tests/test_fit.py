@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hybridd.model.memory import RunSettings, estimate_memory
-from hybridd.model.plan import plan, render_plan_table
+from hybridd.place.plan import plan, render_plan_table
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.place.devices import Device
 from hybridd.place.fit import fit_model

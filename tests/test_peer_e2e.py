@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
+from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import http, wait_for
 from tests.nodes import node_config
 

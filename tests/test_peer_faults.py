@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
+from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import Daemon, http, wait_for
 from tests.nodes import node_config as shared_node_config
 

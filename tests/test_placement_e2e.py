@@ -15,7 +15,7 @@ import pytest
 from hybridd.model.memory import RunSettings, estimate_memory
 from hybridd.model.spec import model_spec
 from hybridd.probe.gguf_file import read_gguf_header
-from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
+from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import engine_processes, wait_for
 from tests.fake_upstream import FakeEngine, sse, start_fake
 

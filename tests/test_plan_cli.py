@@ -13,9 +13,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from hybridd.api.app import make_app
-from hybridd.catalog import Catalog
+from hybridd.node.catalog import Catalog
 from hybridd.config import Config
-from hybridd.planning import PlanRequest, make_plan
+from hybridd.node.planning import PlanRequest, make_plan
 from hybridd.probe.model_profiles import list_profiles
 
 REQUIRED = {"weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "total_bytes", "ctx", "fits",

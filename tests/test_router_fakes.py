@@ -16,13 +16,13 @@ from aiohttp.test_utils import TestServer
 
 from hybridd.api import keys
 from hybridd.api.app import make_app
-from hybridd.catalog import Catalog
+from hybridd.node.catalog import Catalog
 from hybridd.config import ModelEntry, parse_config
 from hybridd.engine.base import EngineState
 from hybridd.place.breaker import Breaker
-from hybridd.resources import configured_peers, local_hardware
-from hybridd.router import Router
-from hybridd.tiny_gguf import TinyLlama, write_tiny_llama
+from hybridd.node.resources import configured_peers, local_hardware
+from hybridd.node.router import Router
+from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import wait_for
 from tests.fake_upstream import FakeEngine, sse, start_fake
 from tests.test_placement_e2e import chat, config, need_bytes

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from hybridd.catalog import Catalog
+from hybridd.node.catalog import Catalog
 from hybridd.config import Config
 from hybridd.engine.pool import EnginePool
-from hybridd.peer.node import PeerNode
-from hybridd.router import Router
+from hybridd.node.peering import PeerNode
+from hybridd.node.router import Router
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from hybridd.api import keys, routes_openai
 from hybridd.api.envelope import Handler, envelope_middleware, error_response
 from hybridd.errors import BadRequest, HybriddError
 from hybridd.peer.link import add_link_route
-from hybridd.peer.node import PeerNode
+from hybridd.node.peering import PeerNode
 from hybridd.peer.pairing import add_pairing_routes
 
 PAIR_PATHS = ("/hybridd/v1/pair/start", "/hybridd/v1/pair/finish")

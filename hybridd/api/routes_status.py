@@ -12,7 +12,7 @@ from aiohttp import web
 from hybridd import __version__
 from hybridd.api import keys
 from hybridd.errors import BadRequest
-from hybridd.planning import make_plan, plan_request_from_json
+from hybridd.node.planning import make_plan, plan_request_from_json
 
 
 def add_routes(app: web.Application) -> None:

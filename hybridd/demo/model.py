@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hybridd.tiny_gguf import write_tiny_llama
+from hybridd.demo.tiny_gguf import write_tiny_llama
 
 log = logging.getLogger("hybridd")
 

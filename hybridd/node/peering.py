@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from hybridd import __version__
-from hybridd.catalog import Catalog
+from hybridd.node.catalog import Catalog
 from hybridd.config import DEFAULT_LAN_PORT, Config
 from hybridd.engine.pool import EnginePool
 from hybridd.peer.discovery import Advert, Discovery
@@ -29,7 +29,7 @@ from hybridd.peer.tls import client_context, server_context
 from hybridd.place.hardware import Hardware
 from hybridd.place.peer_view import peer_view
 from hybridd.place.scheduler import Drain, PeerState
-from hybridd.router import PeerTarget, Router
+from hybridd.node.router import PeerTarget, Router
 
 log = logging.getLogger("hybridd.peer")
 

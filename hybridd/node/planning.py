@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hybridd.catalog import Catalog
+from hybridd.node.catalog import Catalog
 from hybridd.config import KV_CACHE_TYPES, ModelEntry
 from hybridd.errors import BadRequest, HybriddError, ModelNotFound
 from hybridd.model.header import GgufHeader
 from hybridd.model.memory import DEFAULT_CTX, RunSettings
-from hybridd.model.plan import plan
+from hybridd.place.plan import plan
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.place.devices import Device
 from hybridd.place.hardware import Hardware
@@ -130,7 +130,7 @@ def find_devices(hardware: str | None) -> tuple[list[Device], int, str, Hardware
         return list(node.devices), node.ram_bytes, f"hardware profile {hardware}", node
     from hybridd.config import Config
     from hybridd.probe.gpus import devices_from_snapshot
-    from hybridd.resources import hardware_from_snapshot, probe_machine
+    from hybridd.node.resources import hardware_from_snapshot, probe_machine
 
     snapshot = probe_machine()
     devices = devices_from_snapshot(snapshot)

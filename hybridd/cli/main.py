@@ -128,7 +128,7 @@ def _load(args: argparse.Namespace) -> tuple[Config, bool]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
-    from hybridd.catalog import build_catalog, scan_library, with_demo_model
+    from hybridd.node.catalog import build_catalog, scan_library, with_demo_model
     from hybridd.daemon import StartupError, serve
 
     try:
@@ -145,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(config.server.log_level)
     log = logging.getLogger("hybridd")
     if not found:
-        from hybridd.demo_model import demo_model
+        from hybridd.demo.model import demo_model
 
         name, path, options = demo_model((config.state_dir or state_dir()) / "models")
         log.info("no config at %s: serving the demo model %s (write a config to serve your own models)",
@@ -155,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in catalog.models if m.path is not None and not m.path.exists()]
     for model in missing:
         log.warning("model %s: file %s does not exist; requests for it will fail", model.name, model.path)
-    from hybridd.resources import configured_peers, local_hardware
+    from hybridd.node.resources import configured_peers, local_hardware
 
     try:
         hardware, peers = local_hardware(config), configured_peers(config)
@@ -165,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     devices = ", ".join(f"{d.name} {d.usable_bytes / 2**30:.1f} GiB" for d in hardware.devices)
     log.info("node %s: %s; peers: %s", hardware.name, devices or "no devices",
              ", ".join(p.config.name for p in peers) or "none")
-    from hybridd.resources import node_name
+    from hybridd.node.resources import node_name
 
     peering = ((config.state_dir or state_dir()), node_name(config))
     try:
@@ -234,7 +234,7 @@ def _ask(args: argparse.Namespace, path: str, body: Any = None) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print what the running daemon is doing."""
-    from hybridd.status_view import render_status
+    from hybridd.cli.views import render_status
 
     status = _ask(args, "/hybridd/v1/status")
     print(json.dumps(status, indent=2) if args.json else render_status(status))
@@ -243,11 +243,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print what a model needs and where it would fit."""
-    from hybridd.catalog import build_catalog, scan_library
+    from hybridd.node.catalog import build_catalog, scan_library
     from hybridd.errors import HybriddError
-    from hybridd.model.plan import render_plan_table
-    from hybridd.planning import PlanRequest, make_plan
-    from hybridd.status_view import render_options
+    from hybridd.place.plan import render_plan_table
+    from hybridd.node.planning import PlanRequest, make_plan
+    from hybridd.cli.views import render_options
 
     if not args.model:
         print("hybridd plan: a MODEL is required (a GGUF path, a configured model or a profile name)",
@@ -305,7 +305,7 @@ def cmd_pair(args: argparse.Namespace) -> int:
 
 def cmd_peers(args: argparse.Namespace) -> int:
     """Print the nodes on the LAN and the paired peers."""
-    from hybridd.status_view import render_peers
+    from hybridd.cli.views import render_peers
 
     peers = _ask(args, "/hybridd/v1/peers")
     print(json.dumps(peers, indent=2) if args.json else render_peers(peers))
@@ -314,7 +314,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Two nodes, one pairing, two requests: the product in a minute."""
-    from hybridd.demo import run_demo
+    from hybridd.demo.run import run_demo
 
     try:
         return run_demo()
@@ -325,7 +325,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the models the running daemon serves."""
-    from hybridd.status_view import render_models
+    from hybridd.cli.views import render_models
 
     models = _ask(args, "/v1/models")
     print(json.dumps(models, indent=2) if args.json else render_models(models))

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from hybridd.config import state_dir
-from hybridd.demo_model import demo_model
-from hybridd.launch_node import RunningNode, start_node
+from hybridd.demo.model import demo_model
+from hybridd.demo.launch import RunningNode, start_node
 
 PROMPT = "The three primary colors of light are"
 LONG_CTX = 32768

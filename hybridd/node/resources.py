@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from hybridd.config import Config
 from hybridd.place.devices import Device
 from hybridd.place.hardware import Hardware
-from hybridd.router import Peer
+from hybridd.node.router import Peer
 
 if TYPE_CHECKING:
     from hybridd.probe.gpus import MachineSnapshot

@@ -19,7 +19,7 @@ from typing import Any
 
 from hybridd.api.proxy import StreamStats
 from hybridd.api.schema import InferenceRequest
-from hybridd.catalog import Catalog
+from hybridd.node.catalog import Catalog
 from hybridd.config import Config, ModelEntry, PeerConfig
 from hybridd.engine.pool import EnginePool, EngineSlot
 from hybridd.errors import EngineLoadFailed, HybriddError
@@ -41,7 +41,7 @@ from hybridd.place.scheduler import (
     ledger_for,
 )
 from hybridd.place.speed import Calibration, SpeedModel
-from hybridd.sizing import PromptSize, Tokenizers, guess_tokens
+from hybridd.node.sizing import PromptSize, Tokenizers, guess_tokens
 
 log = logging.getLogger("hybridd.place")
 
@@ -415,7 +415,7 @@ class Router:
 
 def _read_spec(model: ModelEntry) -> ModelSpec:
     from hybridd.model.spec import model_spec
-    from hybridd.planning import entry_header
+    from hybridd.node.planning import entry_header
 
     header = entry_header(model)
     return model_spec(header.metadata, header.tensors)

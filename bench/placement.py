@@ -73,21 +73,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.place.hardware import Hardware
-from hybridd.place.lengths import CompletionLengths
 from hybridd.place.peer_view import peer_view
 from hybridd.place.scheduler import (
     Decision,
-    EngineState,
     Hint,
     LocalState,
     Option,
     PeerState,
-    Placement,
     RequestNeed,
     decide,
     ledger_for,
 )
 from hybridd.place.speed import SpeedModel
+from hybridd.place.state import (
+    Answered,
+    EngineGone,
+    EngineLoaded,
+    Event,
+    Evict,
+    EvictionsDone,
+    Observation,
+    PeersReported,
+    PlacementState,
+    RequestArrived,
+    Step,
+    Ticket,
+    apply,
+    commit,
+)
 from hybridd.probe.hardware_profiles import load_hardware_profile
 from hybridd.probe.model_profiles import load_profile, profile_header
 
@@ -195,111 +208,113 @@ def service_s(job: Job, speed: SpeedModel) -> float:
 
 
 @dataclass
-class SimEngine:
-    """An engine on a simulated node: FIFO, one request at a time; its timeline is known exactly."""
+class Timeline:
+    """What really happens on one engine: when it is ready and when its last admitted request ends."""
 
-    key: str
-    model: str
-    ctx: int
     speed: SpeedModel
-    placement: str
-    created: float
     ready_at: float
-    request_s: float
-    # (start, end, predicted seconds) per request, FIFO: the ends are real, the backlog the scheduler sees is
-    # predicted, as the daemon's (place/backlog.py)
-    runs: list[tuple[float, float, float]] = field(default_factory=list)
-
-    @property
-    def free_at(self) -> float:
-        return max(self.ready_at, self.runs[-1][1] if self.runs else 0.0)
-
-    def idle(self, now: float) -> bool:
-        return self.free_at <= now
-
-    def state(self, now: float) -> EngineState:
-        in_flight = sum(1 for s, e, _ in self.runs if s <= now < e)
-        queued = sum(1 for s, _, _ in self.runs if s > now)
-        used = [self.created] + [s for s, _, _ in self.runs if s <= now] + [e for _, e, _ in self.runs if e <= now]
-        request_s = self.request_s
-        backlog = 0.0
-        for start, end, predicted in self.runs:
-            if end <= now:  # the router's EWMA of observed request times
-                request_s = 0.8 * request_s + 0.2 * (end - start)
-            else:  # the daemon's Backlog: the rest of the running one, then the queued ones, all predicted
-                backlog += max(0.0, predicted - max(0.0, now - start))
-        return EngineState(self.key, self.model, self.ctx, self.speed, Placement(self.placement), in_flight, queued,
-                           max(used), now < self.ready_at, self.ready_at, request_s, backlog)
-
-    def enqueue(self, job: Job, now: float, predicted_s: float) -> float:
-        start = max(now, self.free_at)
-        end = start + service_s(job, self.speed)
-        self.runs.append((start, end, predicted_s))
-        return end
+    free_at: float
 
 
 class SimNode:
-    """A node: hardware, its ledger and its engines; commits options the way the daemon does."""
+    """A node: the daemon's own placement state (place/state.py), fed the events its simulated engines produce
+    (loaded, answered, gone) at the times they happen, and carrying out its effects as the router does."""
 
     def __init__(self, hardware: Hardware, name: str) -> None:
         self.hardware = hardware
         self.name = name
-        self.ledger = ledger_for(hardware)
-        self.engines: dict[str, SimEngine] = {}
+        self.state = PlacementState.empty(hardware, queue_limit=QUEUE_LIMIT)
+        self.engines: dict[str, Timeline] = {}  # engines whose process exists (or will, once their victims go)
+        self.events: list[tuple[float, int, Event]] = []  # what the engines will report, by time
+        self.reported = 0
         self.loads = 0
-
-    def state(self, now: float) -> LocalState:
-        return LocalState(self.hardware, self.ledger, tuple(e.state(now) for e in self.engines.values()))
 
     def clone(self) -> SimNode:
         other = copy.copy(self)
-        other.ledger = self.ledger.copy()
-        other.engines = {k: replace(e, runs=list(e.runs)) for k, e in self.engines.items()}
+        other.engines = {k: replace(t) for k, t in self.engines.items()}
+        other.events = list(self.events)
         return other
 
-    def decide(self, need: RequestNeed, now: float) -> Decision:
-        return decide(need, self.state(now), (), now, queue_limit=QUEUE_LIMIT)
+    def report(self, at: float, event: Event) -> None:
+        self.reported += 1
+        heapq.heappush(self.events, (at, self.reported, event))
 
-    def commit(self, option: Option, job: Job, now: float) -> float | None:
-        """Evict, reserve, load or reuse; the end time of `job`, None when the ledger refuses (stale)."""
-        predicted = option.prefill_s + option.decode_s
-        if option.engine is not None:
-            return self.engines[option.engine].enqueue(job, now, predicted)
-        assert option.engine_key is not None and option.speed is not None
-        if option.engine_key in self.engines or not self.ledger.can_reserve(option.reserve, option.evict):
-            return None  # the daemon's _commit_local answers 503 here
-        start = now
-        for key in option.evict:
-            # a busy victim (option.drain) takes no new request; the load starts once its admitted work is done
-            assert key in option.drain or self.engines[key].idle(now), key
-            start = max(start, self.engines[key].free_at)
-            self.ledger.release(key)
-            del self.engines[key]
-        assert self.ledger.reserve(option.engine_key, option.reserve)
-        engine = SimEngine(option.engine_key, job.model, option.ctx, option.speed, option.placement, now,
-                           start + option.load_s, predicted)
-        self.engines[engine.key] = engine
-        self.loads += 1
-        return engine.enqueue(job, now, predicted)
+    def at(self, now: float) -> None:
+        """Feed the state every event that has happened by `now`."""
+        while self.events and self.events[0][0] <= now:
+            t, _, event = heapq.heappop(self.events)
+            self.state = apply(self.state, event, t).state
+
+    def local(self, now: float) -> LocalState:
+        self.at(now)
+        return self.state.local(now)
+
+    def need(self, job: Job, now: float, hint: Hint = Hint.AUTO, budgets: bool = False) -> RequestNeed:
+        """`job` as this node's scheduler sees it: its length predicted from the answers this node has seen
+        end (with `budgets`: at its max_tokens, as hybridd did before it learned lengths)."""
+        self.at(now)
+        return job.need(hint, 0 if budgets else self.state.lengths.expect(job.model, job.max_tokens))
+
+    def decide(self, need: RequestNeed, now: float) -> Decision:
+        return decide(need, self.local(now), (), now, self.state.calibration, QUEUE_LIMIT)
+
+    def commit(self, decision: Decision, need: RequestNeed, job: Job, now: float,
+               option: Option | None = None) -> float | None:
+        """Commit `decision` (or one of its options) through the placement state and play the engines' part;
+        when `job` ends, or None when the state refused it."""
+        self.at(now)
+        return self.carry_out(commit(self.state, need, decision, now, option), job, now)
+
+    def carry_out(self, step: Step, job: Job, now: float) -> float | None:
+        """Evict, load, run: as the router carries out a local step, with the engines' real timings."""
+        self.state = step.state
+        if step.ticket is None or step.ticket.engine is None:
+            return None
+        key = step.ticket.engine
+        timeline = self.engines.get(key)
+        if timeline is None:  # a new engine: it loads once the engines it evicts are gone
+            start = now
+            for effect in step.effects:
+                if isinstance(effect, Evict):
+                    for victim in effect.keys:  # a drained one goes when its admitted work is done
+                        gone = max(now, self.engines.pop(victim).free_at)
+                        start = max(start, gone)
+                        self.report(gone, EngineGone(victim))
+                    self.report(start, EvictionsDone(key))
+            record = self.state.engines[key]
+            ready = start + record.load_s
+            timeline = self.engines[key] = Timeline(record.speed, ready, ready)
+            self.report(ready, EngineLoaded(key))
+            self.loads += 1
+        begin = max(now, timeline.free_at)
+        end = timeline.free_at = begin + service_s(job, timeline.speed)
+        self.report(end, Answered(step.ticket, _whole(job), service_s=end - begin))
+        return end
 
     def next_free(self, now: float) -> float | None:
-        ends = [e.free_at for e in self.engines.values() if e.free_at > now]
+        ends = [t.free_at for t in self.engines.values() if t.free_at > now]
         return min(ends) if ends else None
 
     def peer_state(self, model: str, now: float) -> PeerState:
         """What this node reports as a peer (place/peer_view.py, as the daemon's capacity message): free bytes
         with idle engines counted as free, the models loaded and their contexts, the work ahead on each, its busy
         engines; and the requests outstanding on engines of `model`."""
-        view = peer_view(self.state(now), now)
+        local = self.local(now)
+        view = peer_view(local, now)
         loaded: dict[str, int] = {}
         depth = 0
-        for e in self.engines.values():
+        for e in local.engines:
             loaded[e.model] = max(loaded.get(e.model, 0), e.ctx)
             if e.model == model:
-                s = e.state(now)
-                depth += s.in_flight + s.queued
+                depth += e.in_flight + e.queued
         return PeerState(self.name, self.hardware.with_free(view.free_bytes), frozenset(QUANTS), loaded,
                          queue_depth=depth, rtt_s=RTT_S, backlog_s=view.backlog_s, draining=view.draining)
+
+
+def _whole(job: Job) -> Observation:
+    """The answer to `job` as the router observes it: whole, with its real length (its speed is predicted
+    exactly here, so it teaches no correction)."""
+    return Observation(responded=True, complete=True, completion_tokens=job.length)
 
 
 # --- strategies ----------------------------------------------------------------------------------------------
@@ -319,18 +334,10 @@ class Outcome:
 Placed = tuple[float, str] | None  # (end, placement), or None: refused, retry later
 
 
-def _on_peer(peer: SimNode, job: Job, need: RequestNeed, now: float) -> Placed:
-    d = peer.decide(replace(need, hint=Hint.LOCAL), now)
-    if d.chosen is None:
-        return None
-    end = peer.commit(d.chosen, job, now + RTT_S)
-    return None if end is None else (end + RTT_S, f"peer:{PEER_NAME}")
-
-
-def _candidates(node: SimNode, need: RequestNeed, now: float) -> list[Option]:
+def _candidates(node: SimNode, need: RequestNeed, now: float) -> list[tuple[Decision, Option]]:
     """Every feasible option of `node` for a request that can be committed now (the oracle's choices there)."""
-    d = decide(replace(need, hint=Hint.LOCAL), node.state(now), (), now, queue_limit=QUEUE_LIMIT)
-    return [o for o in d.options if o.feasible and (o.engine is not None or o.engine_key not in node.engines)]
+    d = node.decide(replace(need, hint=Hint.LOCAL), now)
+    return [(d, o) for o in d.options if o.feasible and (o.engine is not None or o.engine_key not in node.engines)]
 
 
 class Sim:
@@ -347,9 +354,6 @@ class Sim:
         self.swap_free_at = 0.0
         self.events = [(j.arrival, j.id) for j in jobs]  # arrivals, then retries of refused requests
         heapq.heapify(self.events)
-        # completion lengths are learned as the daemon learns them: from each request once it has ended
-        self.lengths = CompletionLengths()
-        self.ending: list[tuple[float, int]] = []  # (end, id) of placed requests not yet learned from
 
     def clone(self, strategy: str) -> Sim:
         other = copy.copy(self)
@@ -357,14 +361,10 @@ class Sim:
         other.desktop, other.spark = self.desktop.clone(), self.spark.clone()
         other.out = Outcome(dict(self.out.end), dict(self.out.where), self.out.refusals, self.out.stale)
         other.events = list(self.events)
-        other.ending = list(self.ending)
         return other
 
-    def need(self, job: Job, hint: Hint = Hint.AUTO) -> RequestNeed:
-        """`job` as the scheduler sees it: its length predicted from the lengths learned so far (strategy
-        `budget`: from its max_tokens, as hybridd did before it learned lengths)."""
-        expected = 0 if self.strategy == "budget" else self.lengths.expect(job.model, job.max_tokens)
-        return job.need(hint, expected)
+    def need(self, node: SimNode, job: Job, now: float, hint: Hint = Hint.AUTO) -> RequestNeed:
+        return node.need(job, now, hint, budgets=self.strategy == "budget")
 
     def run(self) -> Outcome:
         while self.events:
@@ -375,9 +375,6 @@ class Sim:
     def step(self) -> float:
         """Place the next event's request (or schedule its retry); returns the event's time."""
         now, jid = heapq.heappop(self.events)
-        while self.ending and self.ending[0][0] <= now:
-            done = self.jobs[heapq.heappop(self.ending)[1]]
-            self.lengths = self.lengths.observe(done.model, done.length, done.max_tokens)
         job = self.jobs[jid]
         placed = getattr(self, f"_{self.strategy}")(job, now)
         if placed is None:
@@ -389,36 +386,54 @@ class Sim:
             heapq.heappush(self.events, (min(frees), jid))
         else:
             self.out.end[jid], self.out.where[jid] = placed
-            heapq.heappush(self.ending, (placed[0], jid))
         return now
 
-    def _commit(self, node: SimNode, option: Option, job: Job, now: float) -> Placed:
-        if node is self.desktop:
-            end = node.commit(option, job, now)
-            if end is None:
-                self.out.stale += 1
-            return None if end is None else (end, option.placement)
-        end = node.commit(option, job, now + RTT_S)
-        return None if end is None else (end + RTT_S, f"peer:{PEER_NAME}")
+    def _on_peer(self, job: Job, now: float, ticket: Ticket | None = None) -> Placed:
+        """The Spark places the forwarded request itself (hint local, no peers), as its daemon would; the desktop
+        learns from the answer when it ends."""
+        need = self.need(self.spark, job, now + RTT_S, Hint.LOCAL)
+        d = self.spark.decide(need, now + RTT_S)
+        end = None if d.chosen is None else self.spark.commit(d, need, job, now + RTT_S)
+        return self._forwarded(job, now, end, ticket)
+
+    def _forwarded(self, job: Job, now: float, end: float | None, ticket: Ticket | None = None) -> Placed:
+        ticket = ticket or Ticket(job.model, job.max_tokens, now, peer=PEER_NAME)
+        if end is None:  # the peer answered 503: the client retries later
+            self.desktop.report(now, Answered(ticket, Observation(responded=True)))
+            return None
+        self.desktop.report(end + RTT_S, Answered(ticket, _whole(job)))
+        return end + RTT_S, f"peer:{PEER_NAME}"
+
+    def _commit(self, node: SimNode, decision: Decision, option: Option, job: Job, now: float) -> Placed:
+        if node is self.spark:
+            need = self.need(self.spark, job, now + RTT_S)
+            return self._forwarded(job, now, node.commit(decision, need, job, now + RTT_S, option))
+        end = node.commit(decision, self.need(node, job, now), job, now, option)
+        if end is None:
+            self.out.stale += 1
+        return None if end is None else (end, option.placement)
 
     def _hybridd(self, job: Job, now: float) -> Placed:
-        peer = self.spark.peer_state(job.model, now)
-        need = self.need(job)
-        d = decide(need, self.desktop.state(now), (peer,), now, queue_limit=QUEUE_LIMIT)
-        if d.chosen is None:
-            return None
-        if not d.chosen.local:
-            return _on_peer(self.spark, job, need, now)
-        return self._commit(self.desktop, d.chosen, job, now)
+        desktop = self.desktop
+        desktop.at(now)
+        desktop.state = apply(desktop.state, PeersReported({PEER_NAME: self.spark.peer_state(job.model, now)}),
+                              now).state
+        step = apply(desktop.state, RequestArrived(self.need(desktop, job, now)), now)
+        if step.ticket is not None and step.ticket.peer is not None:
+            desktop.state = step.state
+            return self._on_peer(job, now, step.ticket)
+        end = desktop.carry_out(step, job, now)
+        return None if end is None else (end, step.decision.placement if step.decision else "local")
 
     _budget = _hybridd  # the same placer, predicting every completion at its max_tokens (see need())
 
     def _local(self, job: Job, now: float) -> Placed:
-        d = self.desktop.decide(self.need(job, Hint.LOCAL), now)
-        return None if d.chosen is None else self._commit(self.desktop, d.chosen, job, now)
+        need = self.need(self.desktop, job, now, Hint.LOCAL)
+        d = self.desktop.decide(need, now)
+        return None if d.chosen is None else self._commit(self.desktop, d, d.chosen, job, now)
 
     def _peer(self, job: Job, now: float) -> Placed:
-        return _on_peer(self.spark, job, self.need(job), now)
+        return self._on_peer(job, now)
 
     def _swap(self, job: Job, now: float) -> Placed:
         current = self.swap_engine
@@ -427,7 +442,7 @@ class Sim:
             # alone on an idle desktop: the scheduler's own load (all on GPUs, else part in RAM) and its speed
             d = decide(job.need(Hint.LOCAL), LocalState(DESKTOP, ledger_for(DESKTOP)), (), start)
             if d.chosen is None:
-                return _on_peer(self.spark, job, self.need(job), now)  # fits nowhere locally even alone
+                return self._on_peer(job, now)  # fits nowhere locally even alone
             o = d.chosen
             assert o.speed is not None
             current = self.swap_engine = (job.model, o.ctx, o.speed, o.placement)
@@ -446,16 +461,20 @@ class Sim:
         return self._best(job, now, 0)
 
     def _best(self, job: Job, now: float, horizon: int) -> Placed:
-        need = self.need(job)
-        choices = [(self.desktop, o) for o in _candidates(self.desktop, need, now)]
-        choices += [(self.spark, o) for o in _candidates(self.spark, need, now + RTT_S)]
+        choices = [(True, d, o) for d, o in _candidates(self.desktop, self.need(self.desktop, job, now), now)]
+        choices += [(False, d, o) for d, o in _candidates(self.spark, self.need(self.spark, job, now + RTT_S),
+                                                          now + RTT_S)]
         if len(choices) > 1:
-            choices.sort(key=lambda c: self._rollout(job, now, c[0] is self.desktop, c[1], horizon))
-        return self._commit(choices[0][0], choices[0][1], job, now) if choices else None
+            choices.sort(key=lambda c: self._rollout(job, now, c[0], c[1], c[2], horizon))
+        if not choices:
+            return None
+        on_desktop, decision, option = choices[0]
+        return self._commit(self.desktop if on_desktop else self.spark, decision, option, job, now)
 
-    def _rollout(self, job: Job, now: float, on_desktop: bool, option: Option, horizon: int) -> float:
+    def _rollout(self, job: Job, now: float, on_desktop: bool, decision: Decision, option: Option,
+                 horizon: int) -> float:
         sim = self.clone("hybridd")
-        placed = sim._commit(sim.desktop if on_desktop else sim.spark, option, job, now)
+        placed = sim._commit(sim.desktop if on_desktop else sim.spark, decision, option, job, now)
         if placed is None:
             return math.inf
         sim.out.end[job.id] = placed[0]

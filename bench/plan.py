@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybridd.model.memory import RunSettings, estimate_memory
-from hybridd.place.plan import plan
 from hybridd.model.spec import model_spec
 from hybridd.model.synth import tensor_layout
 from hybridd.place.devices import Device
+from hybridd.place.plan import plan
 from hybridd.probe.gguf_file import read_gguf_header
 
 GIB = 1024**3

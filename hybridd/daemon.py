@@ -17,7 +17,7 @@ from hybridd.api.routes_peers import make_lan_app
 from hybridd.node.catalog import Catalog
 from hybridd.config import Config, lan_listen
 from hybridd.place.hardware import Hardware
-from hybridd.node.router import Peer
+from hybridd.node.resources import Peer
 from hybridd.sdnotify import sd_notify
 
 log = logging.getLogger("hybridd")

@@ -8,6 +8,7 @@
     │   ├── BodyTooLarge            body over the cap (413)
     │   ├── Forbidden               foreign Host or Origin (403)
     │   └── NotFoundRoute           no such path (404)
+    ├── PlacementRefused            no option can serve the request: the scheduler's status (400, 429, 503, 507)
     └── UpstreamError               the engine's or peer's failure (5xx)
         ├── EngineLoadFailed        could not start or health-check an engine (503)
         └── EngineFailed            engine broke while serving (502)
@@ -73,6 +74,17 @@ class NotFoundRoute(RequestError):
 
     status = 404
     code = "not_found"
+
+
+class PlacementRefused(HybriddError):
+    """No option can serve the request; status, code and Retry-After come from the scheduler's refusal."""
+
+    def __init__(self, reason: str, status: int, code: str, retry_after_s: float | None = None) -> None:
+        super().__init__(f"hybridd cannot place this request: {reason}")
+        self.status = status
+        self.code = code
+        self.error_type = "server_error" if status >= 500 else "invalid_request_error"
+        self.retry_after_s = retry_after_s
 
 
 class UpstreamError(HybriddError):

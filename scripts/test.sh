@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Set up (once) and run the whole test suite; fails if pytest ran no test at all.
+# Set up (once), run ruff, mypy and the import-linter contracts, then the whole test suite; fails if pytest ran
+# no test at all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh || exit 1
+# Static checks first: a layering break, a lint or a type error fails the run before the suite starts.
+.venv/bin/ruff check hybridd tests bench || exit 1
+.venv/bin/mypy hybridd || exit 1
+.venv/bin/lint-imports || exit 1
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 .venv/bin/python -m pytest "$@" 2>&1 | tee "$log"

@@ -12,8 +12,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from hybridd.api.app import make_app
-from hybridd.node.catalog import Catalog
 from hybridd.config import Config, ModelEntry, ServerConfig
+from hybridd.node.catalog import Catalog
 from tests.fake_upstream import FakeEngine, sse, start_fake
 
 MAX_BODY = 64 * 1024
@@ -234,10 +234,10 @@ def test_a_whole_answer_reports_its_length_from_usage_only_when_it_is_a_count(pa
 
 
 def test_a_stream_is_timed_from_the_events_after_its_first_read() -> None:
-    from hybridd.api.proxy import StreamStats
+    from hybridd.api.proxy import StreamTally
 
     # read all at once (a proxy that fell behind its engine): no speed, whatever the length
-    assert StreamStats(events=300, first_events=300, first_at=1.0, last_at=1.0).decode_tok_s() is None
+    assert StreamTally(events=300, first_events=300, first_at=1.0, last_at=1.0).decode_tok_s() is None
     # 10 events in the first read, 40 tokens + [DONE] after it over 2 s: 20 tok/s
-    assert StreamStats(events=51, first_events=10, first_at=1.0, last_at=3.0).decode_tok_s() == 20.0
-    assert StreamStats(events=12, first_events=4, first_at=1.0, last_at=3.0).decode_tok_s() is None  # too few
+    assert StreamTally(events=51, first_events=10, first_at=1.0, last_at=3.0).decode_tok_s() == 20.0
+    assert StreamTally(events=12, first_events=4, first_at=1.0, last_at=3.0).decode_tok_s() is None  # too few

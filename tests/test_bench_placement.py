@@ -24,7 +24,7 @@ def sim() -> ModuleType:
 
 def test_a_lone_request_ends_when_the_scheduler_predicted(sim: ModuleType) -> None:
     job = sim.Job(0, 10.0, "glm-4.7-flash", 9000, 800)
-    d = sim.decide(job.need(), sim.SimNode(sim.DESKTOP, "local").state(10.0), (), 10.0)
+    d = sim.decide(job.need(), sim.SimNode(sim.DESKTOP, "local").local(10.0), (), 10.0)
     out = sim.simulate("hybridd", [job])
     assert out.where[0] == "local" and out.refusals == 0
     assert out.end[0] - job.arrival == pytest.approx(d.chosen.total_s)  # load + prefill + decode, nothing queued

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from hybridd.node.catalog import build_catalog, model_id_for, scan_library, split_part
 from hybridd.config import parse_config
 from hybridd.errors import ModelNotFound
+from hybridd.node.catalog import build_catalog, model_id_for, scan_library, split_part
 
 
 def test_split_files_are_one_model(tmp_path: Path) -> None:

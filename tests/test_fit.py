@@ -7,10 +7,10 @@ import json
 import pytest
 
 from hybridd.model.memory import RunSettings, estimate_memory
-from hybridd.place.plan import plan, render_plan_table
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.place.devices import Device
 from hybridd.place.fit import fit_model
+from hybridd.place.plan import plan, render_plan_table
 from hybridd.probe.model_profiles import load_profile, profile_header
 
 GIB = 1024**3

@@ -30,9 +30,9 @@ from netns import Agent, NetnsPair, emit, netns_available
 
 from hybridd import __version__
 from hybridd.demo.launch import start_node
+from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from hybridd.peer.discovery import SERVICE_TYPE
 from hybridd.peer.identity import Identity, new_identity
-from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import http, stop_daemon, wait_for
 from tests.nodes import node_config as shared_node_config
 

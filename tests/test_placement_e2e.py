@@ -12,10 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from hybridd.model.memory import RunSettings, estimate_memory
 from hybridd.model.spec import model_spec
 from hybridd.probe.gguf_file import read_gguf_header
-from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import engine_processes, wait_for
 from tests.fake_upstream import FakeEngine, sse, start_fake
 

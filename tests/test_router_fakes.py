@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -16,13 +16,13 @@ from aiohttp.test_utils import TestServer
 
 from hybridd.api import keys
 from hybridd.api.app import make_app
-from hybridd.node.catalog import Catalog
 from hybridd.config import ModelEntry, parse_config
+from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from hybridd.engine.base import EngineState
-from hybridd.place.breaker import Breaker
+from hybridd.node.catalog import Catalog
 from hybridd.node.resources import configured_peers, local_hardware
 from hybridd.node.router import Router
-from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
+from hybridd.place.breaker import Breaker
 from tests.conftest import wait_for
 from tests.fake_upstream import FakeEngine, sse, start_fake
 from tests.test_placement_e2e import chat, config, need_bytes
@@ -135,16 +135,14 @@ async def test_a_request_while_the_reaper_stops_its_engine_waits_and_reloads(mod
     one = need_bytes(models[0], 4096)
     node = await node_factory(config(models, one * 4, None, idle_ttl_a=0.2))
     assert (await chat(node.url, "a"))[0] == 200
-    held = dict(node.router.ledger.held(KEY_A))
+    held = dict(node.router.state.ledger.held(KEY_A))
     assert held
-    # a's first load ended long ago, as a real reaper's idle TTL makes sure: only a reload can be left to wait for
-    node.router.ready_at[KEY_A] = node.router.clock() - 60
 
     await until(lambda: lab.stops_begun, "the reaper to begin stopping a's engine")
     # a's request arrives while the old process is still exiting: it waits for the stop, then a loads again.
     request = asyncio.ensure_future(chat(node.url, "a"))
     await until(lambda: node.router.pool.slots[KEY_A].waiting, "a's request to wait for a's engine")
-    assert dict(node.router.ledger.held(KEY_A)) == held  # the exiting process keeps its bytes
+    assert dict(node.router.state.ledger.held(KEY_A)) == held  # the exiting process keeps its bytes
     assert "engine a@4096 loading (" in node.router.decisions[-1]["reason"]  # a load to wait for, not "loaded"
     assert lab.starts == ["a"]  # nothing starts before the old process is gone
     lab.permits.release()
@@ -152,8 +150,8 @@ async def test_a_request_while_the_reaper_stops_its_engine_waits_and_reloads(mod
     assert code == 200 and headers["x-hybridd-placement"] == "local", reply
     assert lab.starts == ["a", "a"] and not lab.overlaps
     # The engine that replaced it holds the same reservation (its stop did not take the new engine's bytes).
-    assert dict(node.router.ledger.held(KEY_A)) == held
-    assert node.router.ledger.keys == (KEY_A,)
+    assert dict(node.router.state.ledger.held(KEY_A)) == held
+    assert node.router.state.ledger.keys == (KEY_A,)
 
 
 async def test_another_model_waits_until_the_stopping_engine_is_gone(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
@@ -170,7 +168,7 @@ async def test_another_model_waits_until_the_stopping_engine_is_gone(models, lab
     code, headers, reply = await request
     assert code == 200 and headers["x-hybridd-placement"] == "local", reply
     assert lab.starts == ["a", "b"] and not lab.overlaps
-    assert node.router.ledger.keys == (KEY_B,)
+    assert node.router.state.ledger.keys == (KEY_B,)
 
 
 
@@ -203,9 +201,9 @@ async def test_a_client_that_hangs_up_at_done_still_teaches_speed_and_length(mod
     await lab.upstream.release.put(b"data: [DONE]\n\n")
     await request
     assert len(events) == 32 and events[-1] == b"data: [DONE]"
-    await until(lambda: "a" in node.router.lengths.models, "the stream's length to be learned")
-    assert node.router.lengths.tokens["a"] == 30  # 32 events, less what llama.cpp adds: a finish event, [DONE]
-    assert set(node.router.calibration.ratios) == {("desk", "a"), ("desk", "*")}
+    await until(lambda: "a" in node.router.state.lengths.models, "the stream's length to be learned")
+    assert node.router.state.lengths.tokens["a"] == 30  # 32 events, less what llama.cpp adds: a finish event, [DONE]
+    assert set(node.router.state.calibration.ratios) == {("desk", "a"), ("desk", "*")}
 
 
 async def test_a_stream_cut_short_by_its_client_teaches_no_length(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
@@ -216,7 +214,7 @@ async def test_a_stream_cut_short_by_its_client_teaches_no_length(models, lab, n
     await stream_until(node.url, "a", sse("19").strip(), events)
     assert len(events) == 20
     await until(lambda: lab.upstream.disconnected.is_set(), "hybridd to drop the engine's stream")
-    assert "a" not in node.router.lengths.models  # where the client stopped reading, not the answer's length
+    assert "a" not in node.router.state.lengths.models  # where the client stopped reading, not the answer's length
 
 
 async def test_a_forwarded_stream_teaches_its_length_though_the_client_hangs_up(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
@@ -228,18 +226,19 @@ async def test_a_forwarded_stream_teaches_its_length_though_the_client_hangs_up(
     await stream_until(node.url, "b", b"data: [DONE]", events, hints={"placement": "peer"})
     assert len(events) == 13 and node.router.decisions[-1]["placement"] == "peer:spark"
     assert lab.upstream.headers[-1]["x-hybridd-forwarded"] == "1"
-    await until(lambda: "b" in node.router.lengths.models, "the forwarded stream's length to be learned")
-    assert node.router.lengths.tokens["b"] == 11
+    await until(lambda: "b" in node.router.state.lengths.models, "the forwarded stream's length to be learned")
+    assert node.router.state.lengths.tokens["b"] == 11
 
 
 async def test_a_probe_answered_closes_the_breaker_though_the_client_hangs_up(models, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
     node = await node_factory(config(models, need_bytes(models[0], 4096) * 4, lab.url, '["b"]', idle_ttl_a=600))
     router = node.router
-    router.breakers["spark"] = Breaker(failures=3, opened_at=router.clock() - 100)  # failed long ago: one probe
+    failed_long_ago = Breaker(failures=3, opened_at=router.clock() - 100)  # open, and due for one probe
+    router.state = replace(router.state, breakers={"spark": failed_long_ago})
     await lab.upstream.release.put(sse("x"))
     await lab.upstream.release.put(b"data: [DONE]\n\n")
     events: list[bytes] = []
     await stream_until(node.url, "b", b"data: [DONE]", events, hints={"placement": "peer"})
     assert events[-1] == b"data: [DONE]" and lab.upstream.requests
     # the peer answered: closed, not stuck open with a probe that never reported back
-    await until(lambda: router.breakers["spark"].state(router.clock()) == "closed", "the breaker to close")
+    await until(lambda: router.state.breaker("spark").state(router.clock()) == "closed", "the breaker to close")

@@ -8,8 +8,8 @@ from functools import cache
 import pytest
 
 from hybridd.model.spec import ModelSpec, model_spec
+from hybridd.place.backlog import Backlog
 from hybridd.place.buckets import context_bucket
-from hybridd.place.hardware import Hardware
 from hybridd.place.ledger import Ledger
 from hybridd.place.scheduler import (
     Decision,
@@ -18,15 +18,30 @@ from hybridd.place.scheduler import (
     LocalState,
     Option,
     PeerState,
+    Placement,
     RequestNeed,
     decide,
-    ledger_for,
     queue_full,
+)
+from hybridd.place.state import (
+    NO_ANSWER,
+    Answered,
+    EngineLoaded,
+    EngineRecord,
+    Event,
+    Observation,
+    PlacementState,
+    Refuse,
+    Step,
+    Ticket,
+    apply,
+    commit,
 )
 from hybridd.probe.hardware_profiles import load_hardware_profile
 from hybridd.probe.model_profiles import load_profile, profile_header
 
 GIB = 1024**3
+ANSWERED = Observation(responded=True, complete=True, completion_tokens=500)
 DESKTOP = load_hardware_profile("desktop-4090-5070ti").hardware()
 SPARK = load_hardware_profile("dgx-spark").hardware()
 GPU0 = DESKTOP.devices[0].name
@@ -48,40 +63,52 @@ def spark_peer(*models: str, **kw: object) -> PeerState:
 
 @dataclass
 class Node:
-    """A fake node: commits decisions the way the daemon does (evict, reserve, engine loading)."""
+    """A node driven through the placement state's own transitions (place/state.py) on a fake clock."""
 
-    hardware: Hardware = DESKTOP
-    ledger: Ledger = field(default_factory=lambda: ledger_for(DESKTOP))
-    engines: dict[str, EngineState] = field(default_factory=dict)
+    state: PlacementState = field(default_factory=lambda: PlacementState.empty(DESKTOP))
     now: float = 0.0
+    tickets: dict[str, list[Ticket]] = field(default_factory=dict)  # per engine, its requests not yet answered
 
-    def state(self) -> LocalState:
-        return LocalState(self.hardware, self.ledger, tuple(self.engines.values()))
+    @property
+    def ledger(self) -> Ledger:
+        return self.state.ledger
+
+    @property
+    def engines(self) -> dict[str, EngineState]:
+        return {key: record.view(self.now) for key, record in self.state.engines.items()}
+
+    def local(self) -> LocalState:
+        return self.state.local(self.now)
 
     def decide(self, request: RequestNeed, peers: tuple[PeerState, ...] = (), **kw: object) -> Decision:
-        return decide(request, self.state(), peers, self.now, **kw)  # type: ignore[arg-type]
+        return decide(request, self.local(), peers, self.now, **kw)  # type: ignore[arg-type]
 
-    def commit(self, option: Option, model: str, ledger: Ledger | None = None) -> bool:
-        ledger = ledger or self.ledger
-        if option.engine is not None:
-            e = self.engines[option.engine]
-            self.engines[e.key] = replace(e, in_flight=e.in_flight + 1, last_used=self.now)
-            return True
-        for key in option.evict:
-            assert self.engines[key].idle
-            ledger.release(key)
-            del self.engines[key]
-        assert option.engine_key is not None and option.speed is not None
-        if not ledger.reserve(option.engine_key, option.reserve):
-            return False
-        self.engines[option.engine_key] = EngineState(option.engine_key, model, option.ctx, option.speed,
-                                                      in_flight=1, loading=True, last_used=self.now,
-                                                      ready_at=self.now + option.load_s, request_s=option.total_s)
-        return True
+    def commit(self, decision: Decision, request: RequestNeed) -> Step:
+        step = commit(self.state, request, decision, self.now)
+        self.state = step.state
+        if step.ticket is not None and step.ticket.engine is not None:
+            self.tickets.setdefault(step.ticket.engine, []).append(step.ticket)
+        return step
+
+    def feed(self, event: Event) -> None:
+        self.state = apply(self.state, event, self.now).state
 
     def finish(self, key: str) -> None:
-        e = self.engines[key]
-        self.engines[key] = replace(e, in_flight=e.in_flight - 1, loading=False, last_used=self.now)
+        """The engine of key is up (if it was not) and its oldest request has been answered."""
+        if not self.state.engines[key].loaded:
+            self.feed(EngineLoaded(key))
+        self.feed(Answered(self.tickets[key].pop(0), ANSWERED, service_s=1.0))
+
+    def put(self, record: EngineRecord, held: dict[str, int]) -> None:
+        """An engine the test describes whole, holding `held` bytes."""
+        ledger = self.ledger.copy()
+        assert ledger.reserve(record.key, held)
+        self.state = replace(self.state, ledger=ledger, engines={**self.state.engines, record.key: record})
+
+    def with_capacity(self, device: str, usable_bytes: int) -> None:
+        ledger = self.ledger.copy()
+        ledger.set_capacity(device, usable_bytes)
+        self.state = replace(self.state, ledger=ledger)
 
 
 def option(decision: Decision, placement: str) -> Option:
@@ -110,10 +137,17 @@ def busy_node(backlog_s: float) -> Node:
     """Another model busy on both GPUs for `backlog_s` more seconds leaves room for GLM only with much of it in
     RAM."""
     node = Node()
-    assert node.ledger.reserve("busy", {GPU0: 23 * GIB, DESKTOP.devices[1].name: 8 * GIB})
-    node.engines["busy"] = EngineState("busy", "other", 8192, option(node.decide(need("llama-3.1-8b")), "local").speed,
-                                       in_flight=1, request_s=30.0, backlog_s=backlog_s)
+    node.put(busy_engine(node, "busy", request_s=30.0, backlog_s=backlog_s),
+             {GPU0: 23 * GIB, DESKTOP.devices[1].name: 8 * GIB})
     return node
+
+
+def busy_engine(node: Node, key: str, request_s: float, backlog_s: float) -> EngineRecord:
+    """An engine of another model, up and running one request predicted to take `backlog_s` more seconds."""
+    speed = option(node.decide(need("llama-3.1-8b")), "local").speed
+    assert speed is not None
+    return EngineRecord(key, "other", 8192, Placement.LOCAL, speed, 0.0, 0.0, 0.0, request_s,
+                        Backlog((backlog_s,), since=node.now), loaded=True)
 
 
 GLM_24K = need("glm-4.7-flash", "Q4_K_M", prompt=24_000, max_tokens=2000)
@@ -138,7 +172,7 @@ def test_a_load_waits_for_a_busy_engine_that_finishes_soon_rather_than_offload()
     # the load itself is all on the GPUs: that is what waiting buys
     assert not d.chosen.offload_layers and not d.chosen.n_cpu_moe
     # an engine being evicted is never loaded again under its key until it is gone
-    leaving = replace(node.state(), leaving=frozenset({d.chosen.engine_key or ""}))
+    leaving = replace(node.local(), leaving=frozenset({d.chosen.engine_key or ""}))
     again = decide(GLM_24K, leaving, (), node.now)
     assert all(o.engine_key != d.chosen.engine_key for o in again.options if o.feasible)
 
@@ -174,7 +208,7 @@ def test_a_busy_engine_on_the_peer_is_weighed_against_a_second_one_there() -> No
 
 def test_an_offloaded_load_may_wait_for_a_busy_engine_when_nothing_else_can_hold_it() -> None:
     node = busy_node(60.0)
-    node.ledger.set_capacity("host", 30 * GIB)  # too little RAM for gpt-oss-120b beside the busy engine
+    node.with_capacity("host", 30 * GIB)  # too little RAM for gpt-oss-120b beside the busy engine
     d = node.decide(need("gpt-oss-120b", prompt=8000, max_tokens=1000, hint=Hint.LOCAL))
     assert d.placement == "local-offload" and d.chosen is not None
     assert d.chosen.drain == ("busy",) and d.chosen.wait_s == 60.0
@@ -191,7 +225,7 @@ def test_gpt_oss_120b_goes_to_the_spark() -> None:
 def test_context_tiering_short_local_long_forwarded() -> None:
     peers = (spark_peer("qwen3-coder-30b-a3b"),)
     node = Node()
-    node.ledger.set_capacity("host", 2 * GIB)  # system RAM taken by other work: no room to spill experts
+    node.with_capacity("host", 2 * GIB)  # system RAM taken by other work: no room to spill experts
     short = node.decide(need("qwen3-coder-30b-a3b", prompt=6000, max_tokens=2000), peers)
     long = node.decide(need("qwen3-coder-30b-a3b", prompt=240_000, max_tokens=8000), peers)
     assert short.placement == "local" and short.ctx == 8192
@@ -202,14 +236,18 @@ def test_context_tiering_short_local_long_forwarded() -> None:
 def test_two_requests_that_each_fit_but_not_together_never_both_reserve() -> None:
     node = Node()
     peers = (spark_peer("glm-4.7-flash", "gemma-3-27b"),)
-    first = node.decide(need("glm-4.7-flash", "Q8_0", prompt=20_000), peers)
-    second_stale = node.decide(need("gemma-3-27b", "Q8_0", prompt=20_000), peers)
+    glm, gemma = need("glm-4.7-flash", "Q8_0", prompt=20_000), need("gemma-3-27b", "Q8_0", prompt=20_000)
+    first = node.decide(glm, peers)
+    second_stale = node.decide(gemma, peers)
     assert first.placement == second_stale.placement == "local"  # each fits alone
     assert first.chosen and second_stale.chosen
-    assert node.commit(first.chosen, "glm-4.7-flash")
-    # a decision made on the stale snapshot is refused by the ledger, the owner of the state
-    assert not node.ledger.reserve("gemma@32768", second_stale.chosen.reserve)
-    second = node.decide(need("gemma-3-27b", "Q8_0", prompt=20_000), peers)
+    assert node.commit(first, glm).ticket is not None
+    # a decision made on the stale snapshot is refused when committed: the state owns the ledger
+    stale = node.commit(second_stale, gemma)
+    assert stale.ticket is None and isinstance(stale.effects[0], Refuse) and stale.effects[0].status == 503
+    assert "its memory was taken meanwhile" in stale.effects[0].reason
+    assert node.ledger.keys == (first.chosen.engine_key,)
+    second = node.decide(gemma, peers)
     # the only engine is busy: the second goes elsewhere or waits for it to finish, never evicts it at once
     assert all(o.drain == o.evict for o in second.options)
     on_gpus = [o for o in second.options if o.placement == "local" and o.feasible]
@@ -223,7 +261,7 @@ def test_eviction_takes_the_lru_idle_engine_never_one_in_flight() -> None:
                                         ("glm-4.7-flash", "Q4_K_M"))):
         node.now = float(t)
         d = node.decide(need(model, quant))
-        assert d.placement == "local" and d.chosen and node.commit(d.chosen, model)
+        assert d.placement == "local" and node.commit(d, need(model, quant)).ticket
     node.now = 10.0
     node.finish("gpt-oss-20b@4096")  # idle, last used at 10
     node.now = 20.0
@@ -231,8 +269,9 @@ def test_eviction_takes_the_lru_idle_engine_never_one_in_flight() -> None:
     d = node.decide(need("gemma-3-27b", "Q8_0"))
     assert d.placement == "local" and d.chosen is not None
     assert d.chosen.evict == ("gpt-oss-20b@4096", "glm-4.7-flash@4096")
-    assert node.commit(d.chosen, "gemma-3-27b")
-    assert "llama-3.1-8b@4096" in node.engines
+    assert node.commit(d, need("gemma-3-27b", "Q8_0")).ticket
+    assert "llama-3.1-8b@4096" in node.engines and not node.state.engines["llama-3.1-8b@4096"].leaving
+    assert {k for k, r in node.state.engines.items() if r.leaving} == {"gpt-oss-20b@4096", "glm-4.7-flash@4096"}
 
 
 def test_ties_stay_local() -> None:
@@ -262,8 +301,8 @@ def test_min_ctx_raises_the_context_and_can_force_the_peer() -> None:
 
 def test_a_loaded_engine_with_enough_context_is_reused_without_load_time() -> None:
     node = Node()
-    d = node.decide(need("glm-4.7-flash", "Q4_K_M", prompt=20_000))
-    assert d.chosen and node.commit(d.chosen, "glm-4.7-flash")
+    first = need("glm-4.7-flash", "Q4_K_M", prompt=20_000)
+    assert node.commit(node.decide(first), first).ticket
     node.now = 100.0
     node.finish("glm-4.7-flash@32768")
     again = node.decide(need("glm-4.7-flash", "Q4_K_M", prompt=500))  # 4k need: the 32k engine serves it
@@ -274,12 +313,13 @@ def test_a_loaded_engine_with_enough_context_is_reused_without_load_time() -> No
 
 def test_a_request_for_an_engine_still_loading_waits_for_the_rest_of_its_load() -> None:
     node = Node()
-    d = node.decide(need("glm-4.7-flash", "Q4_K_M", prompt=20_000))
-    assert d.chosen and node.commit(d.chosen, "glm-4.7-flash")
+    first = need("glm-4.7-flash", "Q4_K_M", prompt=20_000)
+    d = node.decide(first)
+    assert d.chosen and node.commit(d, first).ticket
     load = d.chosen.load_s
     node.now = load / 4
     key = "glm-4.7-flash@32768"
-    node.engines[key] = replace(node.engines[key], in_flight=0, backlog_s=0.0)  # loading, nothing admitted yet
+    node.feed(Answered(node.tickets[key].pop(), NO_ANSWER))  # its client left: loading, nothing admitted now
     again = node.decide(need("glm-4.7-flash", "Q4_K_M", prompt=500))
     assert again.chosen is not None and again.chosen.engine == key
     assert again.chosen.load_s == pytest.approx(load * 3 / 4) and again.chosen.wait_s == 0
@@ -288,17 +328,20 @@ def test_a_request_for_an_engine_still_loading_waits_for_the_rest_of_its_load() 
 
 def test_a_busy_engine_counts_its_queue_and_a_full_queue_gives_429() -> None:
     node = Node()
-    d = node.decide(need("glm-4.7-flash", "Q8_0", prompt=20_000))
-    assert d.chosen and node.commit(d.chosen, "glm-4.7-flash")
+    glm = need("glm-4.7-flash", "Q8_0", prompt=20_000, hint=Hint.LOCAL)
     key = "glm-4.7-flash@32768"
-    node.engines[key] = replace(node.engines[key], loading=False, queued=4, request_s=10.0)
-    assert queue_full(node.engines[key], 4)
-    node.ledger.set_capacity("host", 0)
-    d = node.decide(need("glm-4.7-flash", "Q8_0", prompt=20_000, hint=Hint.LOCAL), queue_limit=4)
-    # a second copy of the model does not fit beside the first, so only the full queue is left
+    for n in range(5):  # one running, four queued behind it
+        d = node.decide(glm, queue_limit=4)
+        assert d.chosen and node.commit(d, glm).ticket
+        assert d.chosen.engine == (key if n else None)
+        if not n:
+            node.feed(EngineLoaded(key))
+            node.with_capacity("host", 0)  # a second copy of the model does not fit beside the first
+    assert node.engines[key].in_flight == 1 and queue_full(node.engines[key], 4)
+    d = node.decide(glm, queue_limit=4)  # only the full queue is left
     assert (d.status, d.code) == (429, "queue_full") and d.retry_after_s and d.retry_after_s >= 1
-    waited = node.decide(need("glm-4.7-flash", "Q8_0", prompt=20_000))
-    assert waited.chosen and waited.chosen.wait_s == pytest.approx(1 * 10.0 / 2 + 4 * 10.0)
+    waited = node.decide(glm)
+    assert waited.chosen and waited.chosen.wait_s == pytest.approx(sum(node.state.engines[key].backlog.outstanding))
 
 
 def test_context_beyond_the_trained_context_is_400() -> None:
@@ -315,10 +358,8 @@ def test_a_model_that_fits_nowhere_is_507_with_the_numbers() -> None:
 
 def test_busy_now_but_not_forever_is_503() -> None:
     node = Node()
-    assert node.ledger.reserve("busy", {GPU0: 23 * GIB})
-    node.engines["busy"] = replace(EngineState("busy", "x", 4096, option(Node().decide(need("llama-3.1-8b")),
-                                                                         "local").speed), in_flight=1, request_s=7.0)
-    node.ledger.set_capacity("host", 0)  # nothing can spill to RAM either
+    node.put(busy_engine(node, "busy", request_s=7.0, backlog_s=7.0), {GPU0: 23 * GIB})
+    node.with_capacity("host", 0)  # nothing can spill to RAM either
     d = node.decide(need("gemma-3-27b", "Q8_0", prompt=20_000), (spark_peer("gemma-3-27b", up=False),))
     assert (d.status, d.code) == (503, "capacity_busy") and d.retry_after_s == 7.0
 
@@ -347,13 +388,14 @@ def test_what_a_node_reports_to_its_peers_lets_them_predict_the_wait() -> None:
 
     node = Node()
     for model, quant in (("glm-4.7-flash", "Q4_K_M"), ("llama-3.1-8b", None)):
-        d = node.decide(need(model, quant))
-        assert d.chosen and node.commit(d.chosen, model)
+        assert node.commit(node.decide(need(model, quant)), need(model, quant)).ticket
     glm, llama = "glm-4.7-flash@4096", "llama-3.1-8b@4096"
-    node.engines[glm] = replace(node.engines[glm], loading=False, in_flight=1, backlog_s=30.0)
+    node.feed(EngineLoaded(glm))  # up and running its one request
     node.finish(llama)  # idle: a new load here would evict it, so its bytes count as free
-    view = peer_view(node.state(), node.now)
+    left = node.state.engines[glm].backlog.seconds(node.now)
+    assert left > 0
+    view = peer_view(node.local(), node.now)
     free = node.ledger.free()
     assert view.free_bytes[GPU0] == free[GPU0] + node.ledger.held(llama).get(GPU0, 0)
-    assert view.backlog_s == {"glm-4.7-flash": 30.0, "llama-3.1-8b": 0.0}
-    assert [(d.backlog_s, dict(d.held)) for d in view.draining] == [(30.0, dict(node.ledger.held(glm)))]
+    assert view.backlog_s == {"glm-4.7-flash": left, "llama-3.1-8b": 0.0}
+    assert [(d.backlog_s, dict(d.held)) for d in view.draining] == [(left, dict(node.ledger.held(glm)))]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from hybridd.node.sizing import Tokenizers, guess_tokens, request_text
 from hybridd.demo.tiny_gguf import CHAT_TEMPLATE
+from hybridd.node.sizing import Tokenizers, guess_tokens, request_text
 
 CHAT = {"messages": [{"role": "system", "content": "You are terse."},
                      {"role": "user", "content": "def add(a, b):\n    return a + b\n" * 20}]}

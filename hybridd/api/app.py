@@ -15,14 +15,16 @@ from hybridd.api import routes_openai, routes_peers, routes_status
 from hybridd.api.envelope import envelope_middleware
 from hybridd.api.guards import make_guard
 from hybridd.api.keys import HTTP, NODE, PEER, POOL, ROUTER, Node
-from hybridd.node.catalog import Catalog
 from hybridd.config import Config, ModelEntry
 from hybridd.engine.base import Engine
 from hybridd.engine.external import ExternalEngine
 from hybridd.engine.llamacpp import LlamaCppEngine
 from hybridd.engine.pool import EnginePool
+from hybridd.node.catalog import Catalog
+from hybridd.node.peering import PeerNode
+from hybridd.node.resources import Peer
+from hybridd.node.router import Router
 from hybridd.place.hardware import Hardware
-from hybridd.node.router import Peer, Router
 
 EngineMaker = Callable[[ModelEntry, aiohttp.ClientSession], Engine]
 
@@ -63,8 +65,6 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
         app[HTTP], app[POOL] = http, pool
         app[ROUTER] = router = Router(config, catalog, pool, hardware, peers)
         if peering is not None:
-            from hybridd.node.peering import PeerNode
-
             state_dir, name = peering
             app[PEER] = PeerNode(config, state_dir, name, router, catalog, pool)
         reaper = asyncio.create_task(pool.reap_forever(), name="idle-reaper")

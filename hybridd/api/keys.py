@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from hybridd.node.catalog import Catalog
 from hybridd.config import Config
 from hybridd.engine.pool import EnginePool
+from hybridd.node.catalog import Catalog
 from hybridd.node.peering import PeerNode
 from hybridd.node.router import Router
 

@@ -1,4 +1,5 @@
-"""Forward one inference request to an engine and pass its answer through, streams chunk by chunk."""
+"""The one seam to upstreams: send a request along its route (an engine or a peer), pass the answer to the client
+(streams chunk by chunk), and return the response with one observation of the answer for placement to learn from."""
 
 from __future__ import annotations
 
@@ -7,29 +8,27 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from hybridd.api.envelope import error_body, sse_error_event
 from hybridd.errors import EngineFailed, UpstreamUnreachable
+from hybridd.node.router import Answer, Route
+from hybridd.place.state import Observation
 
 log = logging.getLogger("hybridd.api")
 
 
 @dataclass
-class StreamStats:
-    """What an answer looked like: server-sent events passed and when the first and last arrived, or for a whole
-    answer the completion tokens its usage reported."""
+class StreamTally:
+    """What this module counts while a stream passes: server-sent events and when the first and last arrived."""
 
     events: int = 0
     first_events: int = 0  # those that came in the first read: they mark when decoding was under way
     first_at: float = 0.0
     last_at: float = 0.0
-    usage_tokens: int | None = None
-    responded: bool = False  # the upstream answered (a status line came back), whatever followed
-    complete: bool = False  # the engine's answer arrived whole: a 200 read to its end, or a stream up to [DONE]
+    done: bool = False  # the [DONE] event came
 
     def decode_tok_s(self) -> float | None:
         """Events per second after the first read (llama.cpp servers send one per token); None when fewer than 8
@@ -39,74 +38,83 @@ class StreamStats:
             return None
         return after / (self.last_at - self.first_at)
 
-    def completion_tokens(self) -> int:
-        """The completion's tokens: exact from a whole answer's usage; about, for a stream, since llama.cpp
-        servers send one event per token, then the finish reason and [DONE]; 0: none seen."""
-        if self.usage_tokens is not None:
-            return self.usage_tokens
-        return max(0, self.events - 2)
+    def observation(self) -> Observation:
+        """The stream as placement learns from it; its length is about, since llama.cpp servers send one event per
+        token, then the finish reason and [DONE]."""
+        return Observation(responded=True, complete=self.done, completion_tokens=max(0, self.events - 2),
+                           decode_tok_s=self.decode_tok_s())
+
 
 # Hop-by-hop and framing headers are ours to set, not the engine's.
 _DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding",
                           "date", "server"}
 
 
-async def forward(
-    request: web.Request,
-    http: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    stream: bool,
-    extra_headers: dict[str, str],
-    api_key: str | None = None,
-    upstream_headers: dict[str, str] | None = None,
-    stats: StreamStats | None = None,
-    first_byte_timeout_s: float | None = None,
-    idle_timeout_s: float | None = None,
-    ssl: Any = True,
-) -> web.StreamResponse:
-    """POST body to url; answer the client with the engine's response plus extra_headers.
+async def forward(http: aiohttp.ClientSession, route: Route, client: web.Request, path: str, body: bytes,
+                  stream: bool, upstream_headers: dict[str, str] | None = None) -> Answer[web.StreamResponse]:
+    """POST body to the route's upstream at path; answer the client with its response plus the placement headers.
 
-    first_byte_timeout_s bounds the wait for the response headers (a peer may be loading a model);
-    idle_timeout_s bounds each wait between chunks (a hung peer). UpstreamUnreachable means nothing was sent
-    to the client yet, so the caller may retry elsewhere.
+    The route's first-byte timeout bounds the wait for the response headers (a peer may be loading a model), its
+    idle timeout each wait between chunks (a hung peer). UpstreamUnreachable means nothing was sent to the client
+    yet, so the caller may retry elsewhere. A client that goes away once the answer has begun ends it early: the
+    answer then says `cancelled`, with what was observed until then.
     """
+    url = route.base_url + path
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **(upstream_headers or {})}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+    if route.api_key:
+        headers["Authorization"] = f"Bearer {route.api_key}"
     try:
-        async with asyncio.timeout(first_byte_timeout_s):
-            upstream = await http.post(url, data=body, headers=headers, ssl=ssl)
+        async with asyncio.timeout(route.first_byte_timeout_s):
+            upstream = await http.post(url, data=body, headers=headers, ssl=route.ssl)
     except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnreachable(f"{url} could not be reached: {exc}") from exc
+        raise _unreachable(route, f"{url} could not be reached: {exc}") from exc
     except TimeoutError as exc:
-        raise UpstreamUnreachable(f"{url} sent nothing within {first_byte_timeout_s:g} s") from exc
-    if stats is not None:
-        stats.responded = True
+        raise _unreachable(route, f"{url} sent nothing within {route.first_byte_timeout_s:g} s") from exc
     try:
         if not stream or upstream.status != 200:
-            return await _whole(upstream, url, extra_headers, stats)
-        return await _stream(request, upstream, url, extra_headers, stats or StreamStats(), idle_timeout_s)
+            return await _whole(upstream, url, _reply_headers(route))
+        return await _stream(client, upstream, url, _reply_headers(route), route.idle_timeout_s)
     finally:
         # Closing (not releasing) an unfinished response drops the connection: the engine sees the
         # disconnect and stops generating for a client that is gone.
         upstream.close()
 
 
-async def _whole(upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str],
-                 stats: StreamStats | None = None) -> web.Response:
+def _unreachable(route: Route, message: str) -> UpstreamUnreachable:
+    error = UpstreamUnreachable(message)
+    error.peer = route.peer
+    return error
+
+
+def _reply_headers(route: Route) -> dict[str, str]:
+    reason = route.reason
+    if route.cold_start_s is not None:
+        reason += f"; engine loaded in {route.cold_start_s:.1f} s"
+    return {"x-hybridd-placement": route.placement, "x-hybridd-reason": _header_safe(reason)}
+
+
+def _header_safe(text: str) -> str:
+    """One line of printable ASCII: an HTTP header value cannot carry more."""
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:1000]
+
+
+async def _whole(upstream: aiohttp.ClientResponse, url: str,
+                 extra_headers: dict[str, str]) -> Answer[web.StreamResponse]:
     try:
         payload = await upstream.read()
     except aiohttp.ClientError as exc:
         raise EngineFailed(f"engine at {url} failed mid-response: {exc}") from exc
-    if stats is not None and upstream.status == 200:
-        stats.usage_tokens, stats.complete = _usage_tokens(payload), True
+    except asyncio.CancelledError:
+        return Answer(web.Response(status=499), Observation(responded=True), cancelled=True)
+    seen = Observation(responded=True)
+    if upstream.status == 200:
+        seen = Observation(responded=True, complete=True, completion_tokens=_usage_tokens(payload) or 0)
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
     headers.update(extra_headers)
     if upstream.status >= 400:
         payload = _as_envelope(upstream.status, payload)
         headers["Content-Type"] = "application/json"
-    return web.Response(body=payload, status=upstream.status, headers=headers)
+    return Answer(web.Response(body=payload, status=upstream.status, headers=headers), seen)
 
 
 def _usage_tokens(payload: bytes) -> int | None:
@@ -134,17 +142,27 @@ def _as_envelope(status: int, payload: bytes) -> bytes:
     return json.dumps(error_body(f"engine error: {message}", kind, "engine_error")).encode()
 
 
-async def _stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str],
-    stats: StreamStats,
-    idle_timeout_s: float | None = None,
-) -> web.StreamResponse:
+async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str],
+                  idle_timeout_s: float | None = None) -> Answer[web.StreamResponse]:
     response = web.StreamResponse(status=200)
     response.content_type = "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     response.headers.update(extra_headers)
-    await response.prepare(request)
+    tally = StreamTally()
+    try:
+        await response.prepare(client)
+        await _pump(upstream, response, url, tally, idle_timeout_s)
+    except asyncio.CancelledError:
+        # The client went away (its handler is cancelled): what passed until then is still an observation.
+        return Answer(response, tally.observation(), cancelled=True)
+    except ConnectionResetError:
+        return Answer(response, tally.observation())
+    return Answer(response, tally.observation())
+
+
+async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse, url: str, tally: StreamTally,
+                idle_timeout_s: float | None) -> None:
     # iter_any hands over whatever bytes have arrived: no line splitting, no waiting for more.
     chunks = upstream.content.iter_any()
     partial = b""  # the start of an event the engine has not finished yet
@@ -172,14 +190,13 @@ async def _stream(
         chunk, partial = data[:end + 2], data[end + 2:]
         now = time.monotonic()
         events = chunk.count(b"data: ")
-        if not stats.events:
-            stats.first_at, stats.first_events = now, events
-        stats.events += events
-        stats.last_at = now
+        if not tally.events:
+            tally.first_at, tally.first_events = now, events
+        tally.events += events
+        tally.last_at = now
         # [DONE] as an event of its own (JSON text cannot hold a raw newline, so a model writing it cannot match)
-        stats.complete = stats.complete or chunk.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in chunk
+        tally.done = tally.done or chunk.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in chunk
         # A client that went away makes this raise ConnectionResetError; forward() then drops the engine's
         # connection, which cancels its work.
         await response.write(chunk)
     await response.write_eof()
-    return response

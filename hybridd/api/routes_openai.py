@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,9 +10,10 @@ from aiohttp import web
 
 from hybridd.api import keys
 from hybridd.api.proxy import forward
-from hybridd.api.schema import PATHS, Endpoint, InferenceRequest, parse_inference
 from hybridd.config import ModelEntry
 from hybridd.errors import BadRequest, ModelNotFound, UpstreamUnreachable
+from hybridd.node.request import PATHS, Endpoint, InferenceRequest, parse_inference
+from hybridd.node.router import Answer, Route
 
 
 def add_routes(app: web.Application) -> None:
@@ -106,32 +108,21 @@ def _inference(endpoint: Endpoint) -> Any:
 async def _serve(request: web.Request, endpoint: Endpoint, raw: bytes, inference: InferenceRequest,
                  model: ModelEntry, excluded: frozenset[str]) -> web.StreamResponse:
     """Route once and forward; an unreachable peer's error names the peer so the caller can retry elsewhere."""
-    router = request.app[keys.ROUTER]
-    async with router.route(inference, model, excluded) as route:
+
+    async def send(route: Route) -> Answer[web.StreamResponse]:
         body = inference.engine_body()
         if model.upstream_model and not route.forwarded:
             body["model"] = model.upstream_model
         payload = json.dumps(body).encode() if body != inference.body or inference.had_hints else raw
-        reason = route.reason
-        if route.cold_start_s is not None:
-            reason += f"; engine loaded in {route.cold_start_s:.1f} s"
-        headers = {"x-hybridd-placement": route.placement, "x-hybridd-reason": _header_safe(reason)}
         # A forwarded request is served where it lands: the peer must not forward it again.
         upstream_headers = {}
         if route.forwarded:
             upstream_headers = {"x-hybridd-forwarded": "1", "x-hybridd-placement": "local",
                                 "x-hybridd-min-ctx": str(inference.hints.min_ctx)}
-        try:
-            response = await forward(
-                request, request.app[keys.HTTP], route.base_url + PATHS[endpoint], payload, inference.stream,
-                headers, route.api_key, upstream_headers, route.stats, route.first_byte_timeout_s,
-                route.idle_timeout_s, route.ssl)
-        except UpstreamUnreachable as exc:
-            exc.peer = route.peer
-            raise
-        return response
+        return await forward(request.app[keys.HTTP], route, request, PATHS[endpoint], payload, inference.stream,
+                             upstream_headers)
 
-
-def _header_safe(text: str) -> str:
-    """One line of printable ASCII: an HTTP header value cannot carry more."""
-    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:1000]
+    answer = await request.app[keys.ROUTER].serve(inference, model, send, excluded)
+    if answer.cancelled:
+        raise asyncio.CancelledError
+    return answer.response

@@ -36,8 +36,8 @@ async def status(request: web.Request) -> web.Response:
         "peers": _peers(request),
         "decisions": list(request.app[keys.ROUTER].decisions)[-10:],
         "calibration": {f"{node}/{model}": round(f, 3)
-                        for (node, model), f in request.app[keys.ROUTER].calibration.ratios.items()},
-        "completion_tokens": {model: round(n) for model, n in request.app[keys.ROUTER].lengths.tokens.items()},
+                        for (node, model), f in request.app[keys.ROUTER].state.calibration.ratios.items()},
+        "completion_tokens": {model: round(n) for model, n in request.app[keys.ROUTER].state.lengths.tokens.items()},
     })
 
 

@@ -128,8 +128,8 @@ def _load(args: argparse.Namespace) -> tuple[Config, bool]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
-    from hybridd.node.catalog import build_catalog, scan_library, with_demo_model
     from hybridd.daemon import StartupError, serve
+    from hybridd.node.catalog import build_catalog, scan_library, with_demo_model
 
     try:
         config, found = _load(args)
@@ -243,11 +243,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print what a model needs and where it would fit."""
-    from hybridd.node.catalog import build_catalog, scan_library
-    from hybridd.errors import HybriddError
-    from hybridd.place.plan import render_plan_table
-    from hybridd.node.planning import PlanRequest, make_plan
     from hybridd.cli.views import render_options
+    from hybridd.errors import HybriddError
+    from hybridd.node.catalog import build_catalog, scan_library
+    from hybridd.node.planning import PlanRequest, make_plan
+    from hybridd.place.plan import render_plan_table
 
     if not args.model:
         print("hybridd plan: a MODEL is required (a GGUF path, a configured model or a profile name)",

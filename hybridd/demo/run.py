@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from hybridd.config import state_dir
-from hybridd.demo.model import demo_model
 from hybridd.demo.launch import RunningNode, start_node
+from hybridd.demo.model import demo_model
+from hybridd.model.memory import RunSettings, estimate_memory
+from hybridd.model.spec import model_spec
+from hybridd.place.devices import Device
+from hybridd.place.fit import fit_model
+from hybridd.probe.gguf_file import read_gguf_header
 
 PROMPT = "The three primary colors of light are"
 LONG_CTX = 32768
@@ -59,12 +64,6 @@ options = {{ {opts} }}
 
 def _budget(path: Path) -> tuple[int, int, int]:
     """GPU bytes the model needs at 4k and at the long context, and its host RAM, by hybridd's own estimate."""
-    from hybridd.model.memory import RunSettings, estimate_memory
-    from hybridd.model.spec import model_spec
-    from hybridd.place.devices import Device
-    from hybridd.place.fit import fit_model
-    from hybridd.probe.gguf_file import read_gguf_header
-
     header = read_gguf_header(path)
     spec = model_spec(header.metadata, header.tensors)
     short, long = (estimate_memory(spec, RunSettings(ctx=c, flash_attn=False)) for c in (4096, LONG_CTX))

@@ -78,12 +78,14 @@ class EnginePool:
 
     def __init__(
         self, factory: EngineFactory, clock: Callable[[], float] = time.monotonic,
-        on_stopped: Callable[[str], None] | None = None,
+        on_stopped: Callable[[str], None] | None = None, on_loaded: Callable[[str], None] | None = None,
     ) -> None:
         self.slots: dict[str, EngineSlot] = {}
         self.factory = factory
         self.clock = clock
+        # Told when an engine's process is gone and nothing waits for it (or its start failed), and when one is up.
         self.on_stopped = on_stopped or (lambda key: None)
+        self.on_loaded = on_loaded or (lambda key: None)
         self._wake = asyncio.Event()
         self._closed = False
 
@@ -153,6 +155,7 @@ class EnginePool:
             slot.loaded_at = slot.last_used = self.clock()
             slot.load_seconds = slot.loaded_at - started
             log.info("engine %s ready in %.2f s at %s", slot.key, slot.load_seconds, engine.base_url)
+            self.on_loaded(slot.key)
             return slot.load_seconds
 
     async def unload(self, key: str, reason: str) -> bool:

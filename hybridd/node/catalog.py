@@ -1,4 +1,5 @@
-"""The models this node serves: configured entries, GGUF files found in library dirs, or the demo default."""
+"""The models this node serves (configured entries, GGUF files found in library dirs, or the demo default), and the
+header each is sized by."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hybridd.config import Config, ModelEntry
-from hybridd.errors import ModelNotFound
+from hybridd.errors import HybriddError, ModelNotFound
+from hybridd.model.header import GgufHeader
+from hybridd.probe.gguf_file import read_gguf_header
+from hybridd.probe.model_profiles import load_profile, profile_header
 
 log = logging.getLogger("hybridd")
 
@@ -80,3 +84,12 @@ def with_demo_model(config: Config, path: Path, name: str, options: dict[str, st
     """The config plus one demo model entry (used when no config file exists at all)."""
     demo = config.engine.entry(name, path, aliases=("default",), options={**config.engine.options, **options})
     return replace(config, models=(*config.models, demo))
+
+
+def entry_header(model: ModelEntry) -> GgufHeader:
+    """A configured model's header: from its GGUF file, else from its profile (peer-only models)."""
+    if model.path is not None:
+        return read_gguf_header(model.path)
+    if model.profile is not None:
+        return profile_header(load_profile(model.profile), model.quant)
+    raise HybriddError(f"model '{model.name}' has neither a GGUF path nor a profile to size it by")

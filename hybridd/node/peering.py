@@ -16,9 +16,11 @@ import aiohttp
 from aiohttp import web
 
 from hybridd import __version__
-from hybridd.node.catalog import Catalog
 from hybridd.config import DEFAULT_LAN_PORT, Config
 from hybridd.engine.pool import EnginePool
+from hybridd.errors import ConfigError
+from hybridd.node.catalog import Catalog
+from hybridd.node.router import PeerTarget, Router
 from hybridd.peer.discovery import Advert, Discovery
 from hybridd.peer.errors import PairingError, UntrustedPeer
 from hybridd.peer.identity import Identity, load_or_create_identity
@@ -29,7 +31,7 @@ from hybridd.peer.tls import client_context, server_context
 from hybridd.place.hardware import Hardware
 from hybridd.place.peer_view import peer_view
 from hybridd.place.scheduler import Drain, PeerState
-from hybridd.node.router import PeerTarget, Router
+from hybridd.probe.hardware_profiles import load_hardware_profile
 
 log = logging.getLogger("hybridd.peer")
 
@@ -70,7 +72,7 @@ class PeerNode:
         for model in self.catalog.models:
             if not model.local:
                 continue
-            spec = self.router._specs.get(model.name)
+            spec = self.router.specs.get(model.name)
             max_ctx = spec.n_ctx_train if spec is not None and spec.n_ctx_train else model.ctx
             live = [s.run.ctx for s in self.pool.for_model(model.name) if s.live]
             offers.append(ModelOffer(id=model.name, max_ctx=max_ctx, loaded_ctx=max(live) if live else None))
@@ -216,9 +218,6 @@ class PeerNode:
     def _peer_hardware(self, profile: str) -> Hardware:
         """A peer's hardware from the profile its hello names (a Spark when unknown), read once per profile:
         every request asks for the peer targets."""
-        from hybridd.errors import ConfigError
-        from hybridd.probe.hardware_profiles import load_hardware_profile
-
         name = profile or "dgx-spark"
         if name not in self._hardware:
             try:

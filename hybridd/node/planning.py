@@ -7,19 +7,26 @@ profile or, without one, this machine as NVML and psutil see it now.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hybridd.node.catalog import Catalog
-from hybridd.config import KV_CACHE_TYPES, ModelEntry
-from hybridd.errors import BadRequest, HybriddError, ModelNotFound
+from hybridd.config import KV_CACHE_TYPES, Config
+from hybridd.errors import BadRequest, ModelNotFound
 from hybridd.model.header import GgufHeader
 from hybridd.model.memory import DEFAULT_CTX, RunSettings
-from hybridd.place.plan import plan
 from hybridd.model.spec import ModelSpec, model_spec
+from hybridd.node.catalog import Catalog, entry_header
+from hybridd.node.resources import hardware_from_snapshot, probe_machine
 from hybridd.place.devices import Device
 from hybridd.place.hardware import Hardware
+from hybridd.place.options import plan_options
+from hybridd.place.plan import plan
+from hybridd.probe.gguf_file import read_gguf_header
+from hybridd.probe.gpus import devices_from_snapshot
+from hybridd.probe.hardware_profiles import load_hardware_profile
+from hybridd.probe.model_profiles import list_profiles, load_profile, profile_header
+from hybridd.validate import JSON, TOML, Reader, field_names
 
 
 @dataclass(frozen=True)
@@ -41,63 +48,34 @@ def plan_request_from_json(body: Mapping[str, Any]) -> PlanRequest:
     """Validate a POST /hybridd/v1/plan body; BadRequest names the field."""
     if not isinstance(body, Mapping):
         raise BadRequest("request body must be a JSON object")
-    allowed = {"model", "quant", "ctx", "type_k", "type_v", "kv_type", "slots", "flash_attn", "hardware", "peers"}
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise BadRequest(f"unknown field '{unknown[0]}' (valid: {', '.join(sorted(allowed))})")
-
-    def field(name: str, kind: type, required: bool = False) -> Any:
-        value = body.get(name)
-        if value is None:
-            if required:
-                raise BadRequest(f"'{name}' is required")
-            return None
-        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-            raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a ' + kind.__name__}")
-        return value
-
-    kv = field("kv_type", str)
-    peers = body.get("peers") or []
-    if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
-        raise BadRequest("'peers' must be an array of hardware profile names")
+    fields = Reader(dict(body), BadRequest, JSON).table((*field_names(PlanRequest), "kv_type"))
+    kv = fields.at("kv_type").of(str, None)
     request = PlanRequest(
-        model=field("model", str, required=True), quant=field("quant", str), ctx=field("ctx", int),
-        type_k=field("type_k", str) or kv, type_v=field("type_v", str) or kv, slots=field("slots", int) or 1,
-        flash_attn=field("flash_attn", bool), hardware=field("hardware", str), peers=tuple(peers),
+        model=fields.at("model").of(str), quant=fields.at("quant").of(str, None), ctx=fields.at("ctx").of(int, None),
+        type_k=fields.at("type_k").of(str, None) or kv, type_v=fields.at("type_v").of(str, None) or kv,
+        slots=fields.at("slots").of(int, None) or 1, flash_attn=fields.at("flash_attn").of(bool, None),
+        hardware=fields.at("hardware").of(str, None),
+        peers=tuple(peer.of(str) for peer in fields.at("peers").items(optional=True)),
     )
     check_request(request)
     return request
 
 
+# Settings are named as the CLI's flags are, and None is a setting left out: `type_k: unknown cache type 'q9'`.
+_SETTING_WORDS = replace(TOML, quote=repr, null_is_absent=True)
+
+
 def check_request(request: PlanRequest) -> None:
     """Reject impossible settings with a message naming the field."""
+    settings = Reader(vars(request), BadRequest, _SETTING_WORDS).table()
     for name in ("type_k", "type_v"):
-        value = getattr(request, name)
-        if value is not None and value not in KV_CACHE_TYPES:
-            raise BadRequest(f"{name}: unknown cache type '{value}' (valid: {', '.join(sorted(KV_CACHE_TYPES))})")
-    if request.ctx is not None and not 1 <= request.ctx <= 16 * 1024 * 1024:
-        raise BadRequest(f"ctx: must be between 1 and 16777216, got {request.ctx}")
-    if not 1 <= request.slots <= 256:
-        raise BadRequest(f"slots: must be between 1 and 256, got {request.slots}")
-
-
-def entry_header(model: ModelEntry) -> GgufHeader:
-    """A configured model's header: from its GGUF file, else from its profile (peer-only models)."""
-    from hybridd.probe.gguf_file import read_gguf_header
-    from hybridd.probe.model_profiles import load_profile, profile_header
-
-    if model.path is not None:
-        return read_gguf_header(model.path)
-    if model.profile is not None:
-        return profile_header(load_profile(model.profile), model.quant)
-    raise HybriddError(f"model '{model.name}' has neither a GGUF path nor a profile to size it by")
+        settings.at(name).choice(tuple(sorted(KV_CACHE_TYPES)), None, what="cache type")
+    settings.at("ctx").integer(None, low=1, high=16 * 1024 * 1024)
+    settings.at("slots").integer(low=1, high=256)
 
 
 def find_header(name: str, quant: str | None, catalog: Catalog | None) -> tuple[GgufHeader, dict[str, Any]]:
     """The model's header and the run settings its config implies (empty for files and profiles)."""
-    from hybridd.probe.gguf_file import read_gguf_header
-    from hybridd.probe.model_profiles import list_profiles, load_profile, profile_header
-
     if name.endswith(".gguf") or "/" in name:
         path = Path(name).expanduser()
         if not path.is_file():
@@ -124,14 +102,8 @@ def find_devices(hardware: str | None) -> tuple[list[Device], int, str, Hardware
     """(GPUs to fit on, host RAM free, where they came from, the node as placement sees it): a hardware profile,
     or one probe of this machine."""
     if hardware:
-        from hybridd.probe.hardware_profiles import load_hardware_profile
-
         node = load_hardware_profile(hardware).hardware()
         return list(node.devices), node.ram_bytes, f"hardware profile {hardware}", node
-    from hybridd.config import Config
-    from hybridd.probe.gpus import devices_from_snapshot
-    from hybridd.node.resources import hardware_from_snapshot, probe_machine
-
     snapshot = probe_machine()
     devices = devices_from_snapshot(snapshot)
     host_free = 0 if snapshot.unified else snapshot.host_available_bytes
@@ -164,7 +136,4 @@ def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str,
 
 def placement_options(spec: ModelSpec, settings: RunSettings, node: Hardware, peers: Sequence[str]) -> dict[str, Any]:
     """Where a reference request would run (this node or the --peer profiles) and each option's speed."""
-    from hybridd.place.options import plan_options
-    from hybridd.probe.hardware_profiles import load_hardware_profile
-
     return plan_options(spec, settings, node, [load_hardware_profile(name).hardware() for name in peers])

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from hybridd.config import Config
+from hybridd.config import Config, PeerConfig
 from hybridd.place.devices import Device
 from hybridd.place.hardware import Hardware
-from hybridd.node.router import Peer
-
-if TYPE_CHECKING:
-    from hybridd.probe.gpus import MachineSnapshot
+from hybridd.probe.gpus import GpuProbe, MachineSnapshot, devices_from_snapshot
+from hybridd.probe.hardware_profiles import load_hardware_profile
+from hybridd.probe.host import HostProbe
 
 log = logging.getLogger("hybridd")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A configured peer with the hardware it runs on (from its profile)."""
+
+    config: PeerConfig
+    hardware: Hardware
 
 
 def node_name(config: Config) -> str:
@@ -28,24 +35,18 @@ def local_hardware(config: Config) -> Hardware:
     node = config.node
     name = node_name(config)
     if node.devices:
-        from hybridd.probe.host import HostProbe
-
         devices = tuple(Device(d.name, d.memory_bytes, d.memory_bytes, d.unified, 0, d.bandwidth_bytes_s)
                         for d in node.devices)
         ram = node.ram_bytes if node.ram_bytes is not None else HostProbe().memory().available_bytes
         return Hardware(name, devices, 0 if any(d.unified for d in devices) else ram, node.ram_bandwidth_bytes_s,
                         node.disk_read_bytes_s)
     if node.hardware:
-        from hybridd.probe.hardware_profiles import load_hardware_profile
-
         return load_hardware_profile(node.hardware).hardware(disk_read_bytes_s=node.disk_read_bytes_s)
     return hardware_from_snapshot(config, probe_machine())
 
 
 def probe_machine() -> MachineSnapshot:
     """This machine's GPUs and RAM now, as NVML and psutil see them."""
-    from hybridd.probe.gpus import GpuProbe
-
     probe = GpuProbe.for_this_machine()
     try:
         snapshot = probe.snapshot()
@@ -58,8 +59,6 @@ def probe_machine() -> MachineSnapshot:
 
 def hardware_from_snapshot(config: Config, snapshot: MachineSnapshot) -> Hardware:
     """The probed machine as placement hardware; with no GPU, system RAM is the one pool."""
-    from hybridd.probe.gpus import devices_from_snapshot
-
     node = config.node
     name = node_name(config)
     gpus = tuple(devices_from_snapshot(snapshot, display_reserve_bytes=node.display_reserve_bytes))
@@ -74,6 +73,4 @@ def hardware_from_snapshot(config: Config, snapshot: MachineSnapshot) -> Hardwar
 
 def configured_peers(config: Config) -> list[Peer]:
     """The [[peers]] with their hardware profiles loaded; raises ConfigError for an unknown profile."""
-    from hybridd.probe.hardware_profiles import load_hardware_profile
-
     return [Peer(p, load_hardware_profile(p.hardware).hardware()) for p in config.peers]

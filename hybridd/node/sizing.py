@@ -79,7 +79,8 @@ class Tokenizers:
         with self._lock:
             vocab = self._vocabs.get(path)
             if vocab is None:
-                import llama_cpp
+                import llama_cpp  # deferred: loading llama.cpp's shared library costs a second at import
+
 
                 vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
                 self._vocabs[path] = vocab

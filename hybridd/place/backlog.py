@@ -7,28 +7,24 @@ of the backlog is the rest of the oldest plus all the others.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Backlog:
     """The predicted service seconds of the requests admitted to one engine and not yet done."""
 
-    outstanding: deque[float] = field(default_factory=deque)
+    outstanding: tuple[float, ...] = ()
     since: float = 0.0  # when the oldest outstanding request started, or will start (the engine's ready time)
 
-    def admit(self, service_s: float, now: float, ready_at: float = 0.0) -> None:
+    def admit(self, service_s: float, now: float, ready_at: float = 0.0) -> Backlog:
         """A request joins the engine's queue; it starts at once when nothing is ahead (after the load)."""
-        if not self.outstanding:
-            self.since = max(now, ready_at)
-        self.outstanding.append(max(0.0, service_s))
+        since = self.since if self.outstanding else max(now, ready_at)
+        return Backlog((*self.outstanding, max(0.0, service_s)), since)
 
-    def done(self, now: float) -> None:
+    def done(self, now: float) -> Backlog:
         """A request ended: the oldest leaves, and the next one starts now."""
-        if self.outstanding:
-            self.outstanding.popleft()
-        self.since = now
+        return Backlog(self.outstanding[1:], now)
 
     def seconds(self, now: float) -> float:
         """Predicted seconds until everything admitted is done (the load, if still running, not included)."""

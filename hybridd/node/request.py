@@ -1,4 +1,4 @@
-"""Check the shape of OpenAI inference bodies before they cost an engine load. Pure."""
+"""An OpenAI inference request, checked before it costs an engine load: endpoint, model, stream, hints. Pure."""
 
 from __future__ import annotations
 

@@ -13,20 +13,21 @@ from aiohttp import web
 
 from hybridd.api.app import make_app
 from hybridd.api.keys import PEER, POOL
+from hybridd.api.proxy import OPEN_STREAMS
 from hybridd.api.routes_peers import make_lan_app
-from hybridd.node.catalog import Catalog
 from hybridd.config import Config, lan_listen
-from hybridd.place.hardware import Hardware
+from hybridd.errors import StartupError
+from hybridd.node.catalog import Catalog
 from hybridd.node.resources import Peer
+from hybridd.place.hardware import Hardware
 from hybridd.sdnotify import sd_notify
 
 log = logging.getLogger("hybridd")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
-
-
-class StartupError(Exception):
-    """The daemon could not start (port taken, bad address): exit code 3."""
+# After the grace, the streams still open are ended (each with an error event); this is how long they get to say
+# so and close before aiohttp cancels what is left.
+STREAM_END_S = 2.0
 
 
 async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = None,
@@ -35,7 +36,7 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
     app = make_app(config, catalog, hardware=hardware, peers=peers, peering=peering)
     server = config.server
     # handler_cancellation: a client that disconnects cancels its handler, which drops the engine request.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=server.shutdown_grace_s,
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=server.shutdown_grace_s + STREAM_END_S,
                            access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
@@ -73,19 +74,27 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
         await stop.wait()
     finally:
         sd_notify("STOPPING=1\nSTATUS=draining requests and stopping engines")
+        ending = loop.call_later(server.shutdown_grace_s, _end_streams, app, server.shutdown_grace_s)
         try:
-            # Stops listening, waits for in-flight handlers, then runs cleanup_ctx (which stops engines).
-            # The signal handlers stay: a second SIGINT during the drain exits at once.
-            if lan_runner is not None:
-                await lan_runner.cleanup()
-            await runner.cleanup()
+            # Both listeners at once: each stops listening, waits for its in-flight handlers (the streams still
+            # open at the grace are ended), then the API's cleanup_ctx stops the engines. The signal handlers
+            # stay: a second SIGINT during the drain exits at once.
+            await asyncio.gather(*(r.cleanup() for r in (lan_runner, runner) if r is not None))
         finally:
+            ending.cancel()
             if POOL in app:
                 app[POOL].kill_all_now()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     log.info("hybridd stopped")
     return EXIT_OK
+
+
+def _end_streams(app: web.Application, grace_s: float) -> None:
+    ended = app[OPEN_STREAMS].end_all(f"hybridd is shutting down: the stream was ended after the {grace_s:g} s "
+                                      "grace (server.shutdown_grace_s)")
+    if ended:
+        log.warning("shutdown grace (%g s) is over: ending %d open streams", grace_s, ended)
 
 
 async def _start_lan(app: web.Application, config: Config, runner: web.AppRunner) -> tuple[web.AppRunner | None, str]:
@@ -99,7 +108,7 @@ async def _start_lan(app: web.Application, config: Config, runner: web.AppRunner
     port = None
     if where is not None:
         lan_runner = web.AppRunner(make_lan_app(app), handler_cancellation=True,
-                                   shutdown_timeout=config.server.shutdown_grace_s, access_log=None)
+                                   shutdown_timeout=config.server.shutdown_grace_s + STREAM_END_S, access_log=None)
         await lan_runner.setup()
         site = web.TCPSite(lan_runner, where[0], where[1], ssl_context=node.server_ssl, reuse_address=True)
         try:

@@ -2,6 +2,9 @@
 
     HybriddError
     ├── ConfigError                 bad config: names the dotted key and the valid choices (exit 3)
+    ├── StartupError                the daemon could not start: port taken, bad address (exit 3)
+    ├── GgufFormatError             not a GGUF file this reader understands; also a ValueError
+    ├── PeerError                   between nodes: identity, pairing, trust, links (drawn in hybridd/peer/errors.py)
     ├── RequestError                the client's mistake (4xx)
     │   ├── BadRequest              malformed JSON, wrong types (400, invalid_request_error)
     │   ├── ModelNotFound           unknown model id (404, model_not_found)
@@ -16,6 +19,8 @@
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class HybriddError(Exception):
@@ -32,6 +37,14 @@ class HybriddError(Exception):
 
 class ConfigError(HybriddError):
     """The config text is invalid; the message is one line naming the dotted key."""
+
+
+class StartupError(HybriddError):
+    """The daemon could not start (port taken, bad address): exit code 3."""
+
+
+class GgufFormatError(HybriddError, ValueError):
+    """The file is not a GGUF file this reader understands (bad magic, version, truncated header)."""
 
 
 class RequestError(HybriddError):
@@ -114,3 +127,8 @@ class UpstreamUnreachable(EngineFailed):
 
     code = "upstream_unreachable"
     peer: str | None = None  # set when the upstream was a peer, so the caller can retry without it
+
+
+def error_body(message: str, error_type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object that every error answered over HTTP carries."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
-from hybridd.errors import HybriddError
+from hybridd.errors import HybriddError, error_body
 
 log = logging.getLogger("hybridd.api")
 
@@ -18,11 +17,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _TYPE_FOR_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
                     429: "rate_limit_error"}
-
-
-def error_body(message: str, error_type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
-    """The OpenAI error object."""
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, error_type: str | None = None, code: str | None = None,

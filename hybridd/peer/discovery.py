@@ -33,6 +33,8 @@ from zeroconf import (
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from hybridd.peer.errors import MalformedAdvert
+
 log = logging.getLogger("hybridd.peer")
 
 SERVICE_TYPE = "_hybridd._tcp.local."
@@ -60,10 +62,6 @@ class Advert:
     port: int
     addresses: tuple[str, ...]
     last_seen: float
-
-
-class MalformedAdvert(ValueError):
-    """A TXT record we refuse to turn into an Advert; the message says which field and why."""
 
 
 def parse_advert(instance: str, properties: dict[bytes, bytes | None], srv_port: int | None,

@@ -7,7 +7,9 @@
         │   ├── PairingBusy         another pairing is mid-flight (409)
         │   └── BadPairingMessage   a malformed pairing body (400, invalid_request_error)
         ├── UntrustedPeer           the other side is not the pinned, paired node (403)
+        ├── MalformedAdvert         an mDNS advert we refuse; also a ValueError (logged, never answered)
         └── LinkError               could not reach or talk to a paired peer (502)
+            └── LinkProtocolError   the peer sent a frame we refuse (hybridd/peer/messages.py)
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ class UntrustedPeer(PeerError):
     status = 403
     error_type = "permission_error"
     code = "untrusted_peer"
+
+
+class MalformedAdvert(PeerError, ValueError):
+    """A TXT record we refuse to turn into an Advert; the message says which field and why."""
+
+    code = "malformed_advert"
 
 
 class LinkError(PeerError):

@@ -16,6 +16,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+from hybridd.errors import GgufFormatError
 from hybridd.model.ggml_types import BY_ID
 from hybridd.model.header import GgufHeader, OmittedArray, TensorInfo
 
@@ -32,10 +33,6 @@ _SCALARS: dict[int, tuple[str, int]] = {
 }
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-
-
-class GgufFormatError(ValueError):
-    """The file is not a GGUF file this reader understands (bad magic, version, truncated header)."""
 
 
 class _Cursor:

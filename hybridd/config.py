@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hybridd.errors import ConfigError
+from hybridd.validate import Reader, field_names
 
-DEFAULT_LISTEN = "127.0.0.1:11435"
 DEFAULT_PORT = 11435
 ENGINE_KINDS = ("llama-cpp-python", "external", "peer-only")
 # ggml type ids as llama.cpp numbers them (ggml.h enum ggml_type); llama_cpp.server takes the id.
@@ -49,6 +49,9 @@ class ServerConfig:
         return f"{host}:{self.port}"
 
 
+DEFAULT_LISTEN = ServerConfig().listen
+
+
 @dataclass(frozen=True)
 class EngineDefaults:
     """Settings every model inherits unless its own entry overrides them."""
@@ -67,17 +70,17 @@ class EngineDefaults:
 
     def entry(self, name: str, path: Path, **overrides: Any) -> ModelEntry:
         """A model entry for path that takes every setting from these defaults (overrides win)."""
-        settings: dict[str, Any] = {
-            "engine": self.kind, "ctx": self.ctx, "type_k": self.type_k, "type_v": self.type_v,
-            "flash_attn": self.flash_attn, "n_gpu_layers": self.n_gpu_layers, "idle_ttl_s": self.idle_ttl_s,
-            "load_timeout_s": self.load_timeout_s, "repack": self.repack, "options": dict(self.options),
-        }
+        settings = {key: getattr(self, key) for key in _INHERITED}
+        settings.update(engine=self.kind, options=dict(self.options))
         return ModelEntry(name=name, path=path, **{**settings, **overrides})
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model hybridd serves: a local GGUF run by a managed engine, or an external OpenAI-compatible URL."""
+    """One model hybridd serves: a local GGUF run by a managed engine, or an external OpenAI-compatible URL.
+
+    The settings it shares with EngineDefaults default to [engine]'s defaults, stated there once.
+    """
 
     name: str
     path: Path | None = None
@@ -87,15 +90,15 @@ class ModelEntry:
     profile: str | None = None
     quant: str | None = None
     aliases: tuple[str, ...] = ()
-    engine: str = "llama-cpp-python"
-    ctx: int = 8192
-    type_k: str = "f16"
-    type_v: str = "f16"
-    flash_attn: bool = False
-    n_gpu_layers: int = -1
-    idle_ttl_s: float = 900.0
-    load_timeout_s: float = 180.0
-    repack: str = "auto"
+    engine: str = EngineDefaults.kind
+    ctx: int = EngineDefaults.ctx
+    type_k: str = EngineDefaults.type_k
+    type_v: str = EngineDefaults.type_v
+    flash_attn: bool = EngineDefaults.flash_attn
+    n_gpu_layers: int = EngineDefaults.n_gpu_layers
+    idle_ttl_s: float = EngineDefaults.idle_ttl_s
+    load_timeout_s: float = EngineDefaults.load_timeout_s
+    repack: str = EngineDefaults.repack
     # Off by default: with embeddings on, llama.cpp outputs an embedding for every token, slowing generation.
     embeddings: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -109,6 +112,10 @@ class ModelEntry:
     def local(self) -> bool:
         """True when this node can serve the model itself (a GGUF here or an external URL)."""
         return self.engine != "peer-only"
+
+
+# The settings a model inherits from [engine]: ctx, cache types, flash attention, layers, timeouts, repack, options.
+_INHERITED = tuple(name for name in field_names(EngineDefaults) if name in field_names(ModelEntry))
 
 
 @dataclass(frozen=True)
@@ -186,7 +193,7 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    return _Reader(source, base_dir or Path.cwd()).config(raw)
+    return _config(raw, source, base_dir or Path.cwd())
 
 
 def load_config(path: Path) -> Config:
@@ -247,268 +254,184 @@ def _check_loopback(server: ServerConfig, source: str) -> None:
         )
 
 
-class _Reader:
-    """Walks the parsed TOML, checking each key against the schema and remembering where it is."""
+def _config(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
+    doc = Reader(raw, ConfigError, prefix=f"{source}: ").table(
+        ("server", "engine", "node", "peers", "models", "library", "state_dir"))
+    server = _server(doc.at("server").table(_SERVER_KEYS, optional=True), source)
+    node = _node(doc.at("node").table(field_names(NodeConfig), optional=True))
+    peer_items = doc.at("peers").items(optional=True)
+    peers = tuple(_peer(item) for item in peer_items)
+    names = [p.name for p in peers]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise peer_items[i].at("name").fail(f'"{name}" is already used by peers[{names.index(name)}]')
+    engine = _engine(doc.at("engine").table(field_names(EngineDefaults), optional=True))
+    library = doc.at("library").table(("dirs",), optional=True)
+    dirs = [item.of(str) for item in library.at("dirs").items(optional=True)]
+    model_items = doc.at("models").items(optional=True)
+    models = tuple(_model(item, engine, base_dir) for item in model_items)
+    _check_unique(models, model_items)
+    state = doc.at("state_dir").of(str, None)
+    return Config(
+        server=server,
+        engine=engine,
+        node=node,
+        peers=peers,
+        models=models,
+        library_dirs=tuple(_path(d, base_dir) for d in dirs),
+        state_dir=_path(state, base_dir) if state else None,
+        source=source,
+    )
 
-    def __init__(self, source: str, base_dir: Path) -> None:
-        self.source = source
-        self.base_dir = base_dir
 
-    def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {key}: {problem}")
+# `listen` stands for host and port.
+_SERVER_KEYS = tuple(sorted({*field_names(ServerConfig)} - {"host", "port"} | {"listen"}))
 
-    def table(self, raw: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if not isinstance(raw, dict):
-            raise self.fail(key, f"expected a table, got {_kind(raw)}")
-        for name in raw:
-            if name not in allowed:
-                where = f"{key}.{name}" if key else name
-                raise self.fail(where, f"unknown key (valid: {', '.join(sorted(allowed))})")
-        return raw
 
-    def get(self, raw: dict[str, Any], key: str, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        if name not in raw:
-            return default
-        value = raw[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # bool is an int in Python; a TOML `true` where a number is expected is a mistake.
-        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            wanted = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
-            raise self.fail(f"{key}.{name}" if key else name, f"expected {wanted}, got {_kind(value)}")
-        return value
+def _server(table: Reader, source: str) -> ServerConfig:
+    listen = table.at("listen")
+    host, port = parse_listen(listen.of(str, DEFAULT_LISTEN), listen.path, source)
+    max_body = table.at("max_body_bytes").integer(ServerConfig.max_body_bytes, low=1024)
+    server = ServerConfig(
+        host=host,
+        port=port,
+        allow_non_loopback=table.at("allow_non_loopback").of(bool, ServerConfig.allow_non_loopback),
+        extra_hosts=tuple(item.of(str).lower() for item in table.at("extra_hosts").items(optional=True)),
+        max_body_bytes=max_body,
+        shutdown_grace_s=table.at("shutdown_grace_s").number(ServerConfig.shutdown_grace_s, above=0),
+        log_level=table.at("log_level").choice(LOG_LEVELS, ServerConfig.log_level),
+        lan_listen=table.at("lan_listen").of(str, ServerConfig.lan_listen),
+    )
+    if server.lan_listen:
+        parse_listen(server.lan_listen, "server.lan_listen", source)
+    _check_loopback(server, source)
+    return server
 
-    def positive(self, raw: dict[str, Any], key: str, name: str, default: float) -> float:
-        value = self.get(raw, key, name, (int, float), default)
-        if value <= 0:
-            raise self.fail(f"{key}.{name}", f"must be > 0, got {value}")
-        return float(value)
 
-    def choice(self, raw: dict[str, Any], key: str, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.get(raw, key, name, str, default)
-        if value not in choices:
-            raise self.fail(f"{key}.{name}", f'unknown value "{value}" (valid: {", ".join(choices)})')
-        return str(value)
+def _node(table: Reader) -> NodeConfig:
+    devices = []
+    for i, item in enumerate(table.at("devices").items(optional=True)):
+        device = item.table(field_names(BudgetDevice))
+        devices.append(BudgetDevice(
+            name=device.at("name").of(str, f"budget{i}"),
+            memory_bytes=int(device.at("memory_bytes").number(above=0)),
+            bandwidth_bytes_s=device.at("bandwidth_bytes_s").number(BudgetDevice.bandwidth_bytes_s, above=0),
+            unified=device.at("unified").of(bool, BudgetDevice.unified),
+        ))
 
-    def path(self, value: str) -> Path:
-        path = Path(os.path.expandvars(value)).expanduser()
-        return path if path.is_absolute() else self.base_dir / path
+    def positive(name: str) -> float:
+        return table.at(name).number(getattr(NodeConfig, name), above=0)
 
-    def config(self, raw: dict[str, Any]) -> Config:
-        self.table(raw, "", ("server", "engine", "node", "peers", "models", "library", "state_dir"))
-        server = self.server(raw.get("server", {}))
-        node = self.node(raw.get("node", {}))
-        peers = tuple(self.peer(item, f"peers[{i}]") for i, item in enumerate(self.get(raw, "", "peers", list, [])))
-        names = [p.name for p in peers]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise self.fail(f"peers[{i}].name", f'"{name}" is already used by peers[{names.index(name)}]')
-        engine = self.engine(raw.get("engine", {}))
-        library = self.table(raw.get("library", {}), "library", ("dirs",))
-        dirs = self.get(library, "library", "dirs", list, [])
-        for i, item in enumerate(dirs):
-            if not isinstance(item, str):
-                raise self.fail(f"library.dirs[{i}]", f"expected a string, got {_kind(item)}")
-        models_raw = self.get(raw, "", "models", list, [])
-        models = tuple(self.model(item, f"models[{i}]", engine) for i, item in enumerate(models_raw))
-        self.check_unique(models)
-        state = self.get(raw, "", "state_dir", str, None)
-        return Config(
-            server=server,
-            engine=engine,
-            node=node,
-            peers=peers,
-            models=models,
-            library_dirs=tuple(self.path(d) for d in dirs),
-            state_dir=self.path(state) if state else None,
-            source=self.source,
-        )
+    return NodeConfig(
+        name=table.at("name").of(str, NodeConfig.name),
+        role=table.at("role").choice(ROLES, NodeConfig.role),
+        hardware=table.at("hardware").of(str, NodeConfig.hardware),
+        devices=tuple(devices),
+        ram_bytes=table.at("ram_bytes").of(int, NodeConfig.ram_bytes),
+        ram_bandwidth_bytes_s=positive("ram_bandwidth_bytes_s"),
+        disk_read_bytes_s=positive("disk_read_bytes_s"),
+        display_reserve_bytes=table.at("display_reserve_bytes").of(int, NodeConfig.display_reserve_bytes),
+        queue_limit=int(positive("queue_limit")),
+        default_max_tokens=int(positive("default_max_tokens")),
+        peer_first_byte_timeout_s=positive("peer_first_byte_timeout_s"),
+        peer_idle_timeout_s=positive("peer_idle_timeout_s"),
+    )
 
-    def server(self, raw: Any) -> ServerConfig:
-        key = "server"
-        raw = self.table(
-            raw, key,
-            ("listen", "allow_non_loopback", "extra_hosts", "max_body_bytes", "shutdown_grace_s", "log_level",
-             "lan_listen"),
-        )
-        host, port = parse_listen(self.get(raw, key, "listen", str, DEFAULT_LISTEN), "server.listen", self.source)
-        extra = self.get(raw, key, "extra_hosts", list, [])
-        if not all(isinstance(h, str) for h in extra):
-            raise self.fail("server.extra_hosts", "expected an array of strings")
-        max_body = self.get(raw, key, "max_body_bytes", int, ServerConfig.max_body_bytes)
-        if max_body < 1024:
-            raise self.fail("server.max_body_bytes", f"must be >= 1024, got {max_body}")
-        server = ServerConfig(
-            host=host,
-            port=port,
-            allow_non_loopback=self.get(raw, key, "allow_non_loopback", bool, False),
-            extra_hosts=tuple(h.lower() for h in extra),
-            max_body_bytes=max_body,
-            shutdown_grace_s=self.positive(raw, key, "shutdown_grace_s", ServerConfig.shutdown_grace_s),
-            log_level=self.choice(raw, key, "log_level", LOG_LEVELS, "info"),
-            lan_listen=self.get(raw, key, "lan_listen", str, ""),
-        )
-        if server.lan_listen:
-            parse_listen(server.lan_listen, "server.lan_listen", self.source)
-        _check_loopback(server, self.source)
-        return server
 
-    def node(self, raw: Any) -> NodeConfig:
-        key = "node"
-        raw = self.table(raw, key, ("name", "role", "hardware", "devices", "ram_bytes", "ram_bandwidth_bytes_s",
-                                    "disk_read_bytes_s", "display_reserve_bytes", "queue_limit",
-                                    "default_max_tokens", "peer_first_byte_timeout_s", "peer_idle_timeout_s"))
-        devices = []
-        for i, item in enumerate(self.get(raw, key, "devices", list, [])):
-            where = f"node.devices[{i}]"
-            item = self.table(item, where, ("name", "memory_bytes", "bandwidth_bytes_s", "unified"))
-            name = self.get(item, where, "name", str, f"budget{i}")
-            devices.append(BudgetDevice(
-                name=name, memory_bytes=int(self.positive(item, where, "memory_bytes", 0) or 0),
-                bandwidth_bytes_s=self.positive(item, where, "bandwidth_bytes_s", BudgetDevice.bandwidth_bytes_s),
-                unified=self.get(item, where, "unified", bool, False),
-            ))
-        ram = self.get(raw, key, "ram_bytes", int, None)
-        return NodeConfig(
-            name=self.get(raw, key, "name", str, ""),
-            role=self.choice(raw, key, "role", ROLES, "desktop"),
-            hardware=self.get(raw, key, "hardware", str, ""),
-            devices=tuple(devices),
-            ram_bytes=ram,
-            ram_bandwidth_bytes_s=self.positive(raw, key, "ram_bandwidth_bytes_s", NodeConfig.ram_bandwidth_bytes_s),
-            disk_read_bytes_s=self.positive(raw, key, "disk_read_bytes_s", NodeConfig.disk_read_bytes_s),
-            display_reserve_bytes=self.get(raw, key, "display_reserve_bytes", int, NodeConfig.display_reserve_bytes),
-            queue_limit=int(self.positive(raw, key, "queue_limit", NodeConfig.queue_limit)),
-            default_max_tokens=int(self.positive(raw, key, "default_max_tokens", NodeConfig.default_max_tokens)),
-            peer_first_byte_timeout_s=self.positive(raw, key, "peer_first_byte_timeout_s",
-                                                    NodeConfig.peer_first_byte_timeout_s),
-            peer_idle_timeout_s=self.positive(raw, key, "peer_idle_timeout_s", NodeConfig.peer_idle_timeout_s),
-        )
+def _peer(item: Reader) -> PeerConfig:
+    table = item.table(field_names(PeerConfig))
+    name = table.at("name").of(str, None)
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise table.at("name").fail("required: letters, digits, '-', '_' or '.' (it appears in headers)")
+    base_url = table.at("base_url").of(str, None)
+    if not base_url or not base_url.startswith(("http://", "https://")):
+        raise table.at("base_url").fail('required: the peer\'s OpenAI URL, e.g. "http://spark.local:11435"')
+    hardware = table.at("hardware").of(str, None)
+    if not hardware:
+        raise table.at("hardware").fail('required: a hardware profile name, e.g. "dgx-spark"')
+    models = tuple(model.of(str) for model in table.at("models").items(optional=True))
+    return PeerConfig(name=name, base_url=base_url.rstrip("/").removesuffix("/v1"), hardware=hardware,
+                      models=models, api_key=table.at("api_key").of(str, PeerConfig.api_key))
 
-    def peer(self, raw: Any, key: str) -> PeerConfig:
-        raw = self.table(raw, key, ("name", "base_url", "hardware", "models", "api_key"))
-        name = self.get(raw, key, "name", str, None)
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise self.fail(f"{key}.name", "required: letters, digits, '-', '_' or '.' (it appears in headers)")
-        base_url = self.get(raw, key, "base_url", str, None)
+
+def _engine(table: Reader) -> EngineDefaults:
+    base = EngineDefaults()
+    return EngineDefaults(
+        kind=table.at("kind").choice(ENGINE_KINDS[:1], base.kind),
+        python=table.at("python").of(str, base.python),
+        **_inherited(table, base),
+    )
+
+
+def _model(item: Reader, defaults: EngineDefaults, base_dir: Path) -> ModelEntry:
+    table = item.table(field_names(ModelEntry))
+    name = table.at("name").of(str, None)
+    if not name:
+        raise table.at("name").fail("required: the model id clients ask for")
+    aliases = tuple(alias.text() for alias in table.at("aliases").items(optional=True))
+    path = table.at("path").of(str, None)
+    base_url = table.at("base_url").of(str, None)
+    profile = table.at("profile").of(str, None)
+    implied = "external" if base_url else "peer-only" if profile and not path else defaults.kind
+    engine = table.at("engine").choice(ENGINE_KINDS, implied)
+    if engine == "peer-only":
+        if not profile:
+            raise table.at("profile").fail("a model served only by peers needs a model profile name")
+    elif engine == "external":
         if not base_url or not base_url.startswith(("http://", "https://")):
-            raise self.fail(f"{key}.base_url", 'required: the peer\'s OpenAI URL, e.g. "http://spark.local:11435"')
-        hardware = self.get(raw, key, "hardware", str, None)
-        if not hardware:
-            raise self.fail(f"{key}.hardware", 'required: a hardware profile name, e.g. "dgx-spark"')
-        models = self.get(raw, key, "models", list, [])
-        if not all(isinstance(m, str) for m in models):
-            raise self.fail(f"{key}.models", "expected an array of model ids")
-        return PeerConfig(name=name, base_url=base_url.rstrip("/").removesuffix("/v1"), hardware=hardware,
-                          models=tuple(models), api_key=self.get(raw, key, "api_key", str, None))
-
-    def engine(self, raw: Any) -> EngineDefaults:
-        key = "engine"
-        raw = self.table(raw, key, (*_ENGINE_KEYS, "kind", "python"))
-        kv = self.kv_types(raw, key, EngineDefaults.type_k, EngineDefaults.type_v, EngineDefaults.flash_attn)
-        return EngineDefaults(
-            kind=self.choice(raw, key, "kind", ENGINE_KINDS[:1], EngineDefaults.kind),
-            python=self.get(raw, key, "python", str, ""),
-            load_timeout_s=self.positive(raw, key, "load_timeout_s", EngineDefaults.load_timeout_s),
-            idle_ttl_s=self.positive(raw, key, "idle_ttl_s", EngineDefaults.idle_ttl_s),
-            ctx=self.ctx(raw, key, EngineDefaults.ctx),
-            type_k=kv[0],
-            type_v=kv[1],
-            flash_attn=kv[2],
-            n_gpu_layers=self.get(raw, key, "n_gpu_layers", int, -1),
-            repack=self.choice(raw, key, "repack", REPACK_CHOICES, EngineDefaults.repack),
-            options=self.options(raw, key),
-        )
-
-    def model(self, raw: Any, key: str, defaults: EngineDefaults) -> ModelEntry:
-        raw = self.table(raw, key, (*_ENGINE_KEYS, *_MODEL_KEYS))
-        name = self.get(raw, key, "name", str, None)
-        if not name:
-            raise self.fail(f"{key}.name", "required: the model id clients ask for")
-        aliases = self.get(raw, key, "aliases", list, [])
-        if not all(isinstance(a, str) and a for a in aliases):
-            raise self.fail(f"{key}.aliases", "expected an array of non-empty strings")
-        path = self.get(raw, key, "path", str, None)
-        base_url = self.get(raw, key, "base_url", str, None)
-        profile = self.get(raw, key, "profile", str, None)
-        implied = "external" if base_url else "peer-only" if profile and not path else defaults.kind
-        engine = self.choice(raw, key, "engine", ENGINE_KINDS, implied)
-        if engine == "peer-only":
-            if not profile:
-                raise self.fail(f"{key}.profile", "a model served only by peers needs a model profile name")
-        elif engine == "external":
-            if not base_url or not base_url.startswith(("http://", "https://")):
-                raise self.fail(f"{key}.base_url", 'an external model needs an http(s) URL, e.g. "http://127.0.0.1:8080"')
-            if path:
-                raise self.fail(f"{key}.path", "an external model has a base_url, not a path")
-        elif not path:
-            raise self.fail(f"{key}.path", "required: the GGUF file to serve (or set base_url for an external server)")
-        kv = self.kv_types(raw, key, defaults.type_k, defaults.type_v, defaults.flash_attn)
-        return ModelEntry(
-            name=name,
-            path=self.path(path) if path else None,
-            base_url=base_url.rstrip("/") if base_url else None,
-            api_key=self.get(raw, key, "api_key", str, None),
-            upstream_model=self.get(raw, key, "upstream_model", str, None),
-            profile=profile,
-            quant=self.get(raw, key, "quant", str, None),
-            aliases=tuple(aliases),
-            engine=engine,
-            ctx=self.ctx(raw, key, defaults.ctx),
-            type_k=kv[0],
-            type_v=kv[1],
-            flash_attn=kv[2],
-            n_gpu_layers=self.get(raw, key, "n_gpu_layers", int, defaults.n_gpu_layers),
-            idle_ttl_s=self.positive(raw, key, "idle_ttl_s", defaults.idle_ttl_s),
-            load_timeout_s=self.positive(raw, key, "load_timeout_s", defaults.load_timeout_s),
-            embeddings=self.get(raw, key, "embeddings", bool, False),
-            repack=self.choice(raw, key, "repack", REPACK_CHOICES, defaults.repack),
-            options={**defaults.options, **self.options(raw, key)},
-        )
-
-    def ctx(self, raw: dict[str, Any], key: str, default: int) -> int:
-        value = self.get(raw, key, "ctx", int, default)
-        if not 256 <= value <= 4 * 1024 * 1024:
-            raise self.fail(f"{key}.ctx", f"must be between 256 and 4194304 tokens, got {value}")
-        return int(value)
-
-    def kv_types(self, raw: dict[str, Any], key: str, type_k: str, type_v: str, flash: bool) -> tuple[str, str, bool]:
-        choices = tuple(sorted(KV_CACHE_TYPES))
-        type_k = self.choice(raw, key, "type_k", choices, type_k)
-        type_v = self.choice(raw, key, "type_v", choices, type_v)
-        flash = self.get(raw, key, "flash_attn", bool, flash)
-        if type_v not in UNQUANTIZED_KV and not flash:
-            # llama.cpp refuses a quantized V cache without flash attention; say so before a load fails.
-            raise self.fail(f"{key}.type_v", f'a quantized V cache ("{type_v}") needs flash_attn = true')
-        return type_k, type_v, flash
-
-    def options(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
-        options = self.get(raw, key, "options", dict, {})
-        for name, value in options.items():
-            if not isinstance(value, str | int | float | bool):
-                raise self.fail(f"{key}.options.{name}", f"expected a string, number or boolean, got {_kind(value)}")
-        return dict(options)
-
-    def check_unique(self, models: tuple[ModelEntry, ...]) -> None:
-        seen: dict[str, str] = {}
-        for i, model in enumerate(models):
-            for j, name in enumerate((model.name, *model.aliases)):
-                where = f"models[{i}].name" if j == 0 else f"models[{i}].aliases[{j - 1}]"
-                if name in seen:
-                    raise self.fail(where, f'"{name}" is already used by {seen[name]}')
-                seen[name] = where
+            raise table.at("base_url").fail('an external model needs an http(s) URL, e.g. "http://127.0.0.1:8080"')
+        if path:
+            raise table.at("path").fail("an external model has a base_url, not a path")
+    elif not path:
+        raise table.at("path").fail("required: the GGUF file to serve (or set base_url for an external server)")
+    return ModelEntry(
+        name=name,
+        path=_path(path, base_dir) if path else None,
+        base_url=base_url.rstrip("/") if base_url else None,
+        api_key=table.at("api_key").of(str, None),
+        upstream_model=table.at("upstream_model").of(str, None),
+        profile=profile,
+        quant=table.at("quant").of(str, None),
+        aliases=aliases,
+        engine=engine,
+        embeddings=table.at("embeddings").of(bool, ModelEntry.embeddings),
+        **_inherited(table, defaults),
+    )
 
 
-_ENGINE_KEYS = ("ctx", "type_k", "type_v", "flash_attn", "n_gpu_layers", "idle_ttl_s", "load_timeout_s", "options",
-                "repack")
-_MODEL_KEYS = ("name", "path", "base_url", "api_key", "aliases", "engine", "embeddings", "upstream_model", "profile",
-               "quant")
-_TYPE_NAMES: dict[type, str] = {
-    str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "a table",
-}
+def _inherited(table: Reader, defaults: EngineDefaults) -> dict[str, Any]:
+    """The settings a model inherits from [engine], read from an [engine] or [[models]] table over `defaults`."""
+    kv_types = tuple(sorted(KV_CACHE_TYPES))
+    settings = {
+        "ctx": table.at("ctx").integer(defaults.ctx, low=256, high=4 * 1024 * 1024),
+        "type_k": table.at("type_k").choice(kv_types, defaults.type_k),
+        "type_v": table.at("type_v").choice(kv_types, defaults.type_v),
+        "flash_attn": table.at("flash_attn").of(bool, defaults.flash_attn),
+        "n_gpu_layers": table.at("n_gpu_layers").of(int, defaults.n_gpu_layers),
+        "idle_ttl_s": table.at("idle_ttl_s").number(defaults.idle_ttl_s, above=0),
+        "load_timeout_s": table.at("load_timeout_s").number(defaults.load_timeout_s, above=0),
+        "repack": table.at("repack").choice(REPACK_CHOICES, defaults.repack),
+        "options": {**defaults.options, **{
+            name: value.of((str, int, float, bool), want="a string, number or boolean")
+            for name, value in table.at("options").entries(optional=True).items()}},
+    }
+    if settings["type_v"] not in UNQUANTIZED_KV and not settings["flash_attn"]:
+        # llama.cpp refuses a quantized V cache without flash attention; say so before a load fails.
+        raise table.at("type_v").fail(f'a quantized V cache ("{settings["type_v"]}") needs flash_attn = true')
+    return settings
 
 
-def _kind(value: Any) -> str:
-    for kind, name in _TYPE_NAMES.items():
-        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            return name
-    return type(value).__name__
+def _path(value: str, base_dir: Path) -> Path:
+    path = Path(os.path.expandvars(value)).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _check_unique(models: tuple[ModelEntry, ...], items: list[Reader]) -> None:
+    seen: dict[str, str] = {}
+    for model, item in zip(models, items, strict=True):
+        names = item.at("aliases").items(optional=True)
+        for j, name in enumerate((model.name, *model.aliases)):
+            where = item.at("name") if j == 0 else names[j - 1]
+            if name in seen:
+                raise where.fail(f'"{name}" is already used by {seen[name]}')
+            seen[name] = where.path

@@ -2,6 +2,8 @@
 
     HybriddError
     ├── ConfigError                 bad config: names the dotted key and the valid choices (exit 3)
+    │   └── ProfileError            unknown profile (lists the valid ones) or bad profile file (names the key)
+    │       └── ModelProfileError   a model profile's; also a ValueError, like the GGUF reader's errors
     ├── StartupError                the daemon could not start: port taken, bad address (exit 3)
     ├── GgufFormatError             not a GGUF file this reader understands; also a ValueError
     ├── PeerError                   between nodes: identity, pairing, trust, links (drawn in hybridd/peer/errors.py)
@@ -37,6 +39,14 @@ class HybriddError(Exception):
 
 class ConfigError(HybriddError):
     """The config text is invalid; the message is one line naming the dotted key."""
+
+
+class ProfileError(ConfigError):
+    """A hardware or model profile is unknown or its file is invalid."""
+
+
+class ModelProfileError(ProfileError, ValueError):
+    """A model profile is missing or malformed; a ValueError too, as callers catch it with a bad GGUF header."""
 
 
 class StartupError(HybriddError):

@@ -16,12 +16,10 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from hybridd.place.devices import Device
 from hybridd.probe.host import HostMemory, HostProbe
-
-if TYPE_CHECKING:
-    from hybridd.place.devices import Device
 
 GIB = 1024**3
 MIB = 1024**2
@@ -97,7 +95,7 @@ class MachineSnapshot:
 
 def _load_pynvml() -> Any | None:
     try:
-        import pynvml
+        import pynvml  # here, not at the top: without nvidia-ml-py this machine is a CPU-only node, not a crash
     except ImportError:
         return None
     return pynvml
@@ -259,8 +257,6 @@ def devices_from_snapshot(
     """
     if not snapshot.gpus:
         return []
-    from hybridd.place.devices import Device
-
     devices = []
     for gpu in snapshot.gpus:
         reserve = runtime_reserve_bytes + (display_reserve_bytes if gpu.display_active else 0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 
 @dataclass(frozen=True)
 class HostMemory:
@@ -18,11 +20,7 @@ class HostProbe:
     """Reads host RAM; the psutil module is passed in so tests can drive a fake one."""
 
     def __init__(self, psutil_module: Any | None = None) -> None:
-        if psutil_module is None:
-            import psutil
-
-            psutil_module = psutil
-        self._psutil: Any = psutil_module
+        self._psutil: Any = psutil if psutil_module is None else psutil_module
 
     def memory(self) -> HostMemory:
         """Total and available host RAM now (psutil's `available` is Linux's MemAvailable)."""

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hybridd.errors import ModelProfileError
 from hybridd.model.header import GgufHeader
 from hybridd.model.synth import synth_tensors
+from hybridd.validate import Reader
 
 PROFILES_ENV = "HYBRIDD_PROFILES_DIR"
 _REPO_PROFILES = Path(__file__).resolve().parents[2] / "profiles"
-
-
-class ProfileError(ValueError):
-    """A model profile is missing or malformed; the message names the file and the dotted key."""
+# The name callers catch: a model profile's ProfileError, also a ValueError (see hybridd.errors).
+ProfileError = ModelProfileError
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,33 +57,23 @@ def models_dir() -> Path:
 
 def parse_profile(data: dict[str, Any], origin: str) -> ModelProfile:
     """Validate a decoded TOML document; errors name `origin` and the dotted key."""
-    def fail(key: str, why: str) -> ProfileError:
-        return ProfileError(f"{origin}: {key}: {why}")
-
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise fail("name", "required string")
-    metadata = data.get("metadata")
-    if not isinstance(metadata, dict) or not metadata:
-        raise fail("metadata", "required table of GGUF metadata keys")
-    arch = metadata.get("general.architecture")
-    if not isinstance(arch, str) or not arch:
-        raise fail('metadata."general.architecture"', "required string")
-    if not isinstance(metadata.get(f"{arch}.block_count"), int):
-        raise fail(f'metadata."{arch}.block_count"', "required integer")
-    quants_raw = data.get("quants", {})
-    if not isinstance(quants_raw, dict) or not quants_raw:
-        raise fail("quants", "at least one [quants.NAME] table with file_bytes")
+    doc = Reader(data, ModelProfileError, prefix=f"{origin}: ").table()
+    name = doc.at("name").text()
+    metadata = doc.at("metadata").table()
+    if not metadata.value:
+        raise metadata.fail("required table of GGUF metadata keys")
+    arch = metadata.at("general.architecture").text()
+    metadata.at(f"{arch}.block_count").integer()
+    quants_table = doc.at("quants").entries(optional=True)
+    if not quants_table:
+        raise doc.at("quants").fail("at least one [quants.NAME] table with file_bytes")
     quants = {}
-    for qname, q in quants_raw.items():
-        if not isinstance(q, dict):
-            raise fail(f"quants.{qname}", "must be a table")
-        size = q.get("file_bytes")
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise fail(f"quants.{qname}.file_bytes", "required positive integer")
-        quants[qname] = QuantProfile(qname, size, str(q.get("source", "")))
+    for qname, q in quants_table.items():
+        quant = q.table()
+        size = quant.at("file_bytes").integer(above=0)
+        quants[qname] = QuantProfile(qname, size, str(quant.value.get("source", "")))
     sources = data.get("sources", [])
-    return ModelProfile(name, str(data.get("description", "")), dict(metadata), quants,
+    return ModelProfile(name, str(data.get("description", "")), dict(metadata.value), quants,
                         tuple(str(s) for s in sources) if isinstance(sources, list) else ())
 
 
@@ -96,15 +86,15 @@ def list_profiles(directory: Path | None = None) -> list[str]:
 
 
 def load_profile(name: str, directory: Path | None = None) -> ModelProfile:
-    """Read and validate profile `name`; ProfileError names the valid choices when it does not exist."""
+    """Read and validate profile `name`; ModelProfileError names the valid choices when it does not exist."""
     folder = directory or models_dir()
     path = folder / f"{name}.toml"
     if not path.is_file():
-        raise ProfileError(f"unknown model profile {name!r} (valid: {', '.join(list_profiles(folder)) or 'none'})")
+        raise ModelProfileError(f"unknown model profile {name!r} (valid: {', '.join(list_profiles(folder)) or 'none'})")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: {exc}") from exc
+        raise ModelProfileError(f"{path}: {exc}") from exc
     return parse_profile(data, str(path))
 
 
@@ -115,6 +105,7 @@ def profile_header(profile: ModelProfile, quant: str | None = None) -> GgufHeade
     try:
         q = profile.quants[quant]
     except KeyError:
-        raise ProfileError(f"{profile.name}: unknown quant {quant!r} (valid: {', '.join(profile.quants)})") from None
+        raise ModelProfileError(
+            f"{profile.name}: unknown quant {quant!r} (valid: {', '.join(profile.quants)})") from None
     return GgufHeader(metadata=profile.metadata, tensors=synth_tensors(profile.metadata, q.file_bytes),
                       file_bytes=q.file_bytes)

@@ -125,8 +125,9 @@ def test_garbage_is_refused(frame: bytes, reason: str) -> None:
     ({**HELLO, "hardware": 1}, r"hello\.hardware: expected a string"),
     ({**HELLO, "protocols": 1}, r"hello\.protocols: expected an array"),
     ({**HELLO, "protocols": []}, r"hello\.protocols: empty"),
-    ({**HELLO, "protocols": ["1"]}, r"hello\.protocols\[\]: expected an int"),
-    ({**HELLO, "protocols": [0]}, r"hello\.protocols\[\]: 0 outside"),
+    # The path names the item's index (it said protocols[]): the one validator keeps every array item's path.
+    ({**HELLO, "protocols": ["1"]}, r"hello\.protocols\[0\]: expected an int"),
+    ({**HELLO, "protocols": [2, 0]}, r"hello\.protocols\[1\]: 0 outside"),
     ({**HELLO, "protocols": list(range(1, 30))}, "entries exceed"),
     ({**INVENTORY, "models": {}}, r"inventory\.models: expected an array"),
     ({**INVENTORY, "models": ["m"]}, r"inventory\.models\[0\]: expected a map"),

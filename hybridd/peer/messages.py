@@ -7,7 +7,6 @@ schema can grow by a version bump rather than by guesswork. Decoding never raise
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import msgpack
 
 from hybridd.peer.errors import LinkError
+from hybridd.validate import MSGPACK, Reader, field_names
 
 SCHEMA_VERSION = 1
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)  # link protocols this build speaks, offered in hello
@@ -147,7 +147,7 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     except (ValueError, msgpack.UnpackException) as exc:  # ExtraData, StackError, bad UTF-8... all land here
         raise LinkProtocolError(f"not msgpack: {type(exc).__name__}") from exc
     if not isinstance(body, dict):
-        raise LinkProtocolError(f"frame is a {_kind(body)}, not a map")
+        raise LinkProtocolError(f"frame is a {type(body).__name__}, not a map")
     version = body.get("v")
     if type(version) is not int:
         raise LinkProtocolError("field v: missing or not an int")
@@ -156,168 +156,78 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     kind = body.get("type")
     if not isinstance(kind, str):
         raise LinkProtocolError("field type: missing or not a string")
-    parse = _PARSERS.get(kind)
-    if parse is None:
-        raise LinkProtocolError(f"unknown message type {kind[:32]!r} (valid: {', '.join(sorted(_PARSERS))})")
+    kind = Reader(kind, LinkProtocolError, MSGPACK).choice(sorted(_PARSERS), what="message type")
+    message_class, parse = _PARSERS[kind]
     fields = {k: v for k, v in body.items() if k not in ("v", "type")}
-    message: Message = parse(_Fields(kind, fields))
+    message: Message = parse(Reader(fields, LinkProtocolError, MSGPACK, path=kind).table(field_names(message_class)))
     return message
 
 
-class _Fields:
-    """Typed, bounded access to one message's fields; every key must be read exactly once."""
-
-    def __init__(self, kind: str, body: dict[Any, Any]) -> None:
-        self.kind = kind
-        self.body = body
-        self.read: set[str] = set()
-
-    def raw(self, key: str) -> Any:
-        if key not in self.body:
-            raise LinkProtocolError(f"{self.kind}.{key}: missing")
-        self.read.add(key)
-        return self.body[key]
-
-    def done(self) -> None:
-        extra = [k for k in self.body if k not in self.read]
-        if extra:
-            raise LinkProtocolError(f"{self.kind}: unknown field {str(extra[0])[:32]!r}")
-
-    def text(self, key: str, limit: int = MAX_TEXT_CHARS) -> str:
-        return _text(self.raw(key), f"{self.kind}.{key}", limit)
-
-    def integer(self, key: str, low: int, high: int) -> int:
-        return _integer(self.raw(key), f"{self.kind}.{key}", low, high)
-
-    def number(self, key: str) -> float:
-        return _number(self.raw(key), f"{self.kind}.{key}")
-
-    def array(self, key: str, limit: int) -> list[Any]:
-        value = self.raw(key)
-        if not isinstance(value, list):
-            raise LinkProtocolError(f"{self.kind}.{key}: expected an array, got {_kind(value)}")
-        if len(value) > limit:
-            raise LinkProtocolError(f"{self.kind}.{key}: {len(value)} entries exceed {limit}")
-        return value
-
-    def mapping(self, key: str, limit: int, key_limit: int) -> dict[str, Any]:
-        value = self.raw(key)
-        if not isinstance(value, dict):
-            raise LinkProtocolError(f"{self.kind}.{key}: expected a map, got {_kind(value)}")
-        if len(value) > limit:
-            raise LinkProtocolError(f"{self.kind}.{key}: {len(value)} entries exceed {limit}")
-        for name in value:
-            _text(name, f"{self.kind}.{key} key", key_limit)
-        return value
-
-
-def _kind(value: object) -> str:
-    return type(value).__name__
-
-
-def _text(value: object, where: str, limit: int) -> str:
-    if not isinstance(value, str):
-        raise LinkProtocolError(f"{where}: expected a string, got {_kind(value)}")
-    if not value or len(value) > limit:
-        raise LinkProtocolError(f"{where}: length {len(value)} outside 1..{limit}")
-    if not value.isprintable():
-        raise LinkProtocolError(f"{where}: contains control characters")
+def _non_negative(reader: Reader) -> float:
+    value = reader.number(finite=True)
+    if value < 0:
+        raise reader.fail("negative")
     return value
 
 
-def _integer(value: object, where: str, low: int, high: int) -> int:
-    if type(value) is not int:  # bool is an int subclass; a peer sending true for a count is broken
-        raise LinkProtocolError(f"{where}: expected an int, got {_kind(value)}")
-    if not low <= value <= high:
-        raise LinkProtocolError(f"{where}: {value} outside {low}..{high}")
-    return value
+def _bytes_per_device(reader: Reader) -> dict[str, int]:
+    return {name: value.integer(low=0, high=MAX_BYTES)
+            for name, value in reader.entries(max_items=MAX_DEVICES, max_key_chars=MAX_ID_CHARS).items()}
 
 
-def _number(value: object, where: str) -> float:
-    if type(value) not in (int, float):
-        raise LinkProtocolError(f"{where}: expected a number, got {_kind(value)}")
-    number = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(number):
-        raise LinkProtocolError(f"{where}: not finite")
-    return number
-
-
-def _parse_hello(f: _Fields) -> Hello:
-    node_id = f.text("node_id", MAX_ID_CHARS)
-    name, role, version = f.text("name"), f.text("role", MAX_ID_CHARS), f.text("version", MAX_ID_CHARS)
-    raw = f.array("protocols", MAX_PROTOCOLS)
+def _parse_hello(f: Reader) -> Hello:
+    node_id = f.at("node_id").text(max_chars=MAX_ID_CHARS, printable=True)
+    name = f.at("name").text(max_chars=MAX_TEXT_CHARS, printable=True)
+    role = f.at("role").text(max_chars=MAX_ID_CHARS, printable=True)
+    version = f.at("version").text(max_chars=MAX_ID_CHARS, printable=True)
+    raw = f.at("protocols").items(max_items=MAX_PROTOCOLS)
     if not raw:
-        raise LinkProtocolError("hello.protocols: empty")
-    protocols = tuple(_integer(p, "hello.protocols[]", 1, 1 << 16) for p in raw)
+        raise f.at("protocols").fail("empty")
+    protocols = tuple(p.integer(low=1, high=1 << 16) for p in raw)
     # Optional, so a node that predates it still says hello.
-    hardware = f.text("hardware", MAX_ID_CHARS) if "hardware" in f.body else ""
-    f.done()
+    hardware = f.at("hardware").text("", max_chars=MAX_ID_CHARS, printable=True)
     return Hello(node_id, name, role, version, protocols, hardware)
 
 
-def _parse_inventory(f: _Fields) -> Inventory:
+def _parse_inventory(f: Reader) -> Inventory:
     models = []
-    for index, raw in enumerate(f.array("models", MAX_MODELS)):
-        where = f"inventory.models[{index}]"
-        if not isinstance(raw, dict):
-            raise LinkProtocolError(f"{where}: expected a map, got {_kind(raw)}")
-        entry = _Fields(where, raw)
-        model_id = entry.text("id", MAX_TEXT_CHARS)
-        max_ctx = entry.integer("max_ctx", 1, MAX_CTX)
-        loaded = entry.raw("loaded_ctx")
-        loaded_ctx = None if loaded is None else _integer(loaded, f"{where}.loaded_ctx", 1, MAX_CTX)
-        entry.done()
+    for item in f.at("models").items(max_items=MAX_MODELS):
+        entry = item.table(field_names(ModelOffer))
+        model_id = entry.at("id").text(max_chars=MAX_TEXT_CHARS, printable=True)
+        max_ctx = entry.at("max_ctx").integer(low=1, high=MAX_CTX)
+        loaded = entry.at("loaded_ctx")  # required, but may be null
+        loaded_ctx = None if loaded.value is None else loaded.integer(low=1, high=MAX_CTX)
         models.append(ModelOffer(model_id, max_ctx, loaded_ctx))
-    f.done()
     return Inventory(tuple(models))
 
 
-def _parse_capacity(f: _Fields) -> Capacity:
-    free = {name: _integer(v, f"capacity.free_bytes[{name!r}]", 0, MAX_BYTES)
-            for name, v in f.mapping("free_bytes", MAX_DEVICES, MAX_ID_CHARS).items()}
-    queue_depth = f.integer("queue_depth", 0, 1 << 31)
-    rates = _non_negative_per_model(f, "decode_tok_s")
+def _parse_capacity(f: Reader) -> Capacity:
+    free = _bytes_per_device(f.at("free_bytes"))
+    queue_depth = f.at("queue_depth").integer(low=0, high=1 << 31)
+    rates = _non_negative_per_model(f.at("decode_tok_s"), optional=False)
     # Optional, so a node that predates them still reports its capacity.
-    backlog = _non_negative_per_model(f, "backlog_s") if "backlog_s" in f.body else {}
+    backlog = _non_negative_per_model(f.at("backlog_s"), optional=True)
     busy = []
-    for index, raw in enumerate(f.array("busy", MAX_MODELS) if "busy" in f.body else []):
-        where = f"capacity.busy[{index}]"
-        if not isinstance(raw, dict):
-            raise LinkProtocolError(f"{where}: expected a map, got {_kind(raw)}")
-        entry = _Fields(where, raw)
-        seconds = _non_negative(entry.number("backlog_s"), f"{where}.backlog_s")
-        held = {name: _integer(v, f"{where}.held[{name!r}]", 0, MAX_BYTES)
-                for name, v in entry.mapping("held", MAX_DEVICES, MAX_ID_CHARS).items()}
-        entry.done()
-        busy.append(Busy(seconds, held))
-    f.done()
+    for item in f.at("busy").items(optional=True, max_items=MAX_MODELS):
+        entry = item.table(field_names(Busy))
+        busy.append(Busy(_non_negative(entry.at("backlog_s")), _bytes_per_device(entry.at("held"))))
     return Capacity(free, queue_depth, rates, backlog, tuple(busy))
 
 
-def _non_negative(value: float, where: str) -> float:
-    if value < 0:
-        raise LinkProtocolError(f"{where}: negative")
-    return value
+def _non_negative_per_model(reader: Reader, optional: bool) -> dict[str, float]:
+    entries = reader.entries(optional=optional, max_items=MAX_MODELS, max_key_chars=MAX_TEXT_CHARS)
+    return {model_id: _non_negative(value) for model_id, value in entries.items()}
 
 
-def _non_negative_per_model(f: _Fields, key: str) -> dict[str, float]:
-    return {model_id: _non_negative(_number(value, f"capacity.{key}[{model_id!r}]"), f"capacity.{key}[{model_id!r}]")
-            for model_id, value in f.mapping(key, MAX_MODELS, MAX_TEXT_CHARS).items()}
+def _parse_ping(f: Reader) -> Ping:
+    return Ping(f.at("t").number(finite=True))
 
 
-def _parse_ping(f: _Fields) -> Ping:
-    t = f.number("t")
-    f.done()
-    return Ping(t)
+def _parse_pong(f: Reader) -> Pong:
+    return Pong(f.at("t").number(finite=True), f.at("echo").number(finite=True))
 
 
-def _parse_pong(f: _Fields) -> Pong:
-    t, echo = f.number("t"), f.number("echo")
-    f.done()
-    return Pong(t, echo)
-
-
-_PARSERS: dict[str, Callable[[_Fields], Message]] = {
-    "hello": _parse_hello, "inventory": _parse_inventory, "capacity": _parse_capacity, "ping": _parse_ping,
-    "pong": _parse_pong,
+_PARSERS: dict[str, tuple[type, Callable[[Reader], Message]]] = {
+    "hello": (Hello, _parse_hello), "inventory": (Inventory, _parse_inventory), "capacity": (Capacity, _parse_capacity),
+    "ping": (Ping, _parse_ping), "pong": (Pong, _parse_pong),
 }

@@ -13,8 +13,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from hybridd.api.app import make_app
-from hybridd.node.catalog import Catalog
 from hybridd.config import Config
+from hybridd.node.catalog import Catalog
 from hybridd.node.planning import PlanRequest, make_plan
 from hybridd.probe.model_profiles import list_profiles
 

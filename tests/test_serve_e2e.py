@@ -248,3 +248,29 @@ def test_measured_stream_speed_corrects_the_prediction(daemon_factory, tiny_mode
     # a whole answer teaches its exact length, from its usage: the estimate moves toward 1000
     assert reply.usage.completion_tokens >= 1000  # llama-cpp-python may count one more
     wait_for(lambda: daemon.status()["completion_tokens"]["tiny"] > learned + 100, what="the answer's length")
+
+
+def test_sigterm_ends_a_stream_longer_than_the_grace_with_an_error_event_and_exits(daemon_factory,
+                                                                                  tiny_model: Path) -> None:
+    config = tiny_config(tiny_model).replace("shutdown_grace_s = 20", "shutdown_grace_s = 1").replace(
+        "ctx = 512", "ctx = 4096")
+    daemon = daemon_factory(config)
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4000, "logit_bias": NO_EOS, "stream": True}
+    import http.client
+    import json as jsonlib
+
+    host, port = daemon.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", jsonlib.dumps(body), {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200
+    assert reply.readline().startswith(b"data: ")  # streaming has begun
+    engine = psutil.Process(daemon.model_status("tiny")["pid"])
+    sent = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    rest = reply.read()  # the whole chunked body, properly terminated (http.client raises on a truncated one)
+    events = [line for line in rest.split(b"\n") if line.startswith(b"data: ")]
+    assert events and b"shutting down" in events[-1] and b'"error"' in events[-1], events[-3:]
+    assert daemon.proc.wait(timeout=15) == 0
+    assert time.monotonic() - sent < 10  # the grace (1 s) plus stopping the engine, not a hang
+    wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, what="engine stopped")

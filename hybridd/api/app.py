@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from hybridd.api import routes_openai, routes_peers, routes_status
 from hybridd.api.envelope import envelope_middleware
 from hybridd.api.guards import make_guard
 from hybridd.api.keys import HTTP, NODE, PEER, POOL, ROUTER, Node
+from hybridd.api.proxy import OPEN_STREAMS, OpenStreams
 from hybridd.config import Config, ModelEntry
 from hybridd.engine.base import Engine
 from hybridd.engine.external import ExternalEngine
@@ -52,6 +52,7 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
         client_max_size=server.max_body_bytes,
     )
     app[NODE] = Node(config, catalog, time.time(), time.monotonic())
+    app[OPEN_STREAMS] = OpenStreams()
     maker = engine_maker or default_engine_maker(config.engine.python)
 
     async def engines(app: web.Application) -> AsyncIterator[None]:
@@ -71,9 +72,10 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            # Not cancelled: a reaper cut off while it stops an engine would leave that engine running. Closing
+            # the pool lets it finish what it is doing and return.
+            pool.close()
+            await reaper
             if PEER in app:
                 await app[PEER].stop()
             await pool.stop_all()

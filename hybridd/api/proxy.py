@@ -45,6 +45,32 @@ class StreamTally:
                            decode_tok_s=self.decode_tok_s())
 
 
+class OpenStreams:
+    """The upstream streams being passed to clients now, so that a shutdown can end them at its grace."""
+
+    def __init__(self) -> None:
+        self._open: set[aiohttp.ClientResponse] = set()
+        self.ending: str | None = None  # why every stream is being ended, once that has begun
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, upstream: aiohttp.ClientResponse) -> None:
+        self._open.add(upstream)
+
+    def discard(self, upstream: aiohttp.ClientResponse) -> None:
+        self._open.discard(upstream)
+
+    def end_all(self, why: str) -> int:
+        """Drop every upstream connection: each stream then tells its client why in an error event and ends."""
+        self.ending = why
+        for upstream in list(self._open):
+            upstream.close()
+        return len(self._open)
+
+
+OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)
+
 # Hop-by-hop and framing headers are ours to set, not the engine's.
 _DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding",
                           "date", "server"}
@@ -150,19 +176,25 @@ async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, url: st
     response.headers["X-Accel-Buffering"] = "no"
     response.headers.update(extra_headers)
     tally = StreamTally()
+    streams = client.app.get(OPEN_STREAMS)
+    if streams is None:  # an app without a shutdown to end its streams
+        streams = OpenStreams()
+    streams.add(upstream)
     try:
         await response.prepare(client)
-        await _pump(upstream, response, url, tally, idle_timeout_s)
+        await _pump(upstream, response, url, tally, idle_timeout_s, streams)
     except asyncio.CancelledError:
         # The client went away (its handler is cancelled): what passed until then is still an observation.
         return Answer(response, tally.observation(), cancelled=True)
     except ConnectionResetError:
         return Answer(response, tally.observation())
+    finally:
+        streams.discard(upstream)
     return Answer(response, tally.observation())
 
 
 async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse, url: str, tally: StreamTally,
-                idle_timeout_s: float | None) -> None:
+                idle_timeout_s: float | None, streams: OpenStreams) -> None:
     # iter_any hands over whatever bytes have arrived: no line splitting, no waiting for more.
     chunks = upstream.content.iter_any()
     partial = b""  # the start of an event the engine has not finished yet
@@ -177,6 +209,9 @@ async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse, 
         except (aiohttp.ClientError, TimeoutError) as exc:
             # After the first byte there is no retry: tell the client in the stream's own format, then end it.
             # A half-sent event is dropped, so the error event is not glued onto truncated JSON.
+            if streams.ending is not None:
+                await response.write(sse_error_event(streams.ending, "shutting_down"))
+                break
             why = f"no data for {idle_timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
             log.warning("stream from %s broke: %s", url, why)
             await response.write(sse_error_event(f"upstream stream broke: {why}", "upstream_failed"))

@@ -8,9 +8,10 @@ from aiohttp import web
 
 from hybridd.api import keys, routes_openai
 from hybridd.api.envelope import Handler, envelope_middleware, error_response
+from hybridd.api.proxy import OPEN_STREAMS
 from hybridd.errors import BadRequest, HybriddError
-from hybridd.peer.link import add_link_route
 from hybridd.node.peering import PeerNode
+from hybridd.peer.link import add_link_route
 from hybridd.peer.pairing import add_pairing_routes
 
 PAIR_PATHS = ("/hybridd/v1/pair/start", "/hybridd/v1/pair/finish")
@@ -74,6 +75,7 @@ def make_lan_app(main: web.Application) -> web.Application:
     # The same objects as the loopback app: one node, two listeners.
     app[keys.NODE], app[keys.POOL], app[keys.ROUTER] = main[keys.NODE], main[keys.POOL], main[keys.ROUTER]
     app[keys.HTTP], app[keys.PEER] = main[keys.HTTP], node
+    app[OPEN_STREAMS] = main[OPEN_STREAMS]  # a shutdown ends the streams of both listeners at its grace
     add_pairing_routes(app, node.pairing)
     add_link_route(app, node.hub)
     routes_openai.add_routes(app)

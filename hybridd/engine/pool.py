@@ -191,20 +191,29 @@ class EnginePool:
         ]
 
     async def reap_forever(self) -> None:
-        """Unload engines that sat idle past their TTL; runs until cancelled."""
-        while True:
+        """Unload engines that sat idle past their TTL; returns once the pool is closed."""
+        while not self._closed:
             now = self.clock()
             for key in idle_expired(self._loaded(), now):
                 await self.unload(key, f"idle for {self.slots[key].model.idle_ttl_s:g} s (idle_ttl_s)")
             wait = next_expiry(self._loaded(), self.clock())
             self._wake.clear()
-            # Sleep until the next expiry or until a lease ends (which may start a new idle clock).
+            if self._closed:
+                break
+            # Sleep until the next expiry, a lease's end (which may start a new idle clock) or close(). Not
+            # asyncio.wait_for: on Python 3.11 it can swallow a cancellation that races its inner wait.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=None if wait is None else wait + 0.01)
+                async with asyncio.timeout(None if wait is None else wait + 0.01):
+                    await self._wake.wait()
+
+    def close(self) -> None:
+        """No engine starts from now on, and the reaper returns once it has done what it is doing."""
+        self._closed = True
+        self._wake.set()
 
     async def stop_all(self) -> None:
         """Stop every engine; no new engine starts after this."""
-        self._closed = True
+        self.close()
         await asyncio.gather(*(self._stop(slot) for slot in self.slots.values() if slot.engine is not None),
                              return_exceptions=True)
 

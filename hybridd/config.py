@@ -144,6 +144,11 @@ class NodeConfig:
     default_max_tokens: int = 2048
     peer_first_byte_timeout_s: float = 600.0  # a peer may load a 60 GB model before its first byte
     peer_idle_timeout_s: float = 60.0  # between two chunks of a peer's stream
+    # A local engine's first byte may take its predicted queue wait and prefill (and decode, unstreamed) four times
+    # over, never less than this: predictions can be far off on a CPU before they are calibrated.
+    engine_first_byte_floor_s: float = 120.0
+    engine_idle_timeout_s: float = 60.0  # between two chunks of a local engine's stream
+    engine_health_interval_s: float = 10.0  # a live engine missing 3 health checks in a row is hung: restarted
 
 
 @dataclass(frozen=True)
@@ -335,6 +340,9 @@ def _node(table: Reader) -> NodeConfig:
         default_max_tokens=int(positive("default_max_tokens")),
         peer_first_byte_timeout_s=positive("peer_first_byte_timeout_s"),
         peer_idle_timeout_s=positive("peer_idle_timeout_s"),
+        engine_first_byte_floor_s=positive("engine_first_byte_floor_s"),
+        engine_idle_timeout_s=positive("engine_idle_timeout_s"),
+        engine_health_interval_s=positive("engine_health_interval_s"),
     )
 
 

@@ -29,6 +29,8 @@ def test_example_config_is_valid_and_pinned() -> None:
     assert (spark.name, spark.base_url, spark.hardware) == ("spark", "http://spark.local:11435", "dgx-spark")
     assert spark.serves("gpt-oss-120b") and not spark.serves("nomic-embed")
     assert config.node.name == "desktop" and config.node.queue_limit == 16 and config.node.devices == ()
+    assert (config.node.engine_first_byte_floor_s, config.node.engine_idle_timeout_s,
+            config.node.engine_health_interval_s) == (120, 60, 10)
     assert coder.aliases == ("coder",) and coder.ctx == 65536 and (coder.type_k, coder.type_v) == ("q8_0", "q8_0")
     assert coder.path == Path("~/models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf").expanduser()
     assert coder.options == {"n_threads": 8} and coder.idle_ttl_s == 3600

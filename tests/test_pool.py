@@ -34,6 +34,9 @@ class SlowStop:
         self.state = EngineState.STOPPED
         self.stopped = True
 
+    async def healthy(self, timeout_s: float) -> bool:
+        return True
+
     def kill_now(self) -> None:
         self.state = EngineState.STOPPED
 

@@ -77,6 +77,9 @@ class SlowStopEngine:
         self.lab.running.discard(self.model.name)
         self.state = EngineState.STOPPED
 
+    async def healthy(self, timeout_s: float) -> bool:
+        return True
+
     def kill_now(self) -> None:
         self.state = EngineState.STOPPED
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
@@ -274,3 +275,30 @@ def test_sigterm_ends_a_stream_longer_than_the_grace_with_an_error_event_and_exi
     assert daemon.proc.wait(timeout=15) == 0
     assert time.monotonic() - sent < 10  # the grace (1 s) plus stopping the engine, not a hang
     wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, what="engine stopped")
+
+
+def test_a_hung_engine_is_noticed_killed_and_restarted_and_its_client_told_why(daemon_factory,
+                                                                              tiny_model: Path) -> None:
+    config = tiny_config(tiny_model).replace("[[models]]", "[node]\nengine_health_interval_s = 0.5\n"
+                                             "engine_idle_timeout_s = 30\n\n[[models]]")
+    daemon = daemon_factory(config)
+    api = client(daemon)
+    stream = api.completions.create(model="tiny", prompt="x", max_tokens=400, logit_bias=NO_EOS, stream=True)
+    chunks = iter(stream)
+    assert next(chunks).choices is not None
+    engine = psutil.Process(daemon.model_status("tiny")["pid"])
+    engine.suspend()  # kill -STOP: alive, answering nothing
+    try:
+        with pytest.raises(openai.APIError) as broken:
+            for _ in chunks:  # the stream stalls, then ends with an error event that says why
+                pass
+        assert "stopped answering" in str(broken.value)
+        wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, what="hung engine killed")
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            engine.resume()
+    assert "stopped answering" in (daemon.model_status("tiny")["last_error"] or "")
+    again = api.completions.create(model="tiny", prompt="x", max_tokens=8)  # the next request starts it again
+    assert again.choices[0].text is not None
+    assert daemon.model_status("tiny")["pid"] != engine.pid
+    assert "stopped answering" in daemon.log()

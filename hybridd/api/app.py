@@ -62,13 +62,15 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
-        pool = EnginePool(lambda model: maker(model, http))
+        pool = EnginePool(lambda model: maker(model, http), health_interval_s=config.node.engine_health_interval_s)
+        pool.on_hung = app[OPEN_STREAMS].end_to
         app[HTTP], app[POOL] = http, pool
         app[ROUTER] = router = Router(config, catalog, pool, hardware, peers)
         if peering is not None:
             state_dir, name = peering
             app[PEER] = PeerNode(config, state_dir, name, router, catalog, pool)
         reaper = asyncio.create_task(pool.reap_forever(), name="idle-reaper")
+        watch = asyncio.create_task(pool.watch_health(), name="engine-health")
         try:
             yield
         finally:
@@ -76,6 +78,7 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
             # the pool lets it finish what it is doing and return.
             pool.close()
             await reaper
+            await watch
             if PEER in app:
                 await app[PEER].stop()
             await pool.stop_all()

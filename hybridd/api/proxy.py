@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -46,20 +47,22 @@ class StreamTally:
 
 
 class OpenStreams:
-    """The upstream streams being passed to clients now, so that a shutdown can end them at its grace."""
+    """The upstream streams being passed to clients now, so that a shutdown can end them at its grace and a hung
+    engine's clients can be told why their answer stopped."""
 
     def __init__(self) -> None:
-        self._open: set[aiohttp.ClientResponse] = set()
+        self._open: dict[aiohttp.ClientResponse, str] = {}  # each stream and its upstream's base URL
         self.ending: str | None = None  # why every stream is being ended, once that has begun
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()  # base URL -> why it was cut
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, upstream: aiohttp.ClientResponse) -> None:
-        self._open.add(upstream)
+    def add(self, upstream: aiohttp.ClientResponse, base_url: str) -> None:
+        self._open[upstream] = base_url
 
     def discard(self, upstream: aiohttp.ClientResponse) -> None:
-        self._open.discard(upstream)
+        self._open.pop(upstream, None)
 
     def end_all(self, why: str) -> int:
         """Drop every upstream connection: each stream then tells its client why in an error event and ends."""
@@ -68,6 +71,21 @@ class OpenStreams:
             upstream.close()
         return len(self._open)
 
+    def end_to(self, base_url: str, why: str) -> None:
+        """The upstream at base_url is gone (a hung engine was killed): its streams and requests say why."""
+        self._ended[base_url] = why
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
+        for upstream, url in list(self._open.items()):
+            if url == base_url:
+                upstream.close()
+
+    def why_ended(self, base_url: str) -> str | None:
+        """Why the upstream at base_url was cut off, if it was (engines restart on a new port)."""
+        return self.ending or self._ended.get(base_url)
+
+
+ENDED_KEPT = 64
 
 OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)
 
@@ -89,17 +107,22 @@ async def forward(http: aiohttp.ClientSession, route: Route, client: web.Request
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **(upstream_headers or {})}
     if route.api_key:
         headers["Authorization"] = f"Bearer {route.api_key}"
+    streams = client.app.get(OPEN_STREAMS)
+    if streams is None:  # an app without a shutdown or engine watch to end its streams
+        streams = OpenStreams()
     try:
         async with asyncio.timeout(route.first_byte_timeout_s):
             upstream = await http.post(url, data=body, headers=headers, ssl=route.ssl)
     except (aiohttp.ClientError, OSError) as exc:
-        raise _unreachable(route, f"{url} could not be reached: {exc}") from exc
+        why = streams.why_ended(route.base_url) or f"{url} could not be reached: {exc}"
+        raise _unreachable(route, why) from exc
     except TimeoutError as exc:
         raise _unreachable(route, f"{url} sent nothing within {route.first_byte_timeout_s:g} s") from exc
     try:
         if not stream or upstream.status != 200:
             return await _whole(upstream, url, _reply_headers(route))
-        return await _stream(client, upstream, url, _reply_headers(route), route.idle_timeout_s)
+        return await _stream(client, upstream, route.base_url, _reply_headers(route), route.idle_timeout_s,
+                             streams)
     finally:
         # Closing (not releasing) an unfinished response drops the connection: the engine sees the
         # disconnect and stops generating for a client that is gone.
@@ -168,21 +191,19 @@ def _as_envelope(status: int, payload: bytes) -> bytes:
     return json.dumps(error_body(f"engine error: {message}", kind, "engine_error")).encode()
 
 
-async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str],
-                  idle_timeout_s: float | None = None) -> Answer[web.StreamResponse]:
+async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, base_url: str,
+                  extra_headers: dict[str, str], idle_timeout_s: float | None, streams: OpenStreams,
+                  ) -> Answer[web.StreamResponse]:
     response = web.StreamResponse(status=200)
     response.content_type = "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     response.headers.update(extra_headers)
     tally = StreamTally()
-    streams = client.app.get(OPEN_STREAMS)
-    if streams is None:  # an app without a shutdown to end its streams
-        streams = OpenStreams()
-    streams.add(upstream)
+    streams.add(upstream, base_url)
     try:
         await response.prepare(client)
-        await _pump(upstream, response, url, tally, idle_timeout_s, streams)
+        await _pump(upstream, response, base_url, tally, idle_timeout_s, streams)
     except asyncio.CancelledError:
         # The client went away (its handler is cancelled): what passed until then is still an observation.
         return Answer(response, tally.observation(), cancelled=True)
@@ -193,7 +214,7 @@ async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, url: st
     return Answer(response, tally.observation())
 
 
-async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse, url: str, tally: StreamTally,
+async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse, base_url: str, tally: StreamTally,
                 idle_timeout_s: float | None, streams: OpenStreams) -> None:
     # iter_any hands over whatever bytes have arrived: no line splitting, no waiting for more.
     chunks = upstream.content.iter_any()
@@ -209,11 +230,12 @@ async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse, 
         except (aiohttp.ClientError, TimeoutError) as exc:
             # After the first byte there is no retry: tell the client in the stream's own format, then end it.
             # A half-sent event is dropped, so the error event is not glued onto truncated JSON.
-            if streams.ending is not None:
-                await response.write(sse_error_event(streams.ending, "shutting_down"))
+            ended = streams.why_ended(base_url)
+            if ended is not None:
+                await response.write(sse_error_event(ended, "shutting_down" if streams.ending else "engine_hung"))
                 break
             why = f"no data for {idle_timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
-            log.warning("stream from %s broke: %s", url, why)
+            log.warning("stream from %s broke: %s", base_url, why)
             await response.write(sse_error_event(f"upstream stream broke: {why}", "upstream_failed"))
             break
         # Pass every complete event on at once; hold back only an unfinished tail (engines rarely split events).

@@ -40,6 +40,10 @@ class Engine(Protocol):
         """Start and health-check the engine; raise EngineLoadFailed and leave nothing behind on failure."""
         ...
 
+    async def healthy(self, timeout_s: float) -> bool:
+        """True when the engine answers a health check within timeout_s (a stopped or wedged process does not)."""
+        ...
+
     async def stop(self) -> None:
         """Stop the engine and free everything it held."""
         ...

@@ -32,6 +32,9 @@ class ExternalEngine:
     async def start(self) -> None:
         self.state = EngineState.READY
 
+    async def healthy(self, timeout_s: float) -> bool:
+        return True  # not ours to restart: its failures surface per request
+
     async def stop(self) -> None:
         self.state = EngineState.STOPPED
 

@@ -113,7 +113,7 @@ class LlamaCppEngine:
                     f"engine for model '{self.model.name}' exited with code {self.process.returncode} while "
                     f"loading: {self.process.summary()}"
                 )
-            if await self._answers():
+            if await self.healthy(2.0):
                 return
             if time.monotonic() > deadline:
                 raise EngineLoadFailed(
@@ -123,9 +123,9 @@ class LlamaCppEngine:
             await asyncio.sleep(delay)  # polling the engine's port: the backoff is the deadline's step
             delay = min(delay * 1.5, 0.25)
 
-    async def _answers(self) -> bool:
+    async def healthy(self, timeout_s: float) -> bool:
         try:
-            timeout = aiohttp.ClientTimeout(total=2.0)
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
             async with self.http.get(self.base_url + HEALTH_PATH, timeout=timeout) as response:
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError):

@@ -18,6 +18,9 @@ from hybridd.place.idle import LoadedEngine, idle_expired, next_expiry
 
 log = logging.getLogger("hybridd.engine")
 
+# An engine that misses this many health checks in a row is hung (a stopped or wedged process).
+HEALTH_STRIKES = 3
+
 EngineFactory = Callable[[ModelEntry], Engine]
 
 
@@ -79,6 +82,7 @@ class EnginePool:
     def __init__(
         self, factory: EngineFactory, clock: Callable[[], float] = time.monotonic,
         on_stopped: Callable[[str], None] | None = None, on_loaded: Callable[[str], None] | None = None,
+        health_interval_s: float = 10.0,
     ) -> None:
         self.slots: dict[str, EngineSlot] = {}
         self.factory = factory
@@ -86,7 +90,11 @@ class EnginePool:
         # Told when an engine's process is gone and nothing waits for it (or its start failed), and when one is up.
         self.on_stopped = on_stopped or (lambda key: None)
         self.on_loaded = on_loaded or (lambda key: None)
+        # Told when a hung engine is killed: (its base URL, why), so its clients can be told.
+        self.on_hung: Callable[[str, str], None] = lambda base_url, why: None
+        self.health_interval_s = health_interval_s
         self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
         self._closed = False
 
     def slot(self, key: str, model: ModelEntry, run: ModelEntry | None = None, placement: str = "local") -> EngineSlot:
@@ -206,10 +214,39 @@ class EnginePool:
                 async with asyncio.timeout(None if wait is None else wait + 0.01):
                     await self._wake.wait()
 
+    async def watch_health(self) -> None:
+        """Ask each live engine whether it still answers, every health_interval_s; kill one that misses
+        HEALTH_STRIKES checks in a row (the next request starts it again). Returns once the pool is closed."""
+        misses: dict[str, int] = {}
+        while not self._closed:
+            for slot in list(self.slots.values()):
+                engine = slot.engine
+                if engine is None or slot.stopping or not slot.live or self._closed:
+                    continue
+                if await engine.healthy(self.health_interval_s):
+                    misses.pop(slot.key, None)
+                    continue
+                missed = misses[slot.key] = misses.get(slot.key, 0) + 1
+                if slot.engine is engine and missed >= HEALTH_STRIKES:
+                    misses.pop(slot.key)
+                    self._kill_hung(slot, engine, missed)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.health_interval_s):
+                    await self._closing.wait()
+
+    def _kill_hung(self, slot: EngineSlot, engine: Engine, missed: int) -> None:
+        why = (f"engine {slot.key} stopped answering ({missed} health checks in a row, "
+               f"{missed * self.health_interval_s:g} s); it was killed and starts again on the next request")
+        log.warning("%s", why)
+        slot.last_error = why
+        self.on_hung(engine.base_url, why)
+        engine.kill_now()  # SIGKILL: a stopped process cannot act on SIGTERM
+
     def close(self) -> None:
         """No engine starts from now on, and the reaper returns once it has done what it is doing."""
         self._closed = True
         self._wake.set()
+        self._closing.set()
 
     async def stop_all(self) -> None:
         """Stop every engine; no new engine starts after this."""

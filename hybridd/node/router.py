@@ -53,6 +53,9 @@ from hybridd.place.state import (
 log = logging.getLogger("hybridd.place")
 
 RECENT_DECISIONS = 50
+# A local engine's first byte may take this many times its predicted queue wait and prefill (and, unstreamed,
+# decode): predictions are rough, a timeout cut short is an answer lost.
+FIRST_BYTE_SLACK = 4.0
 NO_HARDWARE = Hardware("none", (), 0, 1.0)
 
 
@@ -245,9 +248,9 @@ class Router:
             step = self.feed(RequestArrived(need, exclude))
             assert step.decision is not None
             self._record(step.decision, need, size)
-        return await self._carry_out(step, model, targets, send)
+        return await self._carry_out(step, model, targets, inference.stream, send)
 
-    async def _carry_out(self, step: Step, model: ModelEntry, targets: dict[str, PeerTarget],
+    async def _carry_out(self, step: Step, model: ModelEntry, targets: dict[str, PeerTarget], stream: bool,
                          send: Send[R]) -> Answer[R]:
         slot: EngineSlot | None = None
         for effect in step.effects:
@@ -263,9 +266,13 @@ class Router:
                     slot = self.pool.slot(key, model, run, placement=placement)
                 case Evict():
                     await self._evict(effect)
-                case Admit(key, reason):
+                case Admit(key, reason, first_token_s, answer_s):
                     assert step.ticket is not None
-                    return await self._on_engine(step.ticket, slot or self.pool.slots[key], reason, send)
+                    # llama.cpp's servers send a whole answer's headers only once it is done
+                    predicted = first_token_s if stream else answer_s
+                    first_byte_s = max(self.config.node.engine_first_byte_floor_s, FIRST_BYTE_SLACK * predicted)
+                    return await self._on_engine(step.ticket, slot or self.pool.slots[key], reason, first_byte_s,
+                                                 send)
         raise AssertionError(f"a placement step with nothing to do: {step.effects}")
 
     async def _forward(self, ticket: Ticket, target: PeerTarget, reason: str, send: Send[R]) -> Answer[R]:
@@ -275,10 +282,12 @@ class Router:
                       idle_timeout_s=self.config.node.peer_idle_timeout_s)
         return await self._answered(route, send)
 
-    async def _on_engine(self, ticket: Ticket, slot: EngineSlot, reason: str, send: Send[R]) -> Answer[R]:
+    async def _on_engine(self, ticket: Ticket, slot: EngineSlot, reason: str, first_byte_s: float,
+                         send: Send[R]) -> Answer[R]:
         async with self.pool.lease(slot) as lease:
             route = Route(slot.placement, reason, lease.engine.base_url, ticket, cold_start_s=lease.cold_start_s,
-                          ready_at=self.clock())
+                          ready_at=self.clock(), first_byte_timeout_s=first_byte_s,
+                          idle_timeout_s=self.config.node.engine_idle_timeout_s)
             return await self._answered(route, send)
 
     async def _answered(self, route: Route, send: Send[R]) -> Answer[R]:

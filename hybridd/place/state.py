@@ -256,10 +256,13 @@ class Load:
 
 @dataclass(frozen=True, slots=True)
 class Admit:
-    """Run the request on engine `key` (loading it first if it is not up)."""
+    """Run the request on engine `key` (loading it first if it is not up). Once the engine is up, its first token
+    is predicted `first_token_s` after the request is sent (its queue there, its prefill), its last `answer_s`."""
 
     key: str
     reason: str
+    first_token_s: float = 0.0
+    answer_s: float = 0.0
 
 
 Effect = Refuse | Forward | Evict | Load | Admit
@@ -323,7 +326,8 @@ def commit(state: PlacementState, need: RequestNeed, decision: Decision, now: fl
     if option.engine is not None:
         record = state.engines[option.engine]
         state = _with_engine(state, record.key, backlog=record.backlog.admit(service_s, now, record.ready_at))
-        return Step(state, (Admit(record.key, decision.reason),), decision,
+        first = option.wait_s + option.prefill_s
+        return Step(state, (Admit(record.key, decision.reason, first, first + option.decode_s),), decision,
                     Ticket(need.model, need.max_tokens, now, engine=record.key))
     key = option.engine_key
     assert key is not None and option.speed is not None
@@ -348,7 +352,7 @@ def commit(state: PlacementState, need: RequestNeed, decision: Decision, now: fl
     if option.evict:
         why = f"evicted to make room for {need.model} at {option.ctx} ctx"
         effects.append(Evict(option.evict, option.drain, key, why))
-    effects.append(Admit(key, decision.reason))
+    effects.append(Admit(key, decision.reason, option.prefill_s, service_s))  # its wait is before the load
     return Step(replace(state, ledger=ledger, engines=engines), tuple(effects), decision,
                 Ticket(need.model, need.max_tokens, now, engine=key))
 

@@ -17,6 +17,7 @@ import pytest
 
 from hybridd.demo.launch import start_node
 from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
+from tests.hardening import Ledger
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,3 +171,11 @@ def http(method: str, url: str, body: object = None, headers: dict[str, str] | N
             return Reply(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as exc:
         return Reply(exc.code, dict(exc.headers), exc.read())
+
+
+@pytest.fixture(scope="session")
+def hardening() -> Iterator[Ledger]:
+    """The adversarial suite's ledger: attack classes record into it; merged into bench/results/hardening.json."""
+    book = Ledger()
+    yield book
+    book.write()

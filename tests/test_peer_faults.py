@@ -27,6 +27,7 @@ import pytest
 
 from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import Daemon, http, wait_for
+from tests.hardening import Ledger
 from tests.nodes import node_config as shared_node_config
 
 NO_EOS = {"2": -100}
@@ -391,23 +392,27 @@ def test_latency_is_added_and_requests_still_forwarded(pair: Pair) -> None:
     assert time.monotonic() - started >= 0.3  # it did cross the slow proxy
 
 
-def test_stall_mid_stream_ends_with_an_error_event(pair: Pair) -> None:
-    # New connections (the forward) pass the TLS handshake, headers and some events, then hold everything.
-    pair.proxy.stall(up=False, down=True, existing=False, down_after=12_000)
-    started = time.monotonic()
-    with stream(pair.desk, max_tokens=3000) as (headers, events):
-        assert headers["x-hybridd-placement"] == "peer:spark"
-        seen = list(events)
-    took = time.monotonic() - started
-    tokens = [e for e in seen if "choices" in e]
-    assert tokens, seen
-    assert "error" in seen[-1] and {"done": True} not in seen, seen[-3:]
-    error = seen[-1]["error"]
-    assert error["type"] == "server_error" and f"no data for {IDLE_S:g} s" in error["message"], error
-    assert IDLE_S <= took < FIRST_BYTE_S + 5  # the idle timeout tripped, not the longer first-byte one
-    # The desktop dropped its connection to the peer, which lets go of the request for a client that is gone.
-    wait_for(lambda: pair.peer.model_status("a")["in_flight"] == 0, timeout=5, interval=0.1,
-             what="the peer to stop working on the abandoned stream")
+def test_stall_mid_stream_ends_with_an_error_event(pair: Pair, hardening: Ledger) -> None:
+    attack = hardening.attack("hung peer", "a peer (or the path to it) that stops sending mid-stream",
+                              "tests/test_peer_faults.py::test_stall_mid_stream_ends_with_an_error_event")
+    with attack.trial("a stream through a proxy that stalls after 12 kB"):
+        # New connections (the forward) pass the TLS handshake, headers and some events, then hold everything.
+        pair.proxy.stall(up=False, down=True, existing=False, down_after=12_000)
+        started = time.monotonic()
+        with stream(pair.desk, max_tokens=3000) as (headers, events):
+            assert headers["x-hybridd-placement"] == "peer:spark"
+            seen = list(events)
+        took = time.monotonic() - started
+        tokens = [e for e in seen if "choices" in e]
+        assert tokens, seen
+        assert "error" in seen[-1] and {"done": True} not in seen, seen[-3:]
+        error = seen[-1]["error"]
+        assert error["type"] == "server_error" and f"no data for {IDLE_S:g} s" in error["message"], error
+        assert IDLE_S <= took < FIRST_BYTE_S + 5  # the idle timeout tripped, not the longer first-byte one
+        # The desktop dropped its connection to the peer, which lets go of the request for a client that is gone.
+        wait_for(lambda: pair.peer.model_status("a")["in_flight"] == 0, timeout=5, interval=0.1,
+                 what="the peer to stop working on the abandoned stream")
+        attack.recovery_s.append(time.monotonic() - started)
     # (The llama-cpp-python engine behind it goes on generating after that disconnect: an engine-side gap.)
 
 

@@ -8,18 +8,22 @@ occasional 128k-256k context jobs, Llama-3.1-70B rarely; Poisson arrivals with b
 Completions run to their max_tokens; with --budgets the same requests ask for an agent's budget (8k-32k) instead
 and stop where they did, so the context must hold the budget while the work is only the completion.
 
-Hardware: the desktop-4090-5070ti profile as the local node, one dgx-spark as the peer. Every strategy runs in the
+Hardware: the desktop-4090-5070ti profile as the local node, one dgx-spark as the peer. Each node is the daemon's own
+placement state (place/state.py): a strategy's choice is committed by the same transition the daemon runs, and the
+simulated engines feed it the events the daemon's router would (loaded, answered, gone). Every strategy runs in the
 same simulator:
 - service time of a request on an engine = prompt / prefill tok/s + completion tokens / decode tok/s at the mean
   decode context, from the engine's SpeedModel (the one the scheduler predicts with; calibration factor 1), plus
   the peer's RTT when forwarded. Speeds are predicted exactly: the comparison is of decisions, not of speed models.
-  Completion lengths are not known in advance: the scheduler expects what the daemon would, from the lengths it
-  learned (place/lengths.py) from the requests that have ended so far, and the backlogs it sees are the sums of
-  those predictions (place/backlog.py), as in the daemon.
-- an engine serves one request at a time (FIFO queue); a new engine is ready option.load_s after it is placed.
+  Completion lengths are not known in advance: each node expects what its daemon would, from the lengths it
+  learned (place/lengths.py) from the answers it has seen end, and the backlogs it sees are the sums of those
+  predictions (place/backlog.py), as in the daemon.
+- an engine serves one request at a time (FIFO queue); a new engine is ready option.load_s after the engines it
+  evicts are gone.
   Engines run independently (two engines on one node do not slow each other: bandwidth sharing is not modelled).
-- memory is the scheduler's Ledger; an engine is evicted at once only when idle (nothing in flight, queued,
-  loading); a busy one is drained first: it takes no new request and is unloaded when its admitted work is done.
+- memory is the state's Ledger; an engine is evicted at once only when idle (nothing in flight, queued, loading);
+  a busy one is drained first: it takes no new request and is unloaded when its admitted work is done, and its key
+  is not loaded again until then.
 - the peer is a node of its own that places forwarded requests with the same scheduler (hint local, no peers).
 - a refused request (503: nothing can hold it now) is retried when the next engine frees up; its completion time
   still counts from its first arrival.

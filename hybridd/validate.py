@@ -227,15 +227,20 @@ class Reader:
         return value
 
     def number(self, default: T = REQUIRED, *, low: float | None = None, high: float | None = None,
-               above: float | None = None, finite: bool = False) -> float | T:
-        """An integer or float as a float, within [low, high] (and > above; not inf or nan when `finite`)."""
+               above: float | None = None) -> float | T:
+        """A finite integer or float as a float, within [low, high] (and > above); inf and nan never pass."""
         if not self.present:
             return self._default(default)
         value = self.of((int, float), want=self._wording.names.get(float, "a number"))
-        if finite and not math.isfinite(value):
-            raise self.fail(self._wording.not_finite.format(value=value))
+        # No document of ours has a use for inf or nan: an infinite timeout or size is a typo, not a setting.
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            raise self.fail(self._wording.not_finite.format(value=number))
         self._check_bounds(value, low, high, above)
-        return float(value)
+        return number
 
     def choice(self, choices: Sequence[str], default: T = REQUIRED, *, what: str = "value") -> str | T:
         """One of `choices`; a failure lists them in the order given."""

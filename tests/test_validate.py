@@ -96,10 +96,15 @@ def test_bounds(check: Any, message: str) -> None:
     assert refusal(lambda: check(read({"n": -1}).table().at("n"))) == message
 
 
-def test_finite_numbers_and_integers_as_floats() -> None:
-    doc = read({"t": float("inf"), "n": 7}).table()
-    assert doc.at("t").number() == float("inf")
-    assert refusal(lambda: doc.at("t").number(finite=True)) == "t: must be finite, got inf"
+def test_numbers_are_finite_whatever_the_bounds_and_integers_come_as_floats() -> None:
+    doc = read({"inf": float("inf"), "ninf": float("-inf"), "nan": float("nan"), "huge": 10**400, "n": 7}).table()
+    for bounds in ({}, {"above": 0}, {"low": 0}, {"high": 1e9}, {"low": 0, "high": 1e9}):
+        assert refusal(lambda b=bounds: doc.at("inf").number(**b)) == "inf: must be finite, got inf"
+        assert refusal(lambda b=bounds: doc.at("ninf").number(**b)) == "ninf: must be finite, got -inf"
+        assert refusal(lambda b=bounds: doc.at("nan").number(**b)) == "nan: must be finite, got nan"
+        assert refusal(lambda b=bounds: doc.at("huge").number(**b)) == "huge: must be finite, got inf"
+    assert refusal(lambda: read({"t": float("nan")}, MSGPACK, path="ping").table().at("t").number()) == \
+        "ping.t: not finite"
     assert doc.at("n").number() == 7.0 and isinstance(doc.at("n").number(), float)
 
 

@@ -164,7 +164,7 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
 
 
 def _non_negative(reader: Reader) -> float:
-    value = reader.number(finite=True)
+    value = reader.number()
     if value < 0:
         raise reader.fail("negative")
     return value
@@ -220,11 +220,11 @@ def _non_negative_per_model(reader: Reader, optional: bool) -> dict[str, float]:
 
 
 def _parse_ping(f: Reader) -> Ping:
-    return Ping(f.at("t").number(finite=True))
+    return Ping(f.at("t").number())
 
 
 def _parse_pong(f: Reader) -> Pong:
-    return Pong(f.at("t").number(finite=True), f.at("echo").number(finite=True))
+    return Pong(f.at("t").number(), f.at("echo").number())
 
 
 _PARSERS: dict[str, tuple[type, Callable[[Reader], Message]]] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 ROLES = ("desktop", "peer")
 DEFAULT_LAN_PORT = 11436
 REPACK_CHOICES = ("auto", "on", "off")
+MAX_NAME_CHARS = 63  # node.name becomes an mDNS label
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     """Parse and validate config text; raise ConfigError naming the dotted key on any problem."""
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer too long for Python to convert
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     return _config(raw, source, base_dir or Path.cwd())
 
@@ -207,6 +209,8 @@ def load_config(path: Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from exc
     return parse_config(text, source=str(path), base_dir=path.parent)
 
 
@@ -319,7 +323,7 @@ def _node(table: Reader) -> NodeConfig:
         device = item.table(field_names(BudgetDevice))
         devices.append(BudgetDevice(
             name=device.at("name").of(str, f"budget{i}"),
-            memory_bytes=int(device.at("memory_bytes").number(above=0)),
+            memory_bytes=device.at("memory_bytes").integer(above=0),
             bandwidth_bytes_s=device.at("bandwidth_bytes_s").number(BudgetDevice.bandwidth_bytes_s, above=0),
             unified=device.at("unified").of(bool, BudgetDevice.unified),
         ))
@@ -327,17 +331,19 @@ def _node(table: Reader) -> NodeConfig:
     def positive(name: str) -> float:
         return table.at(name).number(getattr(NodeConfig, name), above=0)
 
+    name = table.at("name")
     return NodeConfig(
-        name=table.at("name").of(str, NodeConfig.name),
+        # It goes into headers, logs, a certificate and an mDNS label: printable, and short enough for a label.
+        name=name.text(max_chars=MAX_NAME_CHARS, printable=True) if name.of(str, "") else NodeConfig.name,
         role=table.at("role").choice(ROLES, NodeConfig.role),
         hardware=table.at("hardware").of(str, NodeConfig.hardware),
         devices=tuple(devices),
-        ram_bytes=table.at("ram_bytes").of(int, NodeConfig.ram_bytes),
+        ram_bytes=table.at("ram_bytes").integer(NodeConfig.ram_bytes, above=0),
         ram_bandwidth_bytes_s=positive("ram_bandwidth_bytes_s"),
         disk_read_bytes_s=positive("disk_read_bytes_s"),
-        display_reserve_bytes=table.at("display_reserve_bytes").of(int, NodeConfig.display_reserve_bytes),
-        queue_limit=int(positive("queue_limit")),
-        default_max_tokens=int(positive("default_max_tokens")),
+        display_reserve_bytes=table.at("display_reserve_bytes").integer(NodeConfig.display_reserve_bytes, low=0),
+        queue_limit=table.at("queue_limit").integer(NodeConfig.queue_limit, above=0),
+        default_max_tokens=table.at("default_max_tokens").integer(NodeConfig.default_max_tokens, above=0),
         peer_first_byte_timeout_s=positive("peer_first_byte_timeout_s"),
         peer_idle_timeout_s=positive("peer_idle_timeout_s"),
         engine_first_byte_floor_s=positive("engine_first_byte_floor_s"),
@@ -420,13 +426,39 @@ def _inherited(table: Reader, defaults: EngineDefaults) -> dict[str, Any]:
         "load_timeout_s": table.at("load_timeout_s").number(defaults.load_timeout_s, above=0),
         "repack": table.at("repack").choice(REPACK_CHOICES, defaults.repack),
         "options": {**defaults.options, **{
-            name: value.of((str, int, float, bool), want="a string, number or boolean")
-            for name, value in table.at("options").entries(optional=True).items()}},
+            name: _engine_option(name, value) for name, value in table.at("options").entries(optional=True).items()}},
     }
     if settings["type_v"] not in UNQUANTIZED_KV and not settings["flash_attn"]:
         # llama.cpp refuses a quantized V cache without flash attention; say so before a load fails.
         raise table.at("type_v").fail(f'a quantized V cache ("{settings["type_v"]}") needs flash_attn = true')
     return settings
+
+
+# llama_cpp.server flags that move its unauthenticated API off 127.0.0.1 (its config file may set both).
+_ENGINE_ADDRESS_FLAGS = ("host", "port", "config_file")
+_OPTION_NAME = re.compile(r"[a-z0-9_]+")
+
+
+def _engine_option(name: str, option: Reader) -> str | int | float | bool:
+    """An engine option, passed as `--name value`: never one that sets where the engine listens."""
+    if not _OPTION_NAME.fullmatch(name):
+        raise option.fail("an engine option is a flag name of llama_cpp.server: lower-case letters, digits and '_'")
+    # argparse takes an unambiguous prefix for the whole flag: "hos" is --host.
+    if any(flag.startswith(name) for flag in _ENGINE_ADDRESS_FLAGS):
+        raise option.fail("hybridd chooses where an engine listens (127.0.0.1, a free port): the engine has no "
+                          "authentication, so options may not set host, port or config_file")
+    value = option.of((str, int, float, bool), want="a string, number or boolean")
+    if isinstance(value, str) and value.startswith("-") and not _is_number(value):
+        raise option.fail(f"must not start with '-' (it would be read as another engine flag), got {value!r}")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _path(value: str, base_dir: Path) -> Path:

@@ -68,6 +68,7 @@ def test_example_config_is_valid_and_pinned() -> None:
     ("[node]\nqueue_limit = 0", "node.queue_limit: must be > 0"),
     ("[[models]]\nname = \"m\"\nengine = \"peer-only\"", "models[0].profile: a model served only by peers"),
     ("[server\n", "not valid TOML"),
+    ("x = " + "9" * 5000, "not valid TOML"),
 ])
 def test_errors_name_the_dotted_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -75,6 +76,65 @@ def test_errors_name_the_dotted_key(text: str, message: str) -> None:
     assert message in str(info.value)
     assert str(info.value).startswith("cfg.toml: ")
     assert "\n" not in str(info.value)
+
+
+# Values that used to crash the daemon or be taken silently (issue 12, item 8).
+REFUSED_VALUES = [
+    ("[node]\nqueue_limit = inf", "node.queue_limit: expected an integer, got a number"),
+    ("[node]\nqueue_limit = nan", "node.queue_limit: expected an integer, got a number"),
+    ("[node]\nqueue_limit = 0.5", "node.queue_limit: expected an integer, got a number"),
+    ("[node]\ndefault_max_tokens = inf", "node.default_max_tokens: expected an integer, got a number"),
+    ("[node]\ndefault_max_tokens = 100.5", "node.default_max_tokens: expected an integer, got a number"),
+    ('[node]\nname = "desk\\u0007top"', "node.name: contains control characters"),
+    (f'[node]\nname = "{"x" * 64}"', "node.name: must be at most 63 characters, got 64"),
+    ("[server]\nshutdown_grace_s = nan", "server.shutdown_grace_s: must be finite, got nan"),
+    ("[server]\nshutdown_grace_s = inf", "server.shutdown_grace_s: must be finite, got inf"),
+    ("[engine]\nload_timeout_s = nan", "engine.load_timeout_s: must be finite, got nan"),
+    ("[engine]\nidle_ttl_s = nan", "engine.idle_ttl_s: must be finite, got nan"),
+    ('[[models]]\nname = "a"\npath = "/a.gguf"\nidle_ttl_s = inf', "models[0].idle_ttl_s: must be finite, got inf"),
+    ("[node]\npeer_idle_timeout_s = inf", "node.peer_idle_timeout_s: must be finite, got inf"),
+    ("[node]\nram_bandwidth_bytes_s = nan", "node.ram_bandwidth_bytes_s: must be finite, got nan"),
+    ("[node]\nram_bytes = -1", "node.ram_bytes: must be > 0, got -1"),
+    ("[node]\nram_bytes = 1.5e10", "node.ram_bytes: expected an integer, got a number"),
+    ("[node]\ndisplay_reserve_bytes = -1", "node.display_reserve_bytes: must be >= 0, got -1"),
+    ("[[node.devices]]\nmemory_bytes = inf", "node.devices[0].memory_bytes: expected an integer, got a number"),
+    ("[[node.devices]]\nmemory_bytes = 1.5", "node.devices[0].memory_bytes: expected an integer, got a number"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), REFUSED_VALUES)
+def test_values_that_would_crash_or_mislead_are_refused_naming_the_key(text: str, message: str) -> None:
+    test_errors_name_the_dotted_key(text, message)
+
+
+ADDRESS_OPTIONS = [
+    ('[engine]\noptions = { host = "0.0.0.0" }', "engine.options.host: hybridd chooses where an engine listens"),
+    ("[engine]\noptions = { port = 8080 }", "engine.options.port: hybridd chooses where an engine listens"),
+    ('[engine]\noptions = { hos = "0.0.0.0" }', "engine.options.hos: hybridd chooses where an engine listens"),
+    ('[[models]]\nname = "a"\npath = "/a.gguf"\noptions = { config_file = "/x.json" }',
+     "models[0].options.config_file: hybridd chooses where an engine listens"),
+    ('[engine]\noptions = { "--host" = "0.0.0.0" }', "engine.options.--host: an engine option is a flag name"),
+    ('[engine]\noptions = { tensor_split = "--host=0.0.0.0" }',
+     "engine.options.tensor_split: must not start with '-' (it would be read as another engine flag)"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), ADDRESS_OPTIONS)
+def test_engine_options_may_not_set_where_the_engine_listens(text: str, message: str) -> None:
+    test_errors_name_the_dotted_key(text, message)
+    # Options about anything else still pass, negative numbers (as numbers or text) included.
+    config = parse_config('[engine]\noptions = { n_threads = 8, seed = -1, chat_format = "gemma", hf_model_repo_id'
+                          ' = "x", logit_bias_type = "-1" }')
+    assert config.engine.options == {"n_threads": 8, "seed": -1, "chat_format": "gemma", "hf_model_repo_id": "x",
+                                     "logit_bias_type": "-1"}
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'[node]\nname = "d\xe9sktop"\n')  # Latin-1
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (byte 16); TOML files are UTF-8"
 
 
 def test_model_inherits_engine_defaults_and_overrides_them() -> None:

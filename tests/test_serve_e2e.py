@@ -182,6 +182,32 @@ def test_bad_config_prints_one_line_and_exits_3(tmp_path: Path) -> None:
     assert 'models[0].type_k: unknown value "q9" (valid: bf16, f16, f32' in result.stderr
 
 
+# Each of these crashed `hybridd serve` with a traceback and exit 1 (issue 12, item 8).
+STARTUP_REFUSALS = [
+    ("queue_limit inf", b"[node]\nqueue_limit = inf\n", "node.queue_limit: expected an integer, got a number"),
+    ("default_max_tokens inf", b"[node]\ndefault_max_tokens = inf\n",
+     "node.default_max_tokens: expected an integer, got a number"),
+    ("control character in the name", b'[node]\nname = "desk\\u0007top"\n', "node.name: contains control characters"),
+    ("not UTF-8", b'[node]\nname = "d\xe9sktop"\n', "not UTF-8 text (byte 16); TOML files are UTF-8"),
+    ("state_dir is a file", b'state_dir = "a-file"\n', "state_dir: "),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), [(text, message) for _, text, message in STARTUP_REFUSALS],
+                         ids=[why for why, _, _ in STARTUP_REFUSALS])
+def test_a_refused_config_value_prints_one_line_naming_the_key_and_exits_3(tmp_path: Path, text: bytes,
+                                                                          message: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_bytes(text + b'[server]\nlisten = "127.0.0.1:0"\n')
+    (tmp_path / "a-file").write_text("not a folder")
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    result = subprocess.run([sys.executable, "-m", "hybridd", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith(f"hybridd: {config}: ") and message in result.stderr, result.stderr
+
+
 def test_port_in_use_is_startup_failure(tmp_path: Path) -> None:
     import socket
 

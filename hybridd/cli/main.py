@@ -137,6 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = with_listen(config, args.listen)
         if args.role:
             config = with_role(config, args.role)
+        state = _state_folder(config)
     except ConfigError as exc:
         print(f"hybridd: {exc}", file=sys.stderr)
         return EXIT_STARTUP
@@ -147,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not found:
         from hybridd.demo.model import demo_model
 
-        name, path, options = demo_model((config.state_dir or state_dir()) / "models")
+        name, path, options = demo_model(state / "models")
         log.info("no config at %s: serving the demo model %s (write a config to serve your own models)",
                  config_path(), name)
         config = with_demo_model(config, path, name, options)
@@ -167,12 +168,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
              ", ".join(p.config.name for p in peers) or "none")
     from hybridd.node.resources import node_name
 
-    peering = ((config.state_dir or state_dir()), node_name(config))
+    peering = (state, node_name(config))
     try:
         return _run(serve(config, catalog, hardware, peers, peering))
     except StartupError as exc:
         log.error("%s", exc)
         return EXIT_STARTUP
+
+
+def _state_folder(config: Config) -> Path:
+    """Where this node keeps its state (state_dir, else $XDG_STATE_HOME/hybridd), made 0700 if it is not there."""
+    folder = config.state_dir or state_dir()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ConfigError(f"{config.source}: state_dir: {folder} is not a folder") from exc
+    except OSError as exc:
+        raise ConfigError(f"{config.source}: state_dir: cannot make {folder}: {exc.strerror or exc}") from exc
+    return folder
 
 
 def _run(main: Any) -> Any:

@@ -6,19 +6,23 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
 from hybridd.api.app import make_app
+from hybridd.api.connections import Descriptors, Limits, share_descriptors
 from hybridd.api.keys import PEER, POOL
+from hybridd.api.listener import Listener, descriptor_limit
 from hybridd.api.proxy import OPEN_STREAMS
 from hybridd.api.routes_peers import make_lan_app
 from hybridd.config import Config, lan_listen
 from hybridd.errors import StartupError
 from hybridd.node.catalog import Catalog
+from hybridd.node.peering import PeerNode
 from hybridd.node.resources import Peer
+from hybridd.peer.tls import peer_fingerprint
 from hybridd.place.hardware import Hardware
 from hybridd.sdnotify import sd_notify
 
@@ -39,17 +43,20 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=server.shutdown_grace_s + STREAM_END_S,
                            access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
+    shares = share_descriptors(descriptor_limit())
+    api = Listener(runner, Limits(max_untrusted=shares.api), f"API on {server.listen}")
     try:
-        await site.start()
+        await api.start(server.host, server.port)
     except OSError as exc:
         await runner.cleanup()
         raise StartupError(f"cannot listen on {server.listen}: {exc.strerror or exc}") from exc
-    url = _bound_url(site)
+    url = api.url
     names = ", ".join(m.name for m in catalog.models) or "no models (add [[models]] to the config)"
     log.info("hybridd serving on %s; models: %s", url, names)
-    lan_runner, lan_url = await _start_lan(app, config, runner)
-    sd_notify(f"READY=1\nSTATUS=serving on {url}\nMAINPID={os.getpid()}\nX_HYBRIDD_LAN={lan_url or ''}")
+    lan = await _start_lan(app, config, runner, api, shares)
+    lan_url = lan[1].url if lan is not None else ""
+    served = [(runner, api)] if lan is None else [(runner, api), lan]
+    sd_notify(f"READY=1\nSTATUS=serving on {url}\nMAINPID={os.getpid()}\nX_HYBRIDD_LAN={lan_url}")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -76,10 +83,11 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
         sd_notify("STOPPING=1\nSTATUS=draining requests and stopping engines")
         ending = loop.call_later(server.shutdown_grace_s, _end_streams, app, server.shutdown_grace_s)
         try:
-            # Both listeners at once: each stops listening, waits for its in-flight handlers (the streams still
-            # open at the grace are ended), then the API's cleanup_ctx stops the engines. The signal handlers
-            # stay: a second SIGINT during the drain exits at once.
-            await asyncio.gather(*(r.cleanup() for r in (lan_runner, runner) if r is not None))
+            # Both listeners at once: each stops accepting, then its runner waits for its in-flight handlers (the
+            # streams still open at the grace are ended), then the API's cleanup_ctx stops the engines. The signal
+            # handlers stay: a second SIGINT during the drain exits at once.
+            await asyncio.gather(*(listener.stop() for _, listener in served))
+            await asyncio.gather(*(each.cleanup() for each, _ in served))
         finally:
             ending.cancel()
             if POOL in app:
@@ -97,39 +105,41 @@ def _end_streams(app: web.Application, grace_s: float) -> None:
         log.warning("shutdown grace (%g s) is over: ending %d open streams", grace_s, ended)
 
 
-async def _start_lan(app: web.Application, config: Config, runner: web.AppRunner) -> tuple[web.AppRunner | None, str]:
+async def _start_lan(app: web.Application, config: Config, runner: web.AppRunner, api: Listener,
+                     shares: Descriptors) -> tuple[web.AppRunner, Listener] | None:
     """Start the mutual-TLS listener for paired nodes (a peer's, or where server.lan_listen asks), and peering."""
     if PEER not in app:
-        return None, ""
+        return None
     node = app[PEER]
     where = lan_listen(config)
-    lan_runner = None
-    lan_url = ""
+    lan = None
     port = None
     if where is not None:
         lan_runner = web.AppRunner(make_lan_app(app), handler_cancellation=True,
                                    shutdown_timeout=config.server.shutdown_grace_s + STREAM_END_S, access_log=None)
         await lan_runner.setup()
-        site = web.TCPSite(lan_runner, where[0], where[1], ssl_context=node.server_ssl, reuse_address=True)
+        address = f"{where[0]}:{where[1]}"
+        listener = Listener(lan_runner, Limits(max_untrusted=shares.lan, max_per_source=shares.lan_per_source),
+                            f"LAN listener on {address}", ssl_context=node.server_ssl, trusted=_paired_with(node))
         try:
-            await site.start()
+            await listener.start(*where)
         except OSError as exc:
             await lan_runner.cleanup()
+            await api.stop()
             await runner.cleanup()
-            raise StartupError(f"cannot listen on {where[0]}:{where[1]} for peers: {exc.strerror or exc}") from exc
-        lan_url = _bound_url(site).replace("http://", "https://")
-        port = int(lan_url.rsplit(":", 1)[1])
-        log.info("paired nodes reach %s at %s (node id %s)", node.name, lan_url, node.identity.node_id[:16])
+            raise StartupError(f"cannot listen on {address} for peers: {exc.strerror or exc}") from exc
+        lan = (lan_runner, listener)
+        port = int(listener.url.rsplit(":", 1)[1])
+        log.info("paired nodes reach %s at %s (node id %s)", node.name, listener.url, node.identity.node_id[:16])
     await node.start(port)
-    return lan_runner, lan_url
+    return lan
 
 
-def _bound_url(site: web.TCPSite) -> str:
-    """The URL actually bound (port 0 becomes the port the kernel chose)."""
-    server = site._server  # aiohttp keeps the asyncio server here; no public accessor exists
-    sockets = getattr(server, "sockets", None)
-    if sockets:
-        host, port = sockets[0].getsockname()[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
-    return site.name
+def _paired_with(node: PeerNode) -> Callable[[asyncio.BaseTransport], bool]:
+    """Whether a LAN connection's TLS handshake showed the certificate of a node paired with `node`."""
+
+    def trusted(transport: asyncio.BaseTransport) -> bool:
+        seen = peer_fingerprint(transport)
+        return seen is not None and node.store.get(seen) is not None
+
+    return trusted

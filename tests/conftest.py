@@ -104,9 +104,9 @@ class Daemon:
 
 
 def start_daemon(config_text: str | None, tmp_path: Path, extra_env: dict[str, str] | None = None,
-                 timeout: float = 60.0) -> Daemon:
-    """Start `hybridd serve` with config_text (None: no config at all) and wait for READY=1."""
-    node = start_node(config_text, tmp_path, extra_env, timeout)
+                 timeout: float = 60.0, wrapper: tuple[str, ...] = ()) -> Daemon:
+    """Start `hybridd serve` with config_text (None: no config at all) and wait for READY=1; `wrapper` execs it."""
+    node = start_node(config_text, tmp_path, extra_env, timeout, wrapper=wrapper)
     return Daemon(node.proc, node.url, node.log_path, node.notify, lan_url=node.lan_url)
 
 

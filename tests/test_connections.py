@@ -1,9 +1,43 @@
-"""No client, with or without credentials, can take the daemon's file descriptors: the table's policy, checked with
-time as an argument."""
+"""No client, with or without credentials, can take the daemon's file descriptors.
+
+The table's policy is checked with time as an argument; the listeners are checked on real daemons started under
+`prlimit --nofile=1024:1024` (soft and hard, so raising the soft limit cannot pass), with real sockets and real TLS.
+"""
 
 from __future__ import annotations
 
-from hybridd.api.connections import ConnectionTable, Limits, State, Tally, share_descriptors, source_of
+import concurrent.futures
+import contextlib
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hybridd.api.connections import (
+    HANDSHAKE_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    ConnectionTable,
+    Limits,
+    State,
+    Tally,
+    share_descriptors,
+    source_of,
+)
+from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
+from tests.conftest import Daemon, http, wait_for
+from tests.nodes import node_config
+
+NOFILE = 1024
+UNDER_PRLIMIT = ("prlimit", f"--nofile={NOFILE}:{NOFILE}", "--")
+SWEEP_SLACK_S = 1.5  # the sweep runs every 0.25 s; the rest is a loaded 2-core machine
+
 
 # -- the policy, time as an argument
 
@@ -102,3 +136,199 @@ def test_the_caps_leave_room_under_the_descriptor_limit() -> None:
     assert shares.left >= 1024 * 3 // 8
     assert share_descriptors(65536).api == 4096 and share_descriptors(65536).lan == 512
     assert share_descriptors(64).left > 0
+
+
+# -- real daemons under prlimit
+
+
+@pytest.fixture(scope="module")
+def peer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("connections") / "b.gguf", TinyLlama())
+
+
+def under_prlimit(daemon: Daemon) -> psutil.Process:
+    process = psutil.Process(daemon.pid)
+    assert process.rlimit(psutil.RLIMIT_NOFILE) == (NOFILE, NOFILE)
+    return process
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hybridd", *args], capture_output=True, text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def held(sockets: list[socket.socket]) -> Iterator[list[socket.socket]]:
+    try:
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def idle_connections(url: str, count: int) -> list[socket.socket]:
+    """Open count TCP connections to url's host:port and send nothing."""
+    host, port = url.split("://")[1].rsplit(":", 1)
+    return [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
+
+
+def tls_without_certificate(lan_url: str, count: int, sources: Callable[[int], str]) -> tuple[list[ssl.SSLSocket], int]:
+    """count TLS connections that present no client certificate, connection i from address sources(i); the ones
+    whose handshake finished (then held idle), and how many the listener closed before."""
+    host, port = lan_url.removeprefix("https://").rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    opened, refused = [], 0
+    for i in range(count):
+        raw = socket.create_connection((host, int(port)), timeout=5, source_address=(sources(i), 0))
+        try:
+            opened.append(context.wrap_socket(raw))
+        except OSError:  # closed by the listener before or during the handshake
+            raw.close()
+            refused += 1
+    return opened, refused
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 reply with a Content-Length, read off a kept-alive connection."""
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(65536) or pytest.fail("closed mid-reply")
+    head, body = reply.split(b"\r\n\r\n", 1)
+    fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    length = int(fields[b"content-length"])
+    while len(body) < length:
+        body += sock.recv(65536) or pytest.fail("closed mid-reply")
+    return reply
+
+
+def closed_after(sock: socket.socket, started: float, trickle: bytes = b"", deadline_s: float = 30.0) -> float:
+    """Send trickle one byte each half second (slowloris) until the server closes; seconds since started."""
+    sock.settimeout(0.5)  # the trickle's pace
+    end = started + deadline_s
+    for byte in [trickle[i:i + 1] for i in range(len(trickle))] or [b""]:
+        while True:
+            try:
+                if byte:
+                    sock.sendall(byte)
+                if sock.recv(4096) == b"":
+                    return time.monotonic() - started
+            except TimeoutError:
+                if byte:
+                    break  # next byte
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+                return time.monotonic() - started
+            if time.monotonic() > end:
+                raise AssertionError(f"the server kept the connection for {deadline_s:g} s")
+    raise AssertionError("the server kept the connection while the whole trickle was sent")
+
+
+def test_the_api_answers_under_1300_idle_connections_at_1024_descriptors(daemon_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    daemon = daemon_factory(node_config(tiny_model, "desk", "desktop"), wrapper=UNDER_PRLIMIT)
+    process = under_prlimit(daemon)
+    before = process.num_fds()
+    with held(idle_connections(daemon.url, 1300)):
+        asked = time.monotonic()
+        reply = http("POST", daemon.url + "/v1/completions", {"model": "a", "prompt": "hi", "max_tokens": 2},
+                     timeout=HEADER_TIMEOUT_S + 5)
+        took = time.monotonic() - asked
+        assert reply.status == 200, reply.body
+        assert took < HEADER_TIMEOUT_S + 5
+        assert process.num_fds() < NOFILE - 256  # the cap, not the limit, stopped the flood
+        print(f"200 under 1300 idle connections after {took:.2f} s; {process.num_fds()} descriptors open")
+        warning = wait_for(lambda: [line for line in daemon.log().splitlines() if "WARNING hybridd.listener" in line],
+                           timeout=5, what="the listener's warning")
+    assert "closed to make room (they had no request in progress)" in warning[0]
+    assert "cap: 512 connections, under a descriptor limit of 1024" in warning[0]
+    # Once the flood is gone the API is as before, and so are its descriptors.
+    assert http("GET", daemon.url + "/v1/models").status == 200
+    wait_for(lambda: process.num_fds() <= before + 8, timeout=10, what="the flood's descriptors to be released")
+
+
+def test_slow_heads_and_handshakes_are_cut_at_their_timeouts(daemon_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    peer = daemon_factory(node_config(tiny_model, "spark", "peer"), wrapper=UNDER_PRLIMIT)
+    under_prlimit(peer)
+    host, port = peer.url.removeprefix("http://").rsplit(":", 1)
+    lan_host, lan_port = peer.lan_url.removeprefix("https://").rsplit(":", 1)
+    head = f"GET /v1/models HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+
+    def slowloris() -> float:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            return closed_after(sock, time.monotonic(), head + b"x-slow: " + b"a" * 100)
+
+    def second_head_slow() -> float:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(head + b"\r\n")
+            assert read_reply(sock).startswith(b"HTTP/1.1 200")
+            return closed_after(sock, time.monotonic(), head + b"x-slow: " + b"a" * 100)
+
+    def no_client_hello() -> float:
+        with socket.create_connection((lan_host, int(lan_port)), timeout=5) as sock:
+            return closed_after(sock, time.monotonic())
+
+    def handshake_then_nothing() -> float:
+        with context.wrap_socket(socket.create_connection((lan_host, int(lan_port)), timeout=5)) as sock:
+            return closed_after(sock, time.monotonic())
+
+    cases = {"slowloris": (slowloris, HEADER_TIMEOUT_S), "second": (second_head_slow, HEADER_TIMEOUT_S),
+             "no hello": (no_client_hello, HANDSHAKE_TIMEOUT_S), "tls idle": (handshake_then_nothing, HEADER_TIMEOUT_S)}
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:  # one wait for all four
+        futures = {name: pool.submit(run) for name, (run, _) in cases.items()}
+        took = {name: future.result() for name, future in futures.items()}
+    print("closed after", {name: round(t, 2) for name, t in took.items()})
+    for name, (_, timeout) in cases.items():
+        assert timeout - 0.5 <= took[name] <= timeout + SWEEP_SLACK_S, (name, took)
+    log = wait_for(lambda: (text := peer.log()) and "no TLS handshake" in text and text, timeout=15,
+                   what="the warnings")
+    assert "cut with no complete request head within 10 s" in log and "cut with no TLS handshake within 10 s" in log
+    assert http("GET", peer.url + "/v1/models").status == 200
+
+
+def test_a_neighbour_without_a_certificate_leaves_the_peer_and_its_desktop_working(daemon_factory,  # type: ignore[no-untyped-def]
+                                                                                    tiny_model: Path,
+                                                                                    peer_model: Path) -> None:
+    only_there = f'[[models]]\nname = "b"\npath = "{peer_model}"\nctx = 512\n'
+    peer = daemon_factory(node_config(tiny_model, "spark", "peer", extra=only_there), wrapper=UNDER_PRLIMIT)
+    desk = daemon_factory(node_config(tiny_model, "desk", "desktop"))
+    process = under_prlimit(peer)
+    code = json.loads(cli("pair", "--url", peer.url, "--json").stdout)["code"]
+    paired = cli("pair", peer.lan_url.removeprefix("https://"), code, "--url", desk.url)
+    assert paired.returncode == 0, paired.stderr
+
+    def link_up() -> dict | None:  # type: ignore[type-arg]
+        (link,) = http("GET", desk.url + "/hybridd/v1/peers").json()["paired"] or [None]
+        return link if link is not None and link["link"] == "up" and "b" in link["models"] else None
+
+    wait_for(link_up, timeout=20, what="the desktop's link to the peer")
+    before = process.num_fds()
+
+    # One neighbour (127.0.0.2) opens 1100 TLS connections without a certificate: all but 16 are refused at once.
+    one, refused_one = tls_without_certificate(peer.lan_url, 1100, lambda i: "127.0.0.2")
+    # Then neighbours on 110 addresses, 10 each: the total cap holds, each newcomer replacing the longest waiting.
+    many, refused_many = tls_without_certificate(peer.lan_url, 1100, lambda i: f"127.0.1.{i // 10 + 1}")
+    with held([*one, *many]):
+        assert len(one) <= 32 and refused_one >= 1100 - 32 and refused_many == 0  # 16 at a time from 127.0.0.2
+        assert process.num_fds() < NOFILE - 256
+        # The peer's own loopback API and the desktop's forwards to it keep working; the link stays up.
+        assert http("GET", peer.url + "/v1/models").status == 200
+        asked = time.monotonic()
+        forwarded = http("POST", desk.url + "/v1/completions", {"model": "b", "prompt": "x", "max_tokens": 2},
+                         timeout=HEADER_TIMEOUT_S + 5)
+        took = time.monotonic() - asked
+        assert forwarded.status == 200, forwarded.body
+        assert forwarded.headers["x-hybridd-placement"] == "peer:spark"
+        print(f"forward answered under the LAN flood after {took:.2f} s; the peer holds {process.num_fds()} fds")
+        assert link_up() is not None
+        (shown,) = http("GET", desk.url + "/hybridd/v1/status").json()["peers"]
+        assert shown["up"]
+    # What stays: the engine for "b" and the desktop's kept-alive forwarding connection.
+    wait_for(lambda: process.num_fds() <= before + 8, timeout=10, what="the flood's descriptors to be released")
+    print(f"the peer holds {process.num_fds()} descriptors after the flood, {before} before it")
+    # The first warning comes at once, the counts after it within the 10 s that warnings are spaced by.
+    log = wait_for(lambda: (text := peer.log()) and "closed to make room" in text and text, timeout=15,
+                   what="the warnings")
+    assert "refused: over 16 from 127.0.0.2" in log
+    assert "closed to make room (they had no request in progress)" in log
+    assert "cap: 128 untrusted connections, 16 per address, under a descriptor limit of 1024" in log
+

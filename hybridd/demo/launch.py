@@ -39,10 +39,13 @@ class RunningNode:
 
 
 def start_node(config_text: str | None, folder: Path, extra_env: dict[str, str] | None = None,
-               timeout: float = 120.0, args: tuple[str, ...] = ()) -> RunningNode:
-    """Start a daemon with config_text (None: no config, listening on a free loopback port); wait for READY."""
+               timeout: float = 120.0, args: tuple[str, ...] = (), wrapper: tuple[str, ...] = ()) -> RunningNode:
+    """Start a daemon with config_text (None: no config, listening on a free loopback port); wait for READY.
+
+    `wrapper` execs the daemon in its place, e.g. ("prlimit", "--nofile=1024:1024", "--"): the pid stays the daemon's.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "hybridd", "serve", *args]
+    argv = [*wrapper, sys.executable, "-m", "hybridd", "serve", *args]
     if config_text is None:
         argv += ["--listen", "127.0.0.1:0"]
     else:

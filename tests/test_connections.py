@@ -31,7 +31,7 @@ from hybridd.api.connections import (
     source_of,
 )
 from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
-from tests.conftest import Daemon, http, wait_for
+from tests.conftest import REPO, Daemon, http, wait_for
 from tests.nodes import node_config
 
 NOFILE = 1024
@@ -136,6 +136,12 @@ def test_the_caps_leave_room_under_the_descriptor_limit() -> None:
     assert shares.left >= 1024 * 3 // 8
     assert share_descriptors(65536).api == 4096 and share_descriptors(65536).lan == 512
     assert share_descriptors(64).left > 0
+
+
+@pytest.mark.parametrize("unit", sorted((REPO / "systemd").glob("*.service")), ids=lambda path: path.name)
+def test_the_units_set_the_descriptor_limit_the_caps_are_sized_from(unit: Path) -> None:
+    # systemd's default soft limit is 1024; the caps would then be 512 API connections.
+    assert [line for line in unit.read_text().splitlines() if line.startswith("LimitNOFILE")] == ["LimitNOFILE=65536"]
 
 
 # -- real daemons under prlimit

@@ -338,7 +338,7 @@ def _node(table: Reader) -> NodeConfig:
         role=table.at("role").choice(ROLES, NodeConfig.role),
         hardware=table.at("hardware").of(str, NodeConfig.hardware),
         devices=tuple(devices),
-        ram_bytes=table.at("ram_bytes").integer(NodeConfig.ram_bytes, above=0),
+        ram_bytes=table.at("ram_bytes").integer(NodeConfig.ram_bytes, low=0),
         ram_bandwidth_bytes_s=positive("ram_bandwidth_bytes_s"),
         disk_read_bytes_s=positive("disk_read_bytes_s"),
         display_reserve_bytes=table.at("display_reserve_bytes").integer(NodeConfig.display_reserve_bytes, low=0),

@@ -94,7 +94,7 @@ REFUSED_VALUES = [
     ('[[models]]\nname = "a"\npath = "/a.gguf"\nidle_ttl_s = inf', "models[0].idle_ttl_s: must be finite, got inf"),
     ("[node]\npeer_idle_timeout_s = inf", "node.peer_idle_timeout_s: must be finite, got inf"),
     ("[node]\nram_bandwidth_bytes_s = nan", "node.ram_bandwidth_bytes_s: must be finite, got nan"),
-    ("[node]\nram_bytes = -1", "node.ram_bytes: must be > 0, got -1"),
+    ("[node]\nram_bytes = -1", "node.ram_bytes: must be >= 0, got -1"),
     ("[node]\nram_bytes = 1.5e10", "node.ram_bytes: expected an integer, got a number"),
     ("[node]\ndisplay_reserve_bytes = -1", "node.display_reserve_bytes: must be >= 0, got -1"),
     ("[[node.devices]]\nmemory_bytes = inf", "node.devices[0].memory_bytes: expected an integer, got a number"),

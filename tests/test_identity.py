@@ -16,8 +16,8 @@ from hybridd.errors import HybriddError
 from hybridd.peer.errors import (
     BadPairingMessage,
     LinkError,
-    PairingBusy,
     PairingError,
+    PairingThrottled,
     PeerError,
     StateFileError,
     UntrustedPeer,
@@ -198,6 +198,6 @@ def test_error_tree_and_statuses() -> None:
     for error in (StateFileError, PairingError, UntrustedPeer, LinkError):
         assert issubclass(error, PeerError)
     assert issubclass(PeerError, HybriddError)
-    assert issubclass(PairingBusy, PairingError) and issubclass(BadPairingMessage, PairingError)
-    assert (PairingError.status, PairingBusy.status, BadPairingMessage.status) == (403, 409, 400)
+    assert issubclass(PairingThrottled, PairingError) and issubclass(BadPairingMessage, PairingError)
+    assert (PairingError.status, PairingThrottled.status, BadPairingMessage.status) == (403, 429, 400)
     assert (UntrustedPeer.status, LinkError.status, StateFileError.status) == (403, 502, 500)

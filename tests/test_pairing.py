@@ -16,14 +16,18 @@ from aiohttp import web
 from spake2 import SPAKE2_A
 
 from hybridd.api.envelope import response_for
-from hybridd.peer.errors import LinkError, PairingError, StateFileError, UntrustedPeer
+from hybridd.peer.errors import LinkError, PairingError, PairingThrottled, StateFileError, UntrustedPeer
 from hybridd.peer.identity import Identity, new_identity
 from hybridd.peer.pairing import (
     EXCHANGE_TTL_S,
     FINISH_PATH,
     ID_A,
     ID_B,
+    MAX_EXCHANGES,
     MAX_FAILURES,
+    SOURCE_BURST,
+    SOURCE_BURST_S,
+    SOURCE_STARTS,
     START_PATH,
     WINDOW_TTL_S,
     PairedPeer,
@@ -35,6 +39,7 @@ from hybridd.peer.pairing import (
     open_window,
     pair_with,
     paired_peer_for,
+    source_key,
 )
 from hybridd.peer.tls import client_context, peer_fingerprint, server_context
 from tests.tls_server import serve
@@ -245,21 +250,171 @@ async def test_no_window_gets_the_same_403_as_a_wrong_code(peer: Peer, desktop: 
     assert closed["error"]["message"] in wrong.value.message
 
 
-# ---------------------------------------------------------------- one at a time
+# ---------------------------------------------------------------- stalled starts, bounds and the record
 
 
-async def test_a_second_start_mid_flight_is_busy_until_the_first_is_abandoned(peer: Peer, desktop: Node) -> None:
+def from_address(address: str) -> aiohttp.ClientSession:
+    """A client whose connections come from `address` (any 127.x.x.x is this host): another node on the LAN."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+
+
+def kinds(server: PairingServer, now: float) -> list[tuple[str, str]]:
+    return [(event.source, event.kind) for event in server.report(now).events]
+
+
+async def test_a_stalled_start_from_another_address_does_not_hold_the_window(peer: Peer, desktop: Node) -> None:
+    code = peer.server.open()
+    async with from_address("127.0.0.2") as stranger:
+        _, guess = start_body(OTHER, "00000000")
+        assert (await post(stranger, peer.url + START_PATH, guess))[0] == 200  # and it never finishes
+
+        await pair(desktop, peer.url, code)  # at once, with the stranger's exchange still in flight
+
+    assert len(peer.store.all()) == 1 and len(desktop.store.all()) == 1
+    assert kinds(peer.server, peer.clock.now) == [("127.0.0.2", "started"), ("127.0.0.1", "started"),
+                                                  ("127.0.0.1", "paired"), ("", "closed")]
+
+
+async def test_stalled_starts_expire_quickly_and_never_close_the_window(peer: Peer, desktop: Node) -> None:
+    """The attack of issue 12: three starts from a guess, 15 s apart, never finished; then the right code."""
+    code = peer.server.open()
+    async with from_address("127.0.0.2") as stranger:
+        for _ in range(3):
+            _, guess = start_body(OTHER, "00000000")
+            assert (await post(stranger, peer.url + START_PATH, guess))[0] == 200
+            peer.clock.now += 15
+
+    await pair(desktop, peer.url, code)
+
+    report = peer.server.report(peer.clock.now)
+    assert report.failures == 0 and report.outcome == "paired"
+    expired = [(e.source, e.at - T0) for e in report.events if e.kind == "expired"]
+    assert expired == [("127.0.0.2", EXCHANGE_TTL_S), ("127.0.0.2", 15 + EXCHANGE_TTL_S),
+                       ("127.0.0.2", 30 + EXCHANGE_TTL_S)]
+    assert all("not counted" in e.detail for e in report.events if e.kind == "expired")
+
+
+async def test_a_finish_after_its_exchange_expired_is_refused_and_not_counted(peer: Peer, desktop: Node) -> None:
     code = peer.server.open()
     async with aiohttp.ClientSession() as http:
-        _, first = start_body(desktop.identity, code)
-        assert (await post(http, peer.url + START_PATH, first))[0] == 200
-        _, second = start_body(desktop.identity, code)
-        status, busy = await post(http, peer.url + START_PATH, second)
-        assert status == 409 and busy["error"]["code"] == "pairing_busy"
+        _, body = start_body(desktop.identity, code)
+        status, started = await post(http, peer.url + START_PATH, body)
+        assert status == 200
+        peer.clock.now += EXCHANGE_TTL_S
+        status, refused = await post(http, peer.url + FINISH_PATH, {
+            "session": started["session"], "confirmation_a": base64.b64encode(bytes(32)).decode()})
+    assert status == 403 and refused["error"]["code"] == "pairing_refused"
+    assert kinds(peer.server, peer.clock.now)[-2:] == [("127.0.0.1", "expired"), ("127.0.0.1", "unknown_session")]
+    assert peer.server.window is not None and peer.server.window.failures == 0
+    await pair(desktop, peer.url, code)
 
-        peer.clock.now += EXCHANGE_TTL_S  # the first never finished: it is dropped and counts as an attempt
-        assert (await post(http, peer.url + START_PATH, second))[0] == 200
-    assert peer.server.window is not None and peer.server.window.failures == 1
+
+async def test_a_throttled_start_gets_429_and_the_window_stays_open(peer: Peer, desktop: Node) -> None:
+    code = peer.server.open()
+    async with from_address("127.0.0.2") as stranger:
+        for _ in range(SOURCE_BURST):
+            assert (await post(stranger, peer.url + START_PATH, start_body(OTHER, "00000000")[1]))[0] == 200
+        status, throttled = await post(stranger, peer.url + START_PATH, start_body(OTHER, "00000000")[1])
+    assert status == 429 and throttled["error"]["code"] == "pairing_throttled"
+    assert f"{SOURCE_BURST} starts from this address in the last {SOURCE_BURST_S:g} s" in throttled["error"]["message"]
+
+    await pair(desktop, peer.url, code)  # another address is not affected
+    assert ("127.0.0.2", "throttled") in kinds(peer.server, peer.clock.now)
+
+
+def test_starts_are_bounded_per_address_in_rate_and_count(tmp_path: Path) -> None:
+    node = make_node(tmp_path, "spark-1")
+    server = PairingServer(node.identity, "spark-1", "peer", node.store)
+    server.open(now=T0)
+
+    def start(address: str, at: float) -> None:
+        server.start(json.dumps(start_body(OTHER, "00000000")[1]).encode(), address, at)
+
+    for i in range(SOURCE_BURST):
+        start("10.0.0.66", T0 + i)
+    with pytest.raises(PairingThrottled, match="in the last 10 s"):
+        start("10.0.0.66", T0 + SOURCE_BURST)
+    start("10.0.0.67", T0 + SOURCE_BURST)  # each address has its own bounds
+    start("::ffff:10.0.0.68", T0 + SOURCE_BURST)
+    # An IPv6 source is its /64: one host may hold all of it.
+    for i in range(SOURCE_BURST):
+        start(f"2001:db8::{i + 1}", T0 + i)
+    with pytest.raises(PairingThrottled):
+        start("2001:db8::ffff", T0 + SOURCE_BURST)
+    start("2001:db8:0:1::1", T0 + SOURCE_BURST)
+
+    # At the rate allowed, an address still gets SOURCE_STARTS starts a window, then none until the next window.
+    at = T0 + SOURCE_BURST_S
+    for _ in range(SOURCE_STARTS - SOURCE_BURST):
+        at += SOURCE_BURST_S
+        start("10.0.0.66", at)
+    with pytest.raises(PairingThrottled, match=f"{SOURCE_STARTS} starts from this address in this window"):
+        start("10.0.0.66", at + SOURCE_BURST_S)
+    assert server.is_open(at) and server.window is not None and server.window.failures == 0
+    server.open(now=at)
+    start("10.0.0.66", at)
+    assert (source_key("fe80::1%eth0"), source_key("::ffff:10.0.0.1"), source_key("")) == ("fe80::/64", "10.0.0.1", "")
+
+
+def test_the_exchanges_in_flight_are_bounded_and_one_per_address(tmp_path: Path) -> None:
+    node = make_node(tmp_path, "spark-1")
+    server = PairingServer(node.identity, "spark-1", "peer", node.store)
+    server.open(now=T0)
+    frame = json.dumps(start_body(OTHER, "00000000")[1]).encode()
+    server.start(frame, "10.0.0.1", T0)
+    server.start(frame, "10.0.0.1", T0 + 1)  # the same address again: its first exchange goes
+    for i in range(2, MAX_EXCHANGES + 2):
+        server.start(frame, f"10.0.0.{i}", T0 + 1)
+    events = server.report(T0 + 1).events
+    dropped = [(e.source, e.detail) for e in events if e.kind == "dropped"]
+    assert [source for source, _ in dropped] == ["10.0.0.1", "10.0.0.1"]
+    assert "same address" in dropped[0][1] and f"{MAX_EXCHANGES} were in flight" in dropped[1][1]
+    assert len([e for e in events if e.kind == "started"]) == MAX_EXCHANGES + 2
+
+
+async def test_the_record_says_what_happened_by_address_until_the_window_closes(peer: Peer, desktop: Node,
+                                                                                tmp_path: Path) -> None:
+    code = peer.server.open()
+    intruder = make_node(tmp_path, "intruder")
+    async with from_address("127.0.0.3") as stranger:
+        with pytest.raises(PairingError, match="pairing refused"):
+            await pair_with(peer.url, "00000000" if code != "00000000" else "11111111", intruder.identity, "laptop",
+                            "desktop", intruder.store, http=stranger)
+        status, _ = await post(stranger, peer.url + START_PATH, None, raw=b"{not json")
+        assert status == 400
+    await pair(desktop, peer.url, code)
+    async with from_address("127.0.0.3") as stranger:  # after the window closed: refused, and not in its record
+        assert (await post(stranger, peer.url + START_PATH, start_body(OTHER, code)[1]))[0] == 403
+
+    report = peer.server.report(peer.clock.now)
+    assert [(e.source, e.kind) for e in report.events] == [
+        ("127.0.0.3", "started"), ("127.0.0.3", "wrong_code"), ("127.0.0.3", "malformed"),
+        ("127.0.0.1", "started"), ("127.0.0.1", "paired"), ("", "closed")]
+    details = [e.detail for e in report.events]
+    assert "calls itself 'laptop' (desktop)" in details[0]
+    assert details[1].endswith(f"attempt 1 of {MAX_FAILURES}")
+    assert "the body must be a JSON object" in details[2]
+    assert details[4].startswith("paired with 'desktop' (desktop, node id ")
+    assert (report.open, report.outcome, report.failures, report.expires_in_s) == (False, "paired", 1, 0.0)
+    assert json.loads(json.dumps(report.as_json()))["events"][0]["source"] == "127.0.0.3"
+
+
+@pytest.mark.parametrize(("failures", "elapsed", "outcome", "why"), [
+    (MAX_FAILURES, 1.0, "failed", f"{MAX_FAILURES} wrong attempts"),
+    (0, WINDOW_TTL_S + 30, "expired", f"its {WINDOW_TTL_S:g} s are up"),
+])
+async def test_the_record_says_why_a_window_closed(peer: Peer, desktop: Node, failures: int, elapsed: float,
+                                                   outcome: str, why: str) -> None:
+    code = peer.server.open()
+    for _ in range(failures):
+        with pytest.raises(PairingError):
+            await pair(desktop, peer.url, "00000000" if code != "00000000" else "11111111")
+    peer.clock.now += elapsed
+    report = peer.server.report(peer.clock.now)
+    assert (report.open, report.outcome) == (False, outcome)
+    closed = report.events[-1]
+    assert closed.kind == "closed" and why in closed.detail
+    assert closed.at == (peer.clock.now - elapsed if failures else T0 + WINDOW_TTL_S)
 
 
 async def test_a_finish_for_another_session_does_not_disturb_the_exchange(peer: Peer, desktop: Node) -> None:

@@ -102,6 +102,60 @@ def test_pair_link_and_forward_to_the_peer(daemon_factory, long_model: Path) -> 
     assert decisions and decisions[-1]["placement"] == "local" and decisions[-1]["ctx"] >= LONG_CTX
 
 
+async def _start_and_stall(lan_url: str, source: str) -> int:
+    """A stranger on the LAN: a pairing start from a guessed code, from `source`, never finished."""
+    import base64
+
+    import aiohttp
+    from spake2 import SPAKE2_A
+
+    from hybridd.peer.identity import new_identity
+    from hybridd.peer.pairing import ID_A, ID_B, START_PATH
+    from hybridd.peer.tls import client_context
+
+    stranger = new_identity("stranger")
+    body = {"msg_a": base64.b64encode(SPAKE2_A(b"00000000", idA=ID_A, idB=ID_B).start()).decode(), "name": "desk",
+            "role": "desktop", "node_id": stranger.node_id, "cert_pem": stranger.cert_pem.decode()}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0))) as http, \
+            http.post(lan_url + START_PATH, json=body, ssl=client_context(None, None)) as response:
+        return response.status
+
+
+@pytest.mark.timeout(120)
+def test_pair_on_the_peer_shows_each_attempt_and_a_stalled_start_blocks_nothing(
+        daemon_factory, long_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import re
+
+    from hybridd.peer.identity import new_identity
+    from hybridd.peer.pairing import PairingStore, pair_with
+
+    peer = daemon_factory(node_config(long_model, "spark", "peer"))
+    watcher = subprocess.Popen([sys.executable, "-m", "hybridd", "pair", "--url", peer.url], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout is not None
+        shown = re.search(r"Pairing code for spark: (\d{4}) (\d{4})", watcher.stdout.readline())
+        assert shown is not None
+        assert asyncio.run(_start_and_stall(peer.lan_url, "127.0.0.2")) == 200
+        laptop = new_identity("laptop")
+        paired = asyncio.run(pair_with(peer.lan_url, shown[1] + shown[2], laptop, "laptop", "desktop",
+                                       PairingStore.load(tmp_path / "laptop")))  # at once: the stall holds nothing
+        out, err = watcher.communicate(timeout=30)  # the watcher ends when the window closes
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert paired.name == "spark"
+    assert watcher.returncode == 0, out + err
+    # One line per event: since the window opened, the address, what happened, how.
+    lines = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines() if line.lstrip().startswith("+")]
+    assert [(source, kind) for _, source, kind, _ in lines] == [
+        ("127.0.0.2", "started"), ("127.0.0.1", "started"), ("127.0.0.1", "paired"), ("this node", "closed")]
+    assert "calls itself 'desk' (desktop)" in lines[0][3] and "paired with 'laptop' (desktop" in lines[2][3]
+    assert lines[3][3] == "the window closed: the code is used"
+
+
 def test_demo_runs_from_the_readme(tmp_path: Path) -> None:
     import os
 

@@ -18,9 +18,10 @@ PAIR_PATHS = ("/hybridd/v1/pair/start", "/hybridd/v1/pair/finish")
 
 
 def add_routes(app: web.Application) -> None:
-    """Register /hybridd/v1/peers, /hybridd/v1/pair/open and /hybridd/v1/pair/connect on the loopback API."""
+    """Register the peering routes on the loopback API: peers, pair/open, pair/window and pair/connect."""
     app.router.add_get("/hybridd/v1/peers", peers)
     app.router.add_post("/hybridd/v1/pair/open", open_window)
+    app.router.add_get("/hybridd/v1/pair/window", window)
     app.router.add_post("/hybridd/v1/pair/connect", connect)
 
 
@@ -43,7 +44,13 @@ async def open_window(request: web.Request) -> web.Response:
         raise BadRequest("only a peer opens a pairing window; on the desktop run: hybridd pair <peer> <code>")
     code = node.open_window()
     return web.json_response({"code": code, "expires_in_s": 120, "name": node.name, "node_id": node.identity.node_id,
-                              "lan_port": node.lan_port})
+                              "lan_port": node.lan_port, "window": node.pairing.windows_opened})
+
+
+async def window(request: web.Request) -> web.Response:
+    """The pairing window as of now: open or how it ended, and what was tried against it, by address."""
+    pairing = _node(request).pairing
+    return web.json_response(pairing.report(pairing.clock()).as_json())
 
 
 async def connect(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -74,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(plan)
 
     pair = commands.add_parser("pair", help="on a peer: open a pairing window; on the desktop: pair with a peer",
-                               description="On the peer, 'hybridd pair' prints a one-time code valid for 2 minutes. "
-                               "On the desktop, 'hybridd pair NAME-OR-ADDRESS CODE' pairs with it.")
+                               description="On the peer, 'hybridd pair' prints a one-time code valid for 2 minutes, "
+                               "then shows each attempt (by address) until the window closes; with --json it prints "
+                               "the window and returns. On the desktop, 'hybridd pair NAME-OR-ADDRESS CODE' pairs "
+                               "with it.")
     pair.add_argument("target", nargs="?", help="the peer's name (as mDNS shows it) or address[:port]")
     pair.add_argument("code", nargs="?", help="the 8-digit code the peer printed")
     _url_flags(pair)
@@ -297,13 +300,15 @@ def cmd_pair(args: argparse.Namespace) -> int:
     """Open a pairing window (peer) or pair with a peer (desktop)."""
     if args.target is None:
         window = _ask(args, "/hybridd/v1/pair/open", {})
-        if args.json:
+        if args.json:  # for scripts: the window, at once; GET /hybridd/v1/pair/window says what happens to it
             print(json.dumps(window, indent=2))
-        else:
-            code = f"{window['code'][:4]} {window['code'][4:]}"
-            print(f"Pairing code for {window['name']}: {code}  (valid {window['expires_in_s']} s, once)")
-            print(f"On the desktop run:  hybridd pair {window['name']} {window['code']}")
-        return EXIT_OK
+            return EXIT_OK
+        code = f"{window['code'][:4]} {window['code'][4:]}"
+        print(f"Pairing code for {window['name']}: {code}  (valid {window['expires_in_s']} s, once)")
+        print(f"On the desktop run:  hybridd pair {window['name']} {window['code']}")
+        print("Waiting; each attempt is shown here as it happens (Ctrl-C stops watching, the window stays open).",
+              flush=True)
+        return _follow_window(args, window["window"])
     if args.code is None:
         print("hybridd pair: give the peer's code too: hybridd pair NAME-OR-ADDRESS CODE", file=sys.stderr)
         return EXIT_USAGE
@@ -314,6 +319,30 @@ def cmd_pair(args: argparse.Namespace) -> int:
         print(f"paired with {peer['name']} ({peer['role']}) at {peer['address']}:{peer['port']}, "
               f"node id {peer['node_id'][:16]}…")
     return EXIT_OK
+
+
+def _follow_window(args: argparse.Namespace, number: int, poll_s: float = 0.5) -> int:
+    """Print what happens to pairing window `number` until it closes: 0 once it paired, 1 otherwise."""
+    from hybridd.cli.views import render_pairing_event
+
+    shown = 0
+    while True:
+        report = _ask(args, "/hybridd/v1/pair/window")
+        if report["window"] != number:
+            print("hybridd: a newer 'hybridd pair' replaced this window; its code no longer works", file=sys.stderr)
+            return EXIT_ERROR
+        for event in report["events"][shown:]:
+            print(render_pairing_event(event, report["opened_at"]), flush=True)
+        shown = len(report["events"])
+        if not report["open"]:
+            break
+        time.sleep(poll_s)
+    if report["events_left_out"]:
+        print(f"  ({report['events_left_out']} more attempts are not shown; the daemon log has them)")
+    if report["outcome"] == "paired":
+        return EXIT_OK
+    print("hybridd: no pairing; run 'hybridd pair' again for a new code", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def cmd_peers(args: argparse.Namespace) -> int:

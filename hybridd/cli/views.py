@@ -107,3 +107,9 @@ def render_peers(peers: dict[str, Any]) -> str:
     if found:
         text += "\n\n" + table(["ON THE LAN", "ROLE", "ADDRESS", "PAIRED"], found)
     return text
+
+
+def render_pairing_event(event: dict[str, Any], opened_at: float | None) -> str:
+    """One line of `hybridd pair` on the peer: when (since the window opened), from where, what happened."""
+    since = f"+{event['at'] - opened_at:.1f}s" if opened_at is not None else ""
+    return f"  {since:>7}  {event['source'] or 'this node':<24}  {event['kind']:<15}  {event['detail']}"

@@ -4,7 +4,7 @@
     └── PeerError                   anything between nodes went wrong (502)
         ├── StateFileError          identity or pairings file unreadable or corrupt; names the file (500)
         ├── PairingError            pairing refused or failed (403, permission_error)
-        │   ├── PairingBusy         another pairing is mid-flight (409)
+        │   ├── PairingThrottled    too many pairing starts from one address (429)
         │   └── BadPairingMessage   a malformed pairing body (400, invalid_request_error)
         ├── UntrustedPeer           the other side is not the pinned, paired node (403)
         ├── MalformedAdvert         an mDNS advert we refuse; also a ValueError (logged, never answered)
@@ -40,12 +40,12 @@ class PairingError(PeerError):
     code = "pairing_refused"
 
 
-class PairingBusy(PairingError):
-    """A pairing exchange is already in progress on this node."""
+class PairingThrottled(PairingError):
+    """Too many pairing starts came from one address (see hybridd/peer/pairing/attempts.py)."""
 
-    status = 409
-    error_type = "invalid_request_error"
-    code = "pairing_busy"
+    status = 429
+    error_type = "rate_limit_error"
+    code = "pairing_throttled"
 
 
 class BadPairingMessage(PairingError):

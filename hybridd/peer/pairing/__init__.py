@@ -14,18 +14,28 @@ own TLS handshake, so a machine in the middle with another certificate makes bot
 anything before checking the other side's confirmation; B's confirmation is only sent once A's has checked out.
 
     protocol.py  the window and the exchange: PairingServer takes a message's bytes and `now`, returns an answer
+    attempts.py  what was tried against a window: per-source bounds on starts, the record `hybridd pair` shows
     fields.py    reading a message's fields (and a pairings file entry's), each failure naming the field
     store.py     the paired peers and their file
     client.py    the joining side over HTTPS: pair_with
     routes.py    the window owner's two routes on the LAN listener
 """
 
+from hybridd.peer.pairing.attempts import (
+    SOURCE_BURST,
+    SOURCE_BURST_S,
+    SOURCE_STARTS,
+    PairingEvent,
+    PairingReport,
+    source_key,
+)
 from hybridd.peer.pairing.client import pair_with
 from hybridd.peer.pairing.protocol import (
     EXCHANGE_TTL_S,
     FINISH_PATH,
     ID_A,
     ID_B,
+    MAX_EXCHANGES,
     MAX_FAILURES,
     START_PATH,
     WINDOW_TTL_S,
@@ -42,10 +52,16 @@ __all__ = [
     "FINISH_PATH",
     "ID_A",
     "ID_B",
+    "MAX_EXCHANGES",
     "MAX_FAILURES",
+    "SOURCE_BURST",
+    "SOURCE_BURST_S",
+    "SOURCE_STARTS",
     "START_PATH",
     "WINDOW_TTL_S",
     "PairedPeer",
+    "PairingEvent",
+    "PairingReport",
     "PairingServer",
     "PairingStore",
     "PairingWindow",
@@ -54,4 +70,5 @@ __all__ = [
     "open_window",
     "pair_with",
     "paired_peer_for",
+    "source_key",
 ]

@@ -14,7 +14,7 @@ import aiohttp
 from spake2 import SPAKE2_A
 from yarl import URL
 
-from hybridd.peer.errors import BadPairingMessage, LinkError, PairingBusy, PairingError
+from hybridd.peer.errors import BadPairingMessage, LinkError, PairingError, PairingThrottled
 from hybridd.peer.identity import Identity, same_fingerprint
 from hybridd.peer.pairing import fields
 from hybridd.peer.pairing.protocol import (
@@ -108,7 +108,7 @@ def _one_fingerprint(seen: list[str]) -> str:
 
 
 async def _post(session: aiohttp.ClientSession, url: URL, tls: Any, body: dict[str, Any]) -> bytes:
-    """The peer's answer to one message: its bytes when it accepts; PairingError (or PairingBusy) with its reason."""
+    """The peer's answer to one message: its bytes when it accepts; PairingError (PairingThrottled) with its reason."""
     try:
         async with session.post(url, json=body, ssl=tls) as response:
             raw = await response.read()
@@ -119,7 +119,7 @@ async def _post(session: aiohttp.ClientSession, url: URL, tls: Any, body: dict[s
         raise LinkError(f"the peer at {url.origin()} did not answer in time") from exc
     if status != 200:
         message = _envelope_message(raw) or f"HTTP {status}"
-        raise (PairingBusy if status == 409 else PairingError)(f"the peer refused: {message}")
+        raise (PairingThrottled if status == 429 else PairingError)(f"the peer refused: {message}")
     return raw
 
 

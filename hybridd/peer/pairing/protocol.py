@@ -1,8 +1,8 @@
 """The pairing exchange: a window's one-time code, SPAKE2 on it, then key confirmation bound to both certificates.
 
-Pure but for the store a success is committed to: `PairingServer` (SPAKE2 side B) takes a message's bytes and `now`
-and returns the answer's bytes, or raises the PeerError to answer instead; the joining side (SPAKE2 A, `client.py`)
-uses the same transcript and confirmations.
+Pure but for the store a success is committed to and the log: `PairingServer` (SPAKE2 side B) takes a message's
+bytes and `now` and returns the answer's bytes, or raises the PeerError to answer instead; the joining side (SPAKE2 A,
+`client.py`) uses the same transcript and confirmations.
 """
 
 from __future__ import annotations
@@ -19,9 +19,17 @@ from typing import Any
 
 from spake2 import SPAKE2_B
 
-from hybridd.peer.errors import BadPairingMessage, PairingBusy, PairingError
+from hybridd.peer.errors import BadPairingMessage, PairingError, PairingThrottled
 from hybridd.peer.identity import Identity, same_fingerprint
 from hybridd.peer.pairing import fields
+from hybridd.peer.pairing.attempts import (
+    MAX_EVENTS,
+    SOURCE_BURST_S,
+    PairingEvent,
+    PairingReport,
+    StartBounds,
+    source_key,
+)
 from hybridd.peer.pairing.store import PairedPeer, PairingStore
 
 log = logging.getLogger("hybridd.peer.pairing")
@@ -29,8 +37,10 @@ log = logging.getLogger("hybridd.peer.pairing")
 CODE_DIGITS = 8
 WINDOW_TTL_S = 120.0
 MAX_FAILURES = 3
-# A start whose finish never came is abandoned after this long (and counts as a failed attempt).
-EXCHANGE_TTL_S = 15.0
+# A start whose finish has not come by then is dropped; it holds nothing and counts against nothing meanwhile. The
+# joining side sends its finish one round trip after the start.
+EXCHANGE_TTL_S = 5.0
+MAX_EXCHANGES = 8
 ID_A = b"hybridd-pair-desktop"
 ID_B = b"hybridd-pair-peer"
 TRANSCRIPT_LABEL = b"hybridd-pair-v1"
@@ -50,7 +60,7 @@ REFUSED = "pairing refused: no pairing window is open, it has closed, or the cod
 
 @dataclass
 class PairingWindow:
-    """An open pairing window: one code, closed by one success, MAX_FAILURES failures or ttl_s seconds."""
+    """An open pairing window: one code, closed by one success, MAX_FAILURES wrong codes or ttl_s seconds."""
 
     code: str
     opened_at: float
@@ -63,7 +73,7 @@ class PairingWindow:
         return not self.done and self.failures < MAX_FAILURES and 0 <= now - self.opened_at < self.ttl_s
 
     def record_failure(self) -> None:
-        """Count a failed attempt (a wrong code, or a start that never finished)."""
+        """Count a failed attempt: a finished exchange whose code was wrong."""
         self.failures += 1
 
     def record_success(self) -> None:
@@ -116,19 +126,27 @@ def confirmation(key: bytes, label: bytes, transcript_bytes: bytes) -> bytes:
 # ---------------------------------------------------------------- the window owner's side (SPAKE2 B)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Exchange:
     """A start that awaits its finish."""
 
     session: str
     started_at: float
+    source: str
     key: bytes
     transcript: bytes
     joiner: PairedPeer
 
 
 class PairingServer:
-    """The window owner's state: the open window, the one exchange in flight, and what a success stores."""
+    """The window owner's state: the open window, the exchanges in flight, what happened, and what a success stores.
+
+    Any number of exchanges may be in flight (at most MAX_EXCHANGES, the oldest dropped for a new one; one per
+    source, a source's new start replacing its old one), and none holds the window: an exchange not finished within
+    EXCHANGE_TTL_S is dropped, and the first right code to finish pairs. Only a finished exchange with a wrong code
+    counts against the code; starts are bounded per source (attempts.py). Every step records what happened, for
+    `hybridd pair` on this node to show.
+    """
 
     def __init__(self, identity: Identity, name: str, role: str, store: PairingStore,
                  clock: Callable[[], float] = time.time,
@@ -139,82 +157,172 @@ class PairingServer:
         self.clock = clock
         self.on_paired = on_paired
         self.window: PairingWindow | None = None
-        self._exchange: _Exchange | None = None
+        self.windows_opened = 0
+        self._exchanges: list[_Exchange] = []
+        self._bounds = StartBounds()
+        self._events: list[PairingEvent] = []
+        self._events_left_out = 0
+        self._outcome: str | None = None
 
     def open(self, now: float | None = None, code: str | None = None) -> str:
         """Open a fresh window (closing any previous one) and return its one-time code."""
         self.window = open_window(self.clock() if now is None else now, code)
-        self._exchange = None
+        self.windows_opened += 1
+        self._exchanges = []
+        self._bounds = StartBounds()
+        self._events = []
+        self._events_left_out = 0
+        self._outcome = None
         return self.window.code
 
-    def close(self) -> None:
+    def close(self, now: float | None = None) -> None:
         """Close the window now."""
+        self._close(self.clock() if now is None else now, "closed", "the window was closed on this node")
         self.window = None
-        self._exchange = None
 
     def is_open(self, now: float | None = None) -> bool:
         """Whether a pairing could start now."""
         return self.window is not None and self.window.accepts(self.clock() if now is None else now)
 
+    def report(self, now: float) -> PairingReport:
+        """The window as of `now`: open or how it ended, and what happened to it."""
+        self._settle(now)
+        window = self.window
+        is_open = window is not None and window.accepts(now)
+        return PairingReport(
+            window=self.windows_opened, open=is_open, opened_at=window.opened_at if window else None,
+            expires_in_s=max(0.0, window.opened_at + window.ttl_s - now) if window and is_open else 0.0,
+            failures=window.failures if window else 0, max_failures=MAX_FAILURES, outcome=self._outcome,
+            events=tuple(self._events), events_left_out=self._events_left_out)
+
     def start(self, frame: bytes, peer_address: str | None, now: float) -> bytes:
-        """Answer a start message: SPAKE2 side B; PairingError (403), PairingBusy (409) or BadPairingMessage (400)."""
-        body = fields.read_message(frame)
-        msg_a = fields.binary(body.at("msg_a"), SPAKE2_MSG_BYTES)
-        joiner = Party(name=fields.name(body.at("name")), role=fields.role(body.at("role")),
-                       node_id=fields.node_id(body.at("node_id")))
-        cert_pem = fields.certificate(body.at("cert_pem"), joiner.node_id)
-        if same_fingerprint(joiner.node_id, self.me.node_id):
-            raise BadPairingMessage("a node cannot pair with itself")
+        """Answer a start message: SPAKE2 side B; PairingError (403), PairingThrottled (429) or BadPairingMessage."""
+        self._settle(now)
+        source = peer_address or ""
+        try:
+            body = fields.read_message(frame)
+            msg_a = fields.binary(body.at("msg_a"), SPAKE2_MSG_BYTES)
+            joiner = Party(name=fields.name(body.at("name")), role=fields.role(body.at("role")),
+                           node_id=fields.node_id(body.at("node_id")))
+            cert_pem = fields.certificate(body.at("cert_pem"), joiner.node_id)
+            if same_fingerprint(joiner.node_id, self.me.node_id):
+                raise BadPairingMessage("a node cannot pair with itself")
+        except BadPairingMessage as exc:
+            self._note(now, source, "malformed", f"a start that could not be read: {exc.message}")
+            raise
         window = self._live_window(now)
-        if self._exchange is not None:
-            if now - self._exchange.started_at < EXCHANGE_TTL_S:
-                raise PairingBusy("another pairing is in progress; try again in a few seconds")
-            log.warning("pairing: an exchange was started and never finished; counted as a failed attempt")
-            self._exchange = None
-            window.record_failure()
-            window = self._live_window(now)
+        over = self._bounds.refusal(source, now)
+        if over is not None:
+            self._note(now, source, "throttled", f"a start refused: {over}")
+            raise PairingThrottled(f"too many pairing attempts from your address ({over}); "
+                                   f"wait {SOURCE_BURST_S:g} s, or ask for a new code if this one keeps failing")
+        self._bounds = self._bounds.counted(source, now)
         spake = SPAKE2_B(window.code.encode("ascii"), idA=ID_A, idB=ID_B)
         msg_b = spake.start()
         try:
             key = spake.finish(msg_a)
         except Exception as exc:  # the group code raises assorted errors on a bad point; all mean "malformed"
+            self._note(now, source, "malformed", "a start whose msg_a is not a valid SPAKE2 message")
             raise BadPairingMessage("msg_a is not a valid SPAKE2 message") from exc
-        self._exchange = _Exchange(
-            session=secrets.token_hex(SESSION_BYTES), started_at=now, key=key,
+        self._make_room(source, now)
+        exchange = _Exchange(
+            session=secrets.token_hex(SESSION_BYTES), started_at=now, source=source, key=key,
             transcript=transcript(msg_a, msg_b, joiner, self.me),
             joiner=PairedPeer(node_id=joiner.node_id, name=joiner.name, role=joiner.role, cert_pem=cert_pem,
                               paired_at=now, address=peer_address))
-        return _frame({"session": self._exchange.session, "msg_b": fields.encode(msg_b), "name": self.me.name,
+        self._exchanges.append(exchange)
+        self._note(now, source, "started", f"an exchange, from a node that calls itself {joiner.name!r} "
+                                           f"({joiner.role})")
+        return _frame({"session": exchange.session, "msg_b": fields.encode(msg_b), "name": self.me.name,
                        "role": self.me.role, "node_id": self.me.node_id})
 
-    def finish(self, frame: bytes, now: float) -> bytes:
+    def finish(self, frame: bytes, now: float, peer_address: str | None = None) -> bytes:
         """Answer a finish message: check A's confirmation, store A, answer with ours; PairingError if it fails."""
-        body = fields.read_message(frame)
-        session = body.at("session").text(max_chars=2 * SESSION_BYTES)
-        confirmation_a = fields.binary(body.at("confirmation_a"), CONFIRMATION_BYTES)
-        exchange, window = self._exchange, self._live_window(now)
-        if exchange is None or not hmac.compare_digest(exchange.session, session):
+        self._settle(now)
+        source = peer_address or ""
+        try:
+            body = fields.read_message(frame)
+            session = body.at("session").text(max_chars=2 * SESSION_BYTES).encode()
+            confirmation_a = fields.binary(body.at("confirmation_a"), CONFIRMATION_BYTES)
+        except BadPairingMessage as exc:
+            self._note(now, source, "malformed", f"a finish that could not be read: {exc.message}")
+            raise
+        window = self._live_window(now)
+        exchange = next((e for e in self._exchanges if hmac.compare_digest(e.session.encode(), session)), None)
+        if exchange is None:
+            self._note(now, source, "unknown_session", "a finish for no exchange in flight (expired, replaced or "
+                                                       "never started): refused, not counted")
             raise PairingError(REFUSED)
-        self._exchange = None
+        self._exchanges.remove(exchange)
         if not hmac.compare_digest(confirmation(exchange.key, CONFIRM_A, exchange.transcript), confirmation_a):
             window.record_failure()
-            log.warning("pairing: a confirmation failed (wrong code, or a machine in the middle); %d of %d attempts "
-                        "used", window.failures, MAX_FAILURES)
+            self._note(now, source, "wrong_code", f"the confirmation failed (a wrong code, or a machine in the "
+                                                  f"middle): attempt {window.failures} of {MAX_FAILURES}")
+            if not window.accepts(now):
+                self._close(now, "failed", f"{MAX_FAILURES} wrong attempts: the code is refused from now on")
             raise PairingError(REFUSED)
         self.store.add(exchange.joiner)  # first: if the disk refuses, the window stays open for another try
         window.record_success()
-        log.info("paired with %s %r (node id %s)", exchange.joiner.role, exchange.joiner.name,
-                 exchange.joiner.node_id[:16])
+        joiner = exchange.joiner
+        self._note(now, source, "paired", f"paired with {joiner.name!r} ({joiner.role}, node id {joiner.node_id[:16]})")
+        self._close(now, "paired", "the code is used")
         if self.on_paired is not None:
-            self.on_paired(exchange.joiner)
+            self.on_paired(joiner)
         return _frame({"confirmation_b": fields.encode(confirmation(exchange.key, CONFIRM_B, exchange.transcript)),
                        "cert_pem": self.identity.cert_pem.decode("ascii")})
 
     def _live_window(self, now: float) -> PairingWindow:
         if self.window is None or not self.window.accepts(now):
-            self._exchange = None
             raise PairingError(REFUSED)
         return self.window
+
+    def _settle(self, now: float) -> None:
+        """Drop the exchanges whose time is up, then close the window if its own time is."""
+        for exchange in [e for e in self._exchanges if not now - e.started_at < EXCHANGE_TTL_S]:
+            self._exchanges.remove(exchange)
+            self._note(max(exchange.started_at, min(now, exchange.started_at + EXCHANGE_TTL_S)), exchange.source,
+                       "expired", f"its exchange was not finished within {EXCHANGE_TTL_S:g} s: dropped, "
+                                  "not counted against the code")
+        window = self.window
+        if window is not None and self._outcome is None and not window.accepts(now):
+            ends = window.opened_at + window.ttl_s
+            self._close(ends if now >= ends else now, "expired", f"its {window.ttl_s:g} s are up" if now >= ends
+                        else "this node's clock stepped back")
+
+    def _make_room(self, source: str, now: float) -> None:
+        """Room for a new exchange from `source`: its own earlier one goes, and the oldest when all are taken."""
+        key = source_key(source)
+        for exchange in [e for e in self._exchanges if source_key(e.source) == key]:
+            self._exchanges.remove(exchange)
+            self._note(now, exchange.source, "dropped", "its exchange was replaced by a newer start from the same "
+                                                        "address")
+        while len(self._exchanges) >= MAX_EXCHANGES:
+            oldest = self._exchanges.pop(0)
+            self._note(now, oldest.source, "dropped", f"its exchange made room for a newer one ({MAX_EXCHANGES} "
+                                                      "were in flight)")
+
+    def _close(self, now: float, outcome: str, why: str) -> None:
+        if self.window is None or self._outcome is not None:
+            return
+        self._note(now, "", "closed", f"the window closed: {why}")
+        self._outcome = outcome
+        self._exchanges = []
+
+    def _note(self, at: float, source: str, kind: str, detail: str) -> None:
+        """Record what happened to the open window (and log it once, here, where it is decided)."""
+        if self.window is None or self._outcome is not None:
+            return  # no window, or one that has closed: its record is complete
+        log.log(_LOG_LEVELS.get(kind, logging.INFO), "pairing: %s%s: %s", f"{source} " if source else "", kind,
+                detail)
+        if len(self._events) >= MAX_EVENTS and kind != "closed":
+            self._events_left_out += 1
+            return
+        self._events.append(PairingEvent(at=at, source=source, kind=kind, detail=detail))
+
+
+# What a LAN can send without limit is logged at debug: the record (bounded) keeps it for `hybridd pair`.
+_LOG_LEVELS = {"wrong_code": logging.WARNING, "throttled": logging.DEBUG, "malformed": logging.DEBUG,
+               "unknown_session": logging.DEBUG}
 
 
 def _frame(answer: dict[str, Any]) -> bytes:

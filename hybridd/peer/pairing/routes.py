@@ -25,7 +25,7 @@ def add_pairing_routes(app: web.Application, state: PairingServer) -> None:
         return await _answer(request, lambda frame: state.start(frame, request.remote, state.clock()))
 
     async def finish(request: web.Request) -> web.Response:
-        return await _answer(request, lambda frame: state.finish(frame, state.clock()))
+        return await _answer(request, lambda frame: state.finish(frame, state.clock(), request.remote))
 
     app.router.add_post(START_PATH, start)
     app.router.add_post(FINISH_PATH, finish)

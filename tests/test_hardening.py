@@ -4,13 +4,13 @@ loopback. Each test asserts its contract and adds what it tried to bench/results
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import math
 import signal
 import string
 import time
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 
 import psutil
@@ -212,7 +212,7 @@ def test_sigterm_mid_stream_ends_cleanly_and_exits_zero(max_tokens: int, tiny_mo
     daemon = start_daemon(config, tmp_path)
     try:
         host, port = daemon.url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn = HTTPConnection(host, int(port), timeout=60)
         body = {"model": "tiny", "prompt": "x", "max_tokens": max_tokens, "logit_bias": NO_EOS, "stream": True}
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         reply = conn.getresponse()

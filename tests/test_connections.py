@@ -32,6 +32,7 @@ from hybridd.api.connections import (
 )
 from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.conftest import REPO, Daemon, http, wait_for
+from tests.hardening import Ledger
 from tests.nodes import node_config
 
 NOFILE = 1024
@@ -228,7 +229,12 @@ def closed_after(sock: socket.socket, started: float, trickle: bytes = b"", dead
     raise AssertionError("the server kept the connection while the whole trickle was sent")
 
 
-def test_the_api_answers_under_1300_idle_connections_at_1024_descriptors(daemon_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_api_answers_under_1300_idle_connections_at_1024_descriptors(daemon_factory, tiny_model: Path,  # type: ignore[no-untyped-def]
+                                                                         hardening: Ledger) -> None:
+    attack = hardening.attack("connection flood: API", "1300 idle connections on the loopback API under a "
+                              "1024-descriptor limit", "tests/test_connections.py::"
+                              "test_the_api_answers_under_1300_idle_connections_at_1024_descriptors")
+    attack.attempts += 1300
     daemon = daemon_factory(node_config(tiny_model, "desk", "desktop"), wrapper=UNDER_PRLIMIT)
     process = under_prlimit(daemon)
     before = process.num_fds()
@@ -239,6 +245,7 @@ def test_the_api_answers_under_1300_idle_connections_at_1024_descriptors(daemon_
         took = time.monotonic() - asked
         assert reply.status == 200, reply.body
         assert took < HEADER_TIMEOUT_S + 5
+        attack.recovery_s.append(took)
         assert process.num_fds() < NOFILE - 256  # the cap, not the limit, stopped the flood
         print(f"200 under 1300 idle connections after {took:.2f} s; {process.num_fds()} descriptors open")
         warning = wait_for(lambda: [line for line in daemon.log().splitlines() if "WARNING hybridd.listener" in line],
@@ -250,7 +257,11 @@ def test_the_api_answers_under_1300_idle_connections_at_1024_descriptors(daemon_
     wait_for(lambda: process.num_fds() <= before + 8, timeout=10, what="the flood's descriptors to be released")
 
 
-def test_slow_heads_and_handshakes_are_cut_at_their_timeouts(daemon_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+def test_slow_heads_and_handshakes_are_cut_at_their_timeouts(daemon_factory, tiny_model: Path,  # type: ignore[no-untyped-def]
+                                                            hardening: Ledger) -> None:
+    attack = hardening.attack("slowloris", "request heads trickled byte by byte, TLS handshakes never sent or "
+                              "never followed by a request, on the API and the LAN listener",
+                              "tests/test_connections.py::test_slow_heads_and_handshakes_are_cut_at_their_timeouts")
     peer = daemon_factory(node_config(tiny_model, "spark", "peer"), wrapper=UNDER_PRLIMIT)
     under_prlimit(peer)
     host, port = peer.url.removeprefix("http://").rsplit(":", 1)
@@ -283,6 +294,8 @@ def test_slow_heads_and_handshakes_are_cut_at_their_timeouts(daemon_factory, tin
         futures = {name: pool.submit(run) for name, (run, _) in cases.items()}
         took = {name: future.result() for name, future in futures.items()}
     print("closed after", {name: round(t, 2) for name, t in took.items()})
+    attack.attempts += len(cases)
+    attack.recovery_s += list(took.values())  # here: how long each was held before it was cut
     for name, (_, timeout) in cases.items():
         assert timeout - 0.5 <= took[name] <= timeout + SWEEP_SLACK_S, (name, took)
     log = wait_for(lambda: (text := peer.log()) and "no TLS handshake" in text and text, timeout=15,
@@ -293,7 +306,13 @@ def test_slow_heads_and_handshakes_are_cut_at_their_timeouts(daemon_factory, tin
 
 def test_a_neighbour_without_a_certificate_leaves_the_peer_and_its_desktop_working(daemon_factory,  # type: ignore[no-untyped-def]
                                                                                     tiny_model: Path,
-                                                                                    peer_model: Path) -> None:
+                                                                                    peer_model: Path,
+                                                                                    hardening: Ledger) -> None:
+    attack = hardening.attack("connection flood: LAN", "2200 TLS connections without a client certificate on a "
+                              "peer's LAN listener under a 1024-descriptor limit, from one address and from 110",
+                              "tests/test_connections.py::"
+                              "test_a_neighbour_without_a_certificate_leaves_the_peer_and_its_desktop_working")
+    attack.attempts += 2200
     only_there = f'[[models]]\nname = "b"\npath = "{peer_model}"\nctx = 512\n'
     peer = daemon_factory(node_config(tiny_model, "spark", "peer", extra=only_there), wrapper=UNDER_PRLIMIT)
     desk = daemon_factory(node_config(tiny_model, "desk", "desktop"))
@@ -323,6 +342,7 @@ def test_a_neighbour_without_a_certificate_leaves_the_peer_and_its_desktop_worki
                          timeout=HEADER_TIMEOUT_S + 5)
         took = time.monotonic() - asked
         assert forwarded.status == 200, forwarded.body
+        attack.recovery_s.append(took)
         assert forwarded.headers["x-hybridd-placement"] == "peer:spark"
         print(f"forward answered under the LAN flood after {took:.2f} s; the peer holds {process.num_fds()} fds")
         assert link_up() is not None

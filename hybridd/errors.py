@@ -65,9 +65,13 @@ class RequestError(HybriddError):
 
 
 class BadRequest(RequestError):
-    """Malformed body or fields of the wrong type."""
+    """Malformed body or fields of the wrong type; param names the field, as the OpenAI envelope does."""
 
     code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelNotFound(RequestError):

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp.test_utils import TestServer
 
 from hybridd.api.app import make_app
@@ -69,6 +70,66 @@ async def test_bad_inputs_get_envelope_and_status(hybridd: str, body, status: in
     assert code == status
     assert set(reply["error"]) >= {"message", "type", "code"}
     assert fragment in reply["error"]["message"]
+
+
+def _deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+@pytest.mark.parametrize(("raw", "param", "fragment"), [
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": ' + _deep(5000) + b"}",
+     "tools" + "[0]" * 14 + "...", "nests arrays and objects deeper than 100 levels"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": ' + _deep(101) + b"}",
+     "tools" + "[0]" * 14 + "...", "nests arrays and objects deeper than 100 levels"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": ' + b"7" * 5000 + b"}",
+     "seed", "holds a number too long to read"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "hybridd": {"min_ctx": "\xc2\xb2"}}',
+     "hybridd.min_ctx", "'hybridd.min_ctx' must be an integer from 0 to 2147483648, got '²'"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+     "messages[0].content[0].text", "'messages[0].content[0].text' must be a string, got an integer"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [7]}]}',
+     "messages[0].content[0]", "'messages[0].content[0]' must be an object, got an integer"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "ok \\ud83d\\ude00 then \\ud800 alone"}]}',
+     "messages[0].content", "'messages[0].content' holds a lone surrogate (U+D800) at character 10"),
+])
+async def test_values_python_cannot_take_are_400_naming_the_field(hybridd: str, raw: bytes, param: str,
+                                                                   fragment: str) -> None:
+    code, _, reply = await post(hybridd + "/v1/chat/completions", raw)
+    assert code == 400, reply
+    assert reply["error"]["param"] == param
+    assert fragment in reply["error"]["message"]
+
+
+async def test_a_min_ctx_header_of_other_digits_is_400_naming_it(hybridd: str) -> None:
+    code, _, reply = await post(hybridd + "/v1/chat/completions", CHAT, {"x-hybridd-min-ctx": "²"})
+    assert code == 400 and reply["error"]["param"] == "x-hybridd-min-ctx"
+
+
+async def test_a_malformed_origin_is_400_naming_the_header(hybridd: str) -> None:
+    for origin in ("http://[::1", "http://[zz]:80"):
+        code, _, reply = await post(hybridd + "/v1/chat/completions", CHAT, {"Origin": origin})
+        assert code == 400 and reply["error"]["code"] == "invalid_origin"
+        assert reply["error"]["message"].startswith(f"'Origin' header '{origin}' is not a valid origin")
+
+
+@pytest.mark.parametrize("head", [
+    b"X-Bad: a\x01b\r\n",  # a control character in a value
+    b"no colon here\r\n",  # not a header line at all
+    b"X-Long: " + b"a" * 9000 + b"\r\n",  # longer than aiohttp reads
+])
+async def test_requests_aiohttp_cannot_parse_get_the_envelope(hybridd: str, head: bytes) -> None:
+    url = yarl.URL(hybridd)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + head + b"Content-Length: 0\r\n\r\n")
+    reply = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    status_line, _, rest = reply.partition(b"\r\n")
+    head_text, _, body = rest.partition(b"\r\n\r\n")
+    assert status_line.split()[1] == b"400"
+    assert b"content-type: application/json" in head_text.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "malformed_request"
+    assert error["message"].startswith("malformed HTTP request: ")
 
 
 async def test_oversize_body_is_413_declared_or_chunked(hybridd: str) -> None:

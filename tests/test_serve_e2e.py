@@ -328,3 +328,16 @@ def test_a_hung_engine_is_noticed_killed_and_restarted_and_its_client_told_why(d
     assert again.choices[0].text is not None
     assert daemon.model_status("tiny")["pid"] != engine.pid
     assert "stopped answering" in daemon.log()
+
+
+def test_a_prompt_that_is_not_unicode_fails_alone(daemon_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    daemon = daemon_factory(tiny_config(tiny_model))
+    bad = b'{"model": "tiny", "prompt": "abc\\ud800", "max_tokens": 2}'
+    reply = http("POST", daemon.url + "/v1/completions", bad)
+    assert reply.status == 400
+    assert reply.json()["error"]["message"].startswith("'prompt' holds a lone surrogate (U+D800) at character 3")
+    # the next request is still counted with the model's own tokenizer
+    reply = http("POST", daemon.url + "/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 2})
+    assert reply.status == 200
+    decision = daemon.status()["decisions"][-1]
+    assert decision["prompt_exact"] and decision["prompt_tokens"] < 16  # bytes / 2 would not be exact

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from hybridd.api import routes_openai, routes_peers, routes_status
-from hybridd.api.envelope import envelope_middleware
+from hybridd.api.envelope import envelope_malformed_requests, envelope_middleware
 from hybridd.api.guards import make_guard
 from hybridd.api.keys import HTTP, NODE, PEER, POOL, ROUTER, Node
 from hybridd.api.proxy import OPEN_STREAMS, OpenStreams
@@ -51,6 +51,7 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
         middlewares=[envelope_middleware, make_guard(server.extra_hosts, server.host, server.max_body_bytes)],
         client_max_size=server.max_body_bytes,
     )
+    envelope_malformed_requests(app)
     app[NODE] = Node(config, catalog, time.time(), time.monotonic())
     app[OPEN_STREAMS] = OpenStreams()
     maker = engine_maker or default_engine_maker(config.engine.python)

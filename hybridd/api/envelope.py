@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,15 +21,41 @@ _TYPE_FOR_STATUS = {400: "invalid_request_error", 401: "authentication_error", 4
 
 
 def error_response(status: int, message: str, error_type: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
+                   headers: dict[str, str] | None = None, param: str | None = None) -> web.Response:
     """A JSON error response in the OpenAI envelope."""
     kind = error_type or _TYPE_FOR_STATUS.get(status, "server_error")
-    return web.json_response(error_body(message, kind, code), status=status, headers=headers)
+    return web.json_response(error_body(message, kind, code, param), status=status, headers=headers)
 
 
 def response_for(exc: HybriddError, headers: dict[str, str] | None = None) -> web.Response:
     """The envelope for one of our own errors."""
-    return error_response(exc.status, exc.message, exc.error_type, exc.code, headers)
+    return error_response(exc.status, exc.message, exc.error_type, exc.code, headers, getattr(exc, "param", None))
+
+
+class _MalformedAnswered(web.Request):
+    """A request whose answer, when aiohttp itself made it, is rewritten into the envelope."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        # aiohttp answers a request it cannot parse (a bad header, a line too long) with plain text before any
+        # route or middleware runs; such a request alone has no match info.
+        if self._match_info is None and isinstance(response, web.Response) and response.status >= 400 \
+                and isinstance(response.body, bytes):
+            lines = response.body.decode("utf-8", "replace").splitlines()
+            detail = " ".join(line.strip() for line in lines if line.strip().strip("^"))[:500]
+            kind = _TYPE_FOR_STATUS.get(response.status, "server_error")
+            code = "malformed_request" if response.status < 500 else "internal_error"
+            message = f"malformed HTTP request: {detail}" if response.status < 500 else \
+                "internal error in hybridd (see the daemon log)"
+            response.body = json.dumps(error_body(message, kind, code)).encode()
+            response.content_type = "application/json"
+            response.headers["Content-Length"] = str(len(response.body))
+        await super()._prepare_hook(response)
+
+
+def envelope_malformed_requests(app: web.Application) -> None:
+    """Make aiohttp's own answers to requests it cannot parse OpenAI envelopes too. Its request factory is the one
+    place they pass through in this app: they never reach a route or a middleware."""
+    app._make_request = functools.partial(app._make_request, _cls=_MalformedAnswered)  # type: ignore[method-assign]
 
 
 def sse_error_event(message: str, code: str = "upstream_error") -> bytes:

@@ -36,7 +36,11 @@ def make_guard(extra_hosts: tuple[str, ...], listen_host: str, max_body_bytes: i
                                   code="forbidden_host")
         origin = request.headers.get("Origin")
         if origin is not None:
-            origin_host = urlsplit(origin).hostname if origin != "null" else None
+            try:
+                origin_host = urlsplit(origin).hostname if origin != "null" else None
+            except ValueError as exc:  # a bracketed host that is not an IPv6 address, or brackets left open
+                return error_response(400, f"'Origin' header {origin[:100]!r} is not a valid origin: {exc}",
+                                      code="invalid_origin")
             if origin_host is None or not host_ok(origin_host):
                 return error_response(403, f"Origin '{origin}' is not allowed; browsers may call this API only "
                                       "from loopback pages", code="forbidden_origin")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +19,15 @@ PATHS: dict[Endpoint, str] = {
 
 
 PLACEMENT_HINTS = ("auto", "local", "peer")
+MAX_CTX_HINT = 1 << 31
+# Deeper JSON is refused: nothing OpenAI defines nests near this, and the JSON codecs and templates that see a body
+# later recurse once per level.
+MAX_DEPTH = 100
+PATH_SHOWN = 48  # characters of a field's path that an error message shows
+_DECIMAL = re.compile(r"[0-9]{1,10}")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 @dataclass(frozen=True)
@@ -61,20 +71,18 @@ def parse_hints(body: Mapping[str, Any], headers: Mapping[str, str]) -> Hints:
     placement = raw.get("placement", headers.get("x-hybridd-placement", "auto"))
     if placement not in PLACEMENT_HINTS:
         raise BadRequest(f"placement hint must be one of {', '.join(PLACEMENT_HINTS)}, got {placement!r}")
+    field = "hybridd.min_ctx" if "min_ctx" in raw else "x-hybridd-min-ctx"
     min_ctx: Any = raw.get("min_ctx", headers.get("x-hybridd-min-ctx", 0))
-    if isinstance(min_ctx, str) and min_ctx.isdigit():
+    if isinstance(min_ctx, str) and _DECIMAL.fullmatch(min_ctx):  # ASCII digits only: int() takes '٣', not '²'
         min_ctx = int(min_ctx)
-    if isinstance(min_ctx, bool) or not isinstance(min_ctx, int) or min_ctx < 0:
-        raise BadRequest(f"min_ctx hint must be a non-negative integer, got {min_ctx!r}")
+    if isinstance(min_ctx, bool) or not isinstance(min_ctx, int) or not 0 <= min_ctx <= MAX_CTX_HINT:
+        raise BadRequest(f"'{field}' must be an integer from 0 to {MAX_CTX_HINT}, got {_shown(min_ctx)}", field)
     return Hints(placement, min_ctx)
 
 
 def parse_inference(endpoint: Endpoint, raw: bytes, headers: Mapping[str, str] | None = None) -> InferenceRequest:
     """Decode and check raw; raise BadRequest saying exactly which field is wrong."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    body = _decode(raw)
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {_kind(body)}")
     model = body.get("model")
@@ -99,6 +107,114 @@ def parse_inference(endpoint: Endpoint, raw: bytes, headers: Mapping[str, str] |
     return InferenceRequest(endpoint, model, stream, body, hints, "hybridd" in body)
 
 
+def _decode(raw: bytes) -> Any:
+    """The JSON value in raw, checked for what would break whoever reads it next: nesting deeper than MAX_DEPTH,
+    numbers too long for an int, text that is not Unicode (a lone surrogate from a \\ud800 escape)."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except (RecursionError, ValueError) as exc:
+        # Valid JSON that Python's decoder refuses: nesting past its stack, or an integer of over 4300 digits.
+        where = _short(_failing_member(raw))
+        what = f"'{where}'" if where else "request body"
+        if isinstance(exc, RecursionError):
+            raise BadRequest(f"{what} nests arrays and objects deeper than {MAX_DEPTH} levels", where or None) \
+                from exc
+        raise BadRequest(f"{what} holds a number too long to read ({str(exc).split(';')[0]})", where or None) \
+            from exc
+    # Both walks are skipped, at C speed, for bodies that cannot hold what they look for.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        _check_depth(body)
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_unicode(body)
+    return body
+
+
+def _check_depth(body: Any) -> None:
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"'{_short(path)}' nests arrays and objects deeper than {MAX_DEPTH} levels",
+                             _short(path))
+        if isinstance(value, dict):
+            stack += [(item, _join(path, key), depth + 1) for key, item in value.items()
+                      if isinstance(item, dict | list)]
+        elif isinstance(value, list) and not set(map(type, value)).isdisjoint((dict, list)):
+            stack += [(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)
+                      if isinstance(item, dict | list)]
+
+
+def _check_unicode(body: Any) -> None:
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                raise BadRequest(f"'{path}' holds a lone surrogate (U+{ord(found.group()):04X}) at character "
+                                 f"{found.start()}: text must be valid Unicode", path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                found = _SURROGATE.search(key)
+                if found:
+                    raise BadRequest(f"a key in '{path or 'the request body'}' holds a lone surrogate "
+                                     f"(U+{ord(found.group()):04X}): text must be valid Unicode", path or None)
+                stack.append((item, _join(path, key)))
+        elif isinstance(value, list) and not set(map(type, value)).isdisjoint((str, dict, list)):
+            stack += [(item, f"{path}[{i}]") for i, item in enumerate(value) if isinstance(item, str | dict | list)]
+
+
+def _failing_member(raw: bytes) -> str:
+    """The path of the member json cannot decode, found by decoding member after member and going into the one
+    that fails ('' when raw is not UTF-8 or not an object or array)."""
+    decoder = json.JSONDecoder()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return ""
+    path, pos = "", _skip_space(text, 0)
+    while len(path) <= PATH_SHOWN and text[pos:pos + 1] in ("{", "["):
+        in_object = text[pos] == "{"
+        pos, index, failing = _skip_space(text, pos + 1), 0, ""
+        while not failing and text[pos:pos + 1] not in ("}", "]", ""):
+            member = f"{path}[{index}]"
+            if in_object:
+                key, pos = decoder.raw_decode(text, pos)
+                member = _join(path, key)
+                pos = _skip_space(text, _skip_space(text, pos) + 1)  # past the colon
+            try:
+                _, end = decoder.raw_decode(text, pos)
+            except (RecursionError, ValueError):
+                failing = member
+                continue
+            pos = _skip_space(text, end)
+            pos = _skip_space(text, pos + 1) if text[pos:pos + 1] == "," else pos
+            index += 1
+        if not failing:
+            break
+        path = failing
+    return path
+
+
+def _skip_space(text: str, pos: int) -> int:
+    match = _SPACE.match(text, pos)
+    return match.end() if match else pos
+
+
+def _short(path: str) -> str:
+    """path, or its first parts and '...' when it is longer than PATH_SHOWN."""
+    if len(path) <= PATH_SHOWN:
+        return path
+    cut = max(path.rfind("[", 1, PATH_SHOWN), path.rfind(".", 1, PATH_SHOWN))
+    return path[:cut if cut > 0 else PATH_SHOWN] + "..."
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
 def _check_chat(body: dict[str, Any]) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -113,6 +229,14 @@ def _check_chat(body: dict[str, Any]) -> None:
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):
             raise BadRequest(f"'messages[{i}].content' must be a string or an array of parts, got {_kind(content)}")
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(part, dict):
+                raise BadRequest(f"'messages[{i}].content[{j}]' must be an object, got {_kind(part)}",
+                                 f"messages[{i}].content[{j}]")
+            for name in ("type", "text"):
+                if name in part and not isinstance(part[name], str):
+                    field = f"messages[{i}].content[{j}].{name}"
+                    raise BadRequest(f"'{field}' must be a string, got {_kind(part[name])}", field)
 
 
 def _check_completion(body: dict[str, Any]) -> None:
@@ -148,6 +272,12 @@ def _optional_int(body: dict[str, Any], name: str, minimum: int | None) -> None:
 
 
 _CHECKS = {"chat": _check_chat, "completion": _check_completion, "embedding": _check_embedding}
+
+
+def _shown(value: Any) -> str:
+    """value for an error message: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _kind(value: Any) -> str:

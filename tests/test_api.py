@@ -192,6 +192,39 @@ async def test_upstream_error_is_enveloped_with_its_status(hybridd: str, fake) -
     assert reply["error"]["message"] == "engine error: context too long"
 
 
+# What llama-cpp-python's server answers for a body its schema refuses (`top_k: -100`): HTTP 500, FastAPI's
+# validation text, and the frame that raised, path and all.
+TOP_K_REFUSED = json.dumps({"error": {
+    "message": "1 validation error:\n  {'type': 'greater_than_equal', 'loc': ('body', 'top_k'), 'msg': 'Input should "
+               "be greater than or equal to 0', 'input': -100, 'ctx': {'ge': 0}}\n\n  File \"/srv/venv/lib/python3.11/"
+               "site-packages/llama_cpp/server/app.py\", line 264, in create_completion\n    POST /v1/completions",
+    "type": "internal_server_error", "param": None, "code": None}}).encode()
+ENGINE_BROKE = json.dumps({"error": {
+    "message": "could not open /srv/models/cache/x.bin\n\n  File \"/srv/venv/lib/python3.11/site-packages/llama_cpp/"
+               "llama.py\", line 1321, in _create_completion\n    POST /v1/completions",
+    "type": "internal_server_error", "param": None, "code": None}}).encode()
+
+
+@pytest.mark.parametrize(("status", "payload", "answered", "param", "message"), [
+    (500, TOP_K_REFUSED, 400, "top_k", "engine refused 'top_k': Input should be greater than or equal to 0"),
+    (500, ENGINE_BROKE, 502, None, "engine error: could not open <path>"),
+    (500, b"Traceback (most recent call last):\n  File \"/srv/x.py\", line 3\nKeyError: 'x'", 502, None,
+     "engine error: HTTP 500 without a message"),
+    (400, b'{"error": {"message": "/srv/models/a.gguf holds 512", "type": "invalid_request_error", '
+          b'"param": "messages", "code": "context_length_exceeded"}}', 400, "messages", "<path> holds 512"),
+])
+async def test_engine_errors_say_whose_mistake_and_leak_no_path(hybridd: str, fake, status: int, payload: bytes,  # type: ignore[no-untyped-def]
+                                                                answered: int, param: str | None,
+                                                                message: str) -> None:
+    engine, _ = fake
+    engine.status, engine.error_body = status, payload
+    for stream in (False, True):
+        code, _, reply = await post(hybridd + "/v1/chat/completions", {**CHAT, "stream": stream})
+        assert code == answered
+        assert reply["error"]["message"] == message and reply["error"]["param"] == param
+        assert "File" not in reply["error"]["message"] and "/srv" not in reply["error"]["message"]
+
+
 async def test_unreachable_upstream_is_502(hybridd: str, fake) -> None:  # type: ignore[no-untyped-def]
     _, upstream = fake
     await upstream.close()

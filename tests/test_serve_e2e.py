@@ -330,6 +330,32 @@ def test_a_hung_engine_is_noticed_killed_and_restarted_and_its_client_told_why(d
     assert "stopped answering" in daemon.log()
 
 
+def test_client_mistakes_the_engine_refuses_are_400_naming_the_field(daemon_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    # llama-cpp-python's server answers each of these with HTTP 500, its validation text and a frame of its own
+    # source (path included); token-id prompts are valid OpenAI input that it cannot read.
+    daemon = daemon_factory(tiny_config(tiny_model))
+    cases = [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "top_k": -100}, "top_k", "engine refused 'top_k'"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "top_k": -1},
+         "top_k", "engine refused 'top_k'"),
+        ("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2}, "prompt", "'prompt' is an array of token ids"),
+        ("/v1/completions", {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 2}, "prompt[0]",
+         "'prompt[0]' is an array of token ids"),
+        ("/v1/completions", {"prompt": ["one", "two"], "max_tokens": 2}, "prompt", "'prompt' holds 2 prompts"),
+        ("/v1/embeddings", {"input": [1, 2, 3]}, "input", "'input' is an array of token ids"),
+        ("/v1/embeddings", {"input": [[1, 2, 3]]}, "input[0]", "'input[0]' is an array of token ids"),
+    ]
+    for path, body, param, fragment in cases:
+        reply = http("POST", daemon.url + path, {"model": "tiny", **body})
+        error = reply.json()["error"]
+        assert reply.status == 400, (path, body, error)
+        assert error["param"] == param and error["message"].startswith(fragment), error
+        assert "File" not in error["message"] and ".py" not in error["message"]
+    # the engine that refused top_k still serves
+    reply = http("POST", daemon.url + "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert reply.status == 200
+
+
 def test_a_prompt_that_is_not_unicode_fails_alone(daemon_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     daemon = daemon_factory(tiny_config(tiny_model))
     bad = b'{"model": "tiny", "prompt": "abc\\ud800", "max_tokens": 2}'

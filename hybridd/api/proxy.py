@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from hybridd.api.envelope import error_body, sse_error_event
+from hybridd.api.envelope import sse_error_event
+from hybridd.api.upstream_errors import upstream_error
 from hybridd.errors import EngineFailed, UpstreamUnreachable
 from hybridd.node.router import Answer, Route
 from hybridd.place.state import Observation
@@ -160,10 +161,11 @@ async def _whole(upstream: aiohttp.ClientResponse, url: str,
         seen = Observation(responded=True, complete=True, completion_tokens=_usage_tokens(payload) or 0)
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
     headers.update(extra_headers)
-    if upstream.status >= 400:
-        payload = _as_envelope(upstream.status, payload)
+    status = upstream.status
+    if status >= 400:
+        status, payload = upstream_error(status, payload)
         headers["Content-Type"] = "application/json"
-    return Answer(web.Response(body=payload, status=upstream.status, headers=headers), seen)
+    return Answer(web.Response(body=payload, status=status, headers=headers), seen)
 
 
 def _usage_tokens(payload: bytes) -> int | None:
@@ -173,22 +175,6 @@ def _usage_tokens(payload: bytes) -> int | None:
     except (ValueError, KeyError, TypeError):
         return None
     return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None
-
-
-def _as_envelope(status: int, payload: bytes) -> bytes:
-    """The engine's error, in the OpenAI envelope whatever shape the engine used."""
-    try:
-        data = json.loads(payload)
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
-        return payload
-    if isinstance(data, dict) and isinstance(data.get("detail"), str | list):
-        message = data["detail"] if isinstance(data["detail"], str) else json.dumps(data["detail"])
-    else:
-        message = payload.decode("utf-8", "replace").strip()[:500] or f"engine answered HTTP {status}"
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return json.dumps(error_body(f"engine error: {message}", kind, "engine_error")).encode()
 
 
 async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, base_url: str,

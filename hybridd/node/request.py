@@ -60,6 +60,25 @@ class InferenceRequest:
         return {k: v for k, v in self.body.items() if k != "hybridd"}
 
 
+def check_text_only(inference: InferenceRequest, engine: str) -> None:
+    """Refuse the valid OpenAI input that an engine taking text only cannot read: token ids, and for completions
+    more than one prompt (llama-cpp-python's server). engine names it in the message."""
+    if inference.endpoint == "chat":
+        return
+    field = "prompt" if inference.endpoint == "completion" else "input"
+    value = inference.body.get(field)
+    if not isinstance(value, list):
+        return
+    if value and all(isinstance(item, int) for item in value):
+        raise BadRequest(f"'{field}' is an array of token ids; {engine}, which takes text only", field)
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            what = "a token id" if isinstance(item, int) else "an array of token ids"
+            raise BadRequest(f"'{field}[{i}]' is {what}; {engine}, which takes text only", f"{field}[{i}]")
+    if field == "prompt" and len(value) > 1:
+        raise BadRequest(f"'prompt' holds {len(value)} prompts; {engine}, which takes one per request", field)
+
+
 def parse_hints(body: Mapping[str, Any], headers: Mapping[str, str]) -> Hints:
     """Hints from the body's `hybridd` object (OpenAI clients send it via extra_body) or x-hybridd-* headers."""
     raw = body.get("hybridd", {})

@@ -151,6 +151,13 @@ class NodeConfig:
     engine_first_byte_floor_s: float = 120.0
     engine_idle_timeout_s: float = 60.0  # between two chunks of a local engine's stream
     engine_health_interval_s: float = 10.0  # a live engine missing 3 health checks in a row is hung: restarted
+    advertise: bool | None = None  # announce this node on mDNS; None: by role (see `advertised`)
+    advertise_interfaces: tuple[str, ...] = ()  # interface names or addresses mDNS runs on; () = all
+
+    @property
+    def advertised(self) -> bool:
+        """Whether this node announces itself on mDNS: node.advertise, else only a peer (a desktop dials its peers)."""
+        return self.role == "peer" if self.advertise is None else self.advertise
 
 
 @dataclass(frozen=True)
@@ -349,7 +356,23 @@ def _node(table: Reader) -> NodeConfig:
         engine_first_byte_floor_s=positive("engine_first_byte_floor_s"),
         engine_idle_timeout_s=positive("engine_idle_timeout_s"),
         engine_health_interval_s=positive("engine_health_interval_s"),
+        advertise=table.at("advertise").of(bool, NodeConfig.advertise),
+        advertise_interfaces=tuple(_interface(item) for item in table.at("advertise_interfaces").items(optional=True)),
     )
+
+
+_INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")  # Linux: IFNAMSIZ less its NUL, no '/' or blanks
+
+
+def _interface(item: Reader) -> str:
+    """An interface to run mDNS on: its name (e.g. "eth0") or one of its IP addresses."""
+    value = item.text()
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        if not _INTERFACE_NAME.fullmatch(value):
+            raise item.fail(f'"{value}" is neither an interface name (e.g. "eth0") nor an IP address') from None
+    return value
 
 
 def _peer(item: Reader) -> PeerConfig:

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from hybridd.config import DEFAULT_LISTEN, Config, config_path, load_config, parse_config, state_dir, with_listen
+from hybridd.config import (
+    DEFAULT_LISTEN,
+    Config,
+    config_path,
+    load_config,
+    parse_config,
+    state_dir,
+    with_listen,
+    with_role,
+)
 from hybridd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,6 +38,7 @@ def test_example_config_is_valid_and_pinned() -> None:
     assert (spark.name, spark.base_url, spark.hardware) == ("spark", "http://spark.local:11435", "dgx-spark")
     assert spark.serves("gpt-oss-120b") and not spark.serves("nomic-embed")
     assert config.node.name == "desktop" and config.node.queue_limit == 16 and config.node.devices == ()
+    assert (config.node.advertise, config.node.advertised, config.node.advertise_interfaces) == (None, False, ())
     assert (config.node.engine_first_byte_floor_s, config.node.engine_idle_timeout_s,
             config.node.engine_health_interval_s) == (120, 60, 10)
     assert coder.aliases == ("coder",) and coder.ctx == 65536 and (coder.type_k, coder.type_v) == ("q8_0", "q8_0")
@@ -135,6 +145,24 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path}: not UTF-8 text (byte 16); TOML files are UTF-8"
+
+
+def test_a_node_announces_itself_on_mdns_by_role_unless_told() -> None:
+    assert not parse_config("").node.advertised  # a desktop is found by nothing: it dials its peers
+    assert parse_config('[node]\nrole = "peer"').node.advertised
+    assert with_role(parse_config(""), "peer").node.advertised  # --role peer too
+    assert parse_config("[node]\nadvertise = true").node.advertised
+    assert not with_role(parse_config("[node]\nadvertise = false"), "peer").node.advertised
+    node = parse_config('[node]\nadvertise_interfaces = ["eth0", "10.0.0.5", "fe80::1", "enp1s0f0.100"]').node
+    assert node.advertise_interfaces == ("eth0", "10.0.0.5", "fe80::1", "enp1s0f0.100")
+    for text, message in [
+        ('[node]\nadvertise = "yes"', "node.advertise: expected a boolean, got a string"),
+        ('[node]\nadvertise_interfaces = "eth0"', "node.advertise_interfaces: expected an array, got a string"),
+        ('[node]\nadvertise_interfaces = ["eth 0"]',
+         'node.advertise_interfaces[0]: "eth 0" is neither an interface name (e.g. "eth0") nor an IP address'),
+        ('[node]\nadvertise_interfaces = [""]', "node.advertise_interfaces[0]: must not be empty"),
+    ]:
+        test_errors_name_the_dotted_key(text, message)
 
 
 def test_model_inherits_engine_defaults_and_overrides_them() -> None:

@@ -10,11 +10,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
+import ifaddr
 import pytest
 from netns import NetnsPair, emit, netns_available
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from hybridd.peer.discovery import SERVICE_TYPE, Advert, Discovery, MalformedAdvert, parse_advert
+from hybridd.peer.discovery import (
+    SERVICE_TYPE,
+    Advert,
+    Discovery,
+    MalformedAdvert,
+    interface_addresses,
+    parse_advert,
+)
 
 # -- an agent: runs inside a namespace, reports discovery events as JSON lines, stops cleanly when stdin closes --
 
@@ -222,6 +230,21 @@ async def test_malformed_txt_is_ignored_with_one_log_line(caplog: pytest.LogCapt
     finally:
         await liar.async_close()
         await a.stop()
+
+
+def test_an_interface_name_stands_for_its_ipv4_addresses() -> None:
+    adapters = ifaddr.get_adapters()
+    loopback = next(a for a in adapters if any(ip.ip == "127.0.0.1" for ip in a.ips))
+    addresses, unknown = interface_addresses([loopback.name, "127.0.0.1", "10.9.8.7", "nope0"], adapters)
+    assert addresses == [ip.ip for ip in loopback.ips if isinstance(ip.ip, str)] + ["10.9.8.7"]  # no IPv6, no twice
+    assert unknown == ["nope0"]
+
+
+async def test_interfaces_that_are_not_here_keep_mdns_off_rather_than_on_everywhere() -> None:
+    discovery = Discovery(interfaces=["nope0", "nope1"])
+    with pytest.raises(OSError, match=r"none of the interfaces chosen for mDNS \(nope0, nope1\) is on this host"):
+        await discovery.start()
+    await discovery.stop()
 
 
 @pytest.mark.parametrize(("properties", "reason"), [

@@ -325,6 +325,42 @@ def test_discover_pair_by_name_link_and_forward_across_namespaces(long_model: Pa
         assert decisions and decisions[-1]["placement"] == "local" and decisions[-1]["ctx"] >= LONG_CTX
 
 
+@pytest.mark.timeout(90)
+def test_only_a_node_that_serves_others_announces_itself_and_only_where_told(long_model: Path,
+                                                                             budgets: tuple[int, int],
+                                                                             tmp_path: Path) -> None:
+    """In namespace a: a desktop (by default announced nowhere), a peer announced on the veth by interface name, and
+    a peer announced on lo only. A browser in b, across the veth, finds the first peer alone; one on a's lo finds the
+    second, and it too never sees the desktop."""
+    _require_netns()
+    peer_budget, desk_budget = budgets
+    desk_name, spark_name, local_name = f"desk-{RUN}-4", f"spark-{RUN}-4", f"local-{RUN}-4"
+    with NetnsPair() as net, nodes_in(net) as start:
+        start(net.a, node_config(long_model, desk_name, "desktop", desk_budget), tmp_path / "desk", "desktop")
+        on_veth = f'advertise_interfaces = ["{net.a.iface}"]'  # by name: the veth's address
+        spark = start(net.a, shared_node_config(long_model, spark_name, "peer", peer_budget,
+                                                lan_listen=f"{net.a.address}:0", node_extra=on_veth),
+                      tmp_path / "spark", "peer on the veth")
+        start(net.a, shared_node_config(long_model, local_name, "peer", peer_budget, lan_listen="127.0.0.1:0",
+                                        node_extra='advertise_interfaces = ["lo"]'), tmp_path / "local", "peer on lo")
+        # Started once the nodes have announced themselves: each browser's first query is answered by all of them.
+        across = net.spawn(net.b, "test_discovery:discovery_agent", net.b.address, f"{RUN}-across", f"across-{RUN}",
+                           1, 0.5, 60.0)
+        on_lo = net.spawn(net.a, "test_discovery:discovery_agent", "127.0.0.1", f"{RUN}-on-lo", f"on-lo-{RUN}", 1,
+                          0.5, 60.0)
+
+        def found(name: str) -> Callable[[dict[str, Any]], bool]:
+            return lambda line: line.get("event") == "found" and line.get("name") == name
+
+        seen = across.expect(found(spark_name), 15, "the browser across the veth to find the peer")
+        lan_port = int(spark.lan_url.rsplit(":", 1)[1])
+        assert (seen["role"], seen["port"], seen["addresses"]) == ("peer", lan_port, [net.a.address])
+        on_lo.expect(found(local_name), 15, "the browser on a's loopback to find the peer announced there")
+        across.collect(3.0)  # three more seconds of queries and answers
+        assert {line["name"] for line in across.seen if line.get("event") == "found"} == {spark_name}, across.seen
+        assert not [line for line in on_lo.seen if line.get("name") == desk_name], on_lo.seen
+
+
 @pytest.mark.timeout(60)
 def test_impostor_with_the_peers_name_and_id_on_mdns_gets_no_request_byte(long_model: Path, budgets: tuple[int, int],
                                                                            tmp_path: Path) -> None:

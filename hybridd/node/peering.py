@@ -52,7 +52,7 @@ class PeerNode:
         self.store = PairingStore.load(state_dir)
         self.server_ssl: ssl.SSLContext = server_context(self.identity, self.store.cert_pems())
         self.pairing = PairingServer(self.identity, name, self.role, self.store, on_paired=self._paired)
-        self.discovery = Discovery()
+        self.discovery = Discovery(interfaces=list(config.node.advertise_interfaces) or None)
         self.links: dict[str, LinkClient] = {}
         self.hub = LinkHub(local_hello=self.hello(), authorize=self.authorize, snapshot=self.capacity,
                            inventory=self.inventory)
@@ -102,12 +102,14 @@ class PeerNode:
 
     # -- lifecycle
     async def start(self, lan_port: int | None) -> None:
-        """Advertise on mDNS, start browsing, and (desktop) dial every paired peer."""
+        """Browse mDNS, announce this node if it serves others (node.advertise), and (desktop) dial its peers."""
         self.lan_port = lan_port
         self.discovery.on_change(self._discovered)
         try:
             await self.discovery.start()
-            await self.discovery.advertise(self.identity.node_id, self.name, self.role, __version__, lan_port or 0)
+            if self.config.node.advertised:
+                await self.discovery.advertise(self.identity.node_id, self.name, self.role, __version__,
+                                               lan_port or 0)
         except OSError as exc:
             log.warning("mDNS is unavailable (%s); peers must be paired by address", exc)
         if self.role == "desktop":

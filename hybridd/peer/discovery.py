@@ -16,8 +16,9 @@ import contextlib
 import ipaddress
 import logging
 import re
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -141,6 +142,7 @@ class Discovery:
         self._adverts: dict[str, Advert] = {}  # lower-cased instance name -> advert
         self._servers: dict[str, str] = {}  # lower-cased instance name -> lower-cased host name
         self._last_heard: dict[str, float] = {}
+        self._addresses: list[str] | None = None  # the chosen interfaces' addresses once started; None = all
         self._own_info: AsyncServiceInfo | None = None
         self._own_node_id: str | None = None
         self._callbacks: list[ChangeCallback] = []
@@ -150,8 +152,12 @@ class Discovery:
         """Open the mDNS sockets and begin browsing for peers."""
         if self._aiozc is not None:
             return
-        self._aiozc = self._factory(self.interfaces)
+        self._addresses = self._chosen_addresses()
+        self._aiozc = self._factory(self._addresses)
         zc = self._aiozc.zeroconf
+        if self._addresses is not None:
+            await zc.async_wait_for_start()
+            _hear_only_joined_groups(zc)
         zc.async_add_listener(self._listener, None)
         self._browser = AsyncServiceBrowser(zc, [SERVICE_TYPE], handlers=[self._on_service_state_change])
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="discovery sweep")
@@ -162,8 +168,9 @@ class Discovery:
         if self._aiozc is None:
             raise RuntimeError("Discovery.advertise before start")
         properties = {"id": node_id, "role": role, "version": version, "port": str(port)}
-        chosen = addresses if addresses is not None else _local_addresses(self.interfaces)
-        label = name.replace(".", "-")[:63] or "hybridd"  # one DNS label, at most 63 bytes
+        chosen = addresses if addresses is not None else _local_addresses(self._addresses)
+        # One DNS label, at most 63 bytes (UTF-8), cut at a character boundary.
+        label = name.replace(".", "-").encode()[:63].decode(errors="ignore") or "hybridd"
         info = AsyncServiceInfo(SERVICE_TYPE, f"{label}.{SERVICE_TYPE}", port=port, properties=properties,
                                 server=f"hybridd-{_host_label(node_id)}.local.", parsed_addresses=chosen)
         self._own_node_id = node_id
@@ -198,6 +205,18 @@ class Discovery:
             self._browser = None
         await aiozc.async_close()  # unregisters our service, which sends the goodbye packets
         self._own_info = None
+
+    def _chosen_addresses(self) -> list[str] | None:
+        """The addresses of `interfaces` (a name stands for its IPv4 addresses); None for every interface."""
+        if self.interfaces is None:
+            return None
+        addresses, unknown = interface_addresses(self.interfaces, ifaddr.get_adapters())
+        if unknown:
+            log.warning("mDNS: no interface %s on this host; running on the others chosen",
+                        ", ".join(repr(name) for name in unknown))
+        if not addresses:  # never fall back to every interface: the choice was made to keep some out
+            raise OSError(f"none of the interfaces chosen for mDNS ({', '.join(self.interfaces)}) is on this host")
+        return addresses
 
     def on_change(self, callback: ChangeCallback) -> None:
         """Call callback(advert, gone) when a peer appears, changes, or is gone."""
@@ -334,6 +353,40 @@ def _default_zeroconf(interfaces: list[str] | None) -> AsyncZeroconf:
     if interfaces is None:
         return AsyncZeroconf()
     return AsyncZeroconf(interfaces=list(interfaces))
+
+
+def interface_addresses(choices: list[str], adapters: Iterable[ifaddr.Adapter]) -> tuple[list[str], list[str]]:
+    """(addresses, unknown names): each choice that is an IP address as is, each name as its IPv4 addresses."""
+    addresses: list[str] = []
+    unknown = []
+    for choice in choices:
+        if _is_ip(choice):
+            found = [choice]
+        else:
+            found = [ip.ip for adapter in adapters if choice in (adapter.name, adapter.nice_name)
+                     for ip in adapter.ips if isinstance(ip.ip, str)]
+            if not found:
+                unknown.append(choice)
+        addresses += [a for a in found if a not in addresses]
+    return addresses, unknown
+
+
+# Linux socket options Python's socket module does not name (linux/in.h, linux/in6.h).
+_IP_MULTICAST_ALL, _IPV6_MULTICAST_ALL = 49, 29
+
+
+def _hear_only_joined_groups(zc: Zeroconf) -> None:
+    """Keep zeroconf's sockets from hearing mDNS that arrives on interfaces it was not told to use.
+
+    zeroconf binds its sockets to every address and joins the group on the chosen interfaces only; but by default
+    Linux hands a socket the group's packets from every interface on which any socket of the host joined it (avahi
+    does, on all). zeroconf would then answer a query from another interface, by unicast, out of that interface.
+    """
+    for reader in zc.engine.readers:
+        ipv6 = reader.sock.family == socket.AF_INET6
+        with contextlib.suppress(OSError):  # not Linux, or a kernel without the option: as zeroconf does it
+            reader.sock.setsockopt(socket.IPPROTO_IPV6 if ipv6 else socket.IPPROTO_IP,
+                                   _IPV6_MULTICAST_ALL if ipv6 else _IP_MULTICAST_ALL, 0)
 
 
 def _local_addresses(interfaces: list[str] | None) -> list[str]:

@@ -259,13 +259,14 @@ class PairingServer:
             self._note(now, source, "wrong_code", f"the confirmation failed (a wrong code, or a machine in the "
                                                   f"middle): attempt {window.failures} of {MAX_FAILURES}")
             if not window.accepts(now):
-                self._close(now, "failed", f"{MAX_FAILURES} wrong attempts: the code is refused from now on")
+                self._close(now, "failed", f"the window closed after {MAX_FAILURES} wrong attempts; the code no "
+                                           "longer works")
             raise PairingError(REFUSED)
         self.store.add(exchange.joiner)  # first: if the disk refuses, the window stays open for another try
         window.record_success()
         joiner = exchange.joiner
         self._note(now, source, "paired", f"paired with {joiner.name!r} ({joiner.role}, node id {joiner.node_id[:16]})")
-        self._close(now, "paired", "the code is used")
+        self._close(now, "paired", "the window closed: the code is used")
         if self.on_paired is not None:
             self.on_paired(joiner)
         return _frame({"confirmation_b": fields.encode(confirmation(exchange.key, CONFIRM_B, exchange.transcript)),
@@ -286,8 +287,8 @@ class PairingServer:
         window = self.window
         if window is not None and self._outcome is None and not window.accepts(now):
             ends = window.opened_at + window.ttl_s
-            self._close(ends if now >= ends else now, "expired", f"its {window.ttl_s:g} s are up" if now >= ends
-                        else "this node's clock stepped back")
+            self._close(ends if now >= ends else now, "expired", f"the window closed: its {window.ttl_s:g} s are up"
+                        if now >= ends else "the window closed: this node's clock stepped back")
 
     def _make_room(self, source: str, now: float) -> None:
         """Room for a new exchange from `source`: its own earlier one goes, and the oldest when all are taken."""
@@ -301,10 +302,10 @@ class PairingServer:
             self._note(now, oldest.source, "dropped", f"its exchange made room for a newer one ({MAX_EXCHANGES} "
                                                       "were in flight)")
 
-    def _close(self, now: float, outcome: str, why: str) -> None:
+    def _close(self, now: float, outcome: str, detail: str) -> None:
         if self.window is None or self._outcome is not None:
             return
-        self._note(now, "", "closed", f"the window closed: {why}")
+        self._note(now, "", "closed", detail)
         self._outcome = outcome
         self._exchanges = []
 

@@ -141,7 +141,7 @@ class _Exchange:
 class PairingServer:
     """The window owner's state: the open window, the exchanges in flight, what happened, and what a success stores.
 
-    Any number of exchanges may be in flight (at most MAX_EXCHANGES, the oldest dropped for a new one; one per
+    Several exchanges may be in flight (at most MAX_EXCHANGES, the oldest dropped for a new one; one per
     source, a source's new start replacing its old one), and none holds the window: an exchange not finished within
     EXCHANGE_TTL_S is dropped, and the first right code to finish pairs. Only a finished exchange with a wrong code
     counts against the code; starts are bounded per source (attempts.py). Every step records what happened, for

@@ -207,16 +207,20 @@ class Router:
         return spec
 
     async def size(self, inference: InferenceRequest, model: ModelEntry) -> PromptSize:
-        """Prompt tokens, exact where the model's GGUF is here."""
+        """Prompt tokens, exact where the model's GGUF is here, counted no further than its trained context (the
+        scheduler refuses what goes past it). Only a tokenizer that cannot load sends the model's requests to the
+        byte estimate; a request that cannot be counted fails alone (BadRequest) and changes nothing."""
         if model.path is None or model.path in self._no_tokenizer:
             return guess_tokens(inference.endpoint, inference.body)
         try:
-            return await asyncio.to_thread(self.tokenizers.count, model.path, inference.endpoint, inference.body)
+            await self.tokenizers.load(model.path)
         except (ValueError, RuntimeError, OSError) as exc:
             # The engine's own load will say what is wrong with the file; size the request safely meanwhile.
             log.warning("cannot load the tokenizer of %s (%s); estimating prompt sizes from bytes", model.path, exc)
             self._no_tokenizer.add(model.path)
             return guess_tokens(inference.endpoint, inference.body)
+        spec = await self.spec(model)
+        return await self.tokenizers.size(model.path, inference.endpoint, inference.body, spec.n_ctx_train)
 
     # -- serving
 

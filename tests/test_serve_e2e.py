@@ -367,3 +367,13 @@ def test_a_prompt_that_is_not_unicode_fails_alone(daemon_factory, tiny_model: Pa
     assert reply.status == 200
     decision = daemon.status()["decisions"][-1]
     assert decision["prompt_exact"] and decision["prompt_tokens"] < 16  # bytes / 2 would not be exact
+
+
+def test_engines_listen_on_loopback_whatever_host_the_environment_names(daemon_factory, tiny_model: Path) -> None:
+    # llama_cpp.server reads HOST and PORT ahead of its flags; an engine must not inherit them from the daemon.
+    daemon = daemon_factory(tiny_config(tiny_model), extra_env={"HOST": "0.0.0.0", "PORT": "8"})
+    reply = http("POST", daemon.url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert reply.status == 200, reply.body
+    engine = psutil.Process(daemon.model_status("tiny")["pid"])
+    listening = [c.laddr for c in engine.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(address.ip == "127.0.0.1" for address in listening), listening

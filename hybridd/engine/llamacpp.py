@@ -15,6 +15,7 @@ from hybridd.engine.process import ManagedProcess, free_loopback_port
 from hybridd.errors import EngineLoadFailed
 
 HEALTH_PATH = "/v1/models"
+ENGINE_ENV_DROPPED = frozenset({"HOST", "PORT"})
 
 
 def cpu_has_amx(cpuinfo: str | None = None) -> bool:
@@ -92,7 +93,10 @@ class LlamaCppEngine:
         self.state = EngineState.STARTING
         self.port = free_loopback_port()
         started = time.monotonic()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # llama_cpp.server reads HOST and PORT from the environment ahead of its flags: the engine must not inherit
+        # them, or `HOST=0.0.0.0 hybridd serve` would put an unauthenticated engine on every interface.
+        env = {k: v for k, v in os.environ.items() if k.upper() not in ENGINE_ENV_DROPPED}
+        env["PYTHONUNBUFFERED"] = "1"
         try:
             argv = llama_cpp_argv(self.model, self.port, self.python, _HAS_AMX)
             await self.process.spawn(argv, env)

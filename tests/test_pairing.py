@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import stat
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from hybridd.peer.pairing import (
     source_key,
 )
 from hybridd.peer.tls import client_context, peer_fingerprint, server_context
+from tests.hardening import Ledger
 from tests.tls_server import serve
 
 T0 = 1_700_000_000.0
@@ -631,3 +633,25 @@ def test_a_tampered_certificate_in_the_store_is_caught(tmp_path: Path) -> None:
     (tmp_path / "pairings.json").write_text(json.dumps(doc))
     with pytest.raises(StateFileError, match=r"peers\[0\]"):
         PairingStore.load(tmp_path)
+
+
+async def test_a_flood_of_starts_from_many_addresses_never_keeps_the_right_code_out(peer: Peer, desktop: Node,
+                                                                                      hardening: Ledger) -> None:
+    attack = hardening.attack("pairing flood", "strangers on the LAN flooding a peer's open pairing window with "
+                              "starts from guessed codes, never finished, from many addresses",
+                              "tests/test_pairing.py::"
+                              "test_a_flood_of_starts_from_many_addresses_never_keeps_the_right_code_out")
+    code = peer.server.open()
+    answers: dict[int, int] = {}
+    for host in range(2, 42):  # 40 addresses, each past its burst: 200 starts
+        async with from_address(f"127.0.0.{host}") as stranger:
+            for _ in range(SOURCE_BURST + 2):
+                status = (await post(stranger, peer.url + START_PATH, start_body(OTHER, "00000000")[1]))[0]
+                answers[status] = answers.get(status, 0) + 1
+                attack.attempts += 1
+    assert set(answers) == {200, 429} and answers[429] == 40 * 2  # each address throttled past its burst
+    with attack.trial("the right code, right after the flood"):
+        started = time.monotonic()
+        await pair(desktop, peer.url, code)
+        attack.recovery_s.append(time.monotonic() - started)
+    assert len(desktop.store.all()) == 1 and peer.server.report(peer.clock.now).outcome == "paired"

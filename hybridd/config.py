@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridd.errors import ConfigError
-from hybridd.validate import Reader, field_names
+from hybridd.validate import Reader, field_names, quoted
 
 DEFAULT_PORT = 11435
 ENGINE_KINDS = ("llama-cpp-python", "external", "peer-only")
@@ -224,7 +224,7 @@ def load_config(path: Path) -> Config:
 def with_role(config: Config, role: str) -> Config:
     """The config with node.role replaced (the --role flag wins over the file)."""
     if role not in ROLES:
-        raise ConfigError(f'{config.source}: node.role: unknown value "{role}" (valid: {", ".join(ROLES)})')
+        raise ConfigError(f'{config.source}: node.role: unknown value {quoted(role)} (valid: {", ".join(ROLES)})')
     return replace(config, node=replace(config.node, role=role))
 
 
@@ -258,7 +258,7 @@ def parse_listen(value: str, key: str, source: str) -> tuple[str, int]:
     """Split 'host:port' (IPv6 in brackets); the port is required."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f'{source}: {key}: expected "host:port" (e.g. "{DEFAULT_LISTEN}"), got "{value}"')
+        raise ConfigError(f'{source}: {key}: expected "host:port" (e.g. "{DEFAULT_LISTEN}"), got {quoted(value)}')
     return host.strip("[]"), int(port_text)
 
 
@@ -371,7 +371,7 @@ def _interface(item: Reader) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         if not _INTERFACE_NAME.fullmatch(value):
-            raise item.fail(f'"{value}" is neither an interface name (e.g. "eth0") nor an IP address') from None
+            raise item.fail(f'{quoted(value)} is neither an interface name (e.g. "eth0") nor an IP address') from None
     return value
 
 

@@ -62,7 +62,13 @@ def _short_repr(value: object) -> str:
 
 
 def _double_quoted(value: object) -> str:
-    return f'"{value}"'
+    return quoted(value)
+
+
+def quoted(value: object) -> str:
+    """value in double quotes, on one line whatever it holds: what is not printable is escaped."""
+    text = json.dumps(str(value), ensure_ascii=False)
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
 @dataclass(frozen=True)

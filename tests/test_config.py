@@ -192,3 +192,10 @@ def test_xdg_paths() -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_a_bad_value_is_shown_on_the_one_line_escaped() -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config('[server]\nlog_level = "loud\\nand\\u007fclear"\n')
+    assert str(raised.value) == ('<string>: server.log_level: unknown value "loud\\nand\\u007fclear" '
+                                 '(valid: debug, info, warning, error)')

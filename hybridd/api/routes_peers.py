@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
 from hybridd.api import keys, routes_openai
@@ -11,6 +9,7 @@ from hybridd.api.envelope import Handler, envelope_middleware, error_response
 from hybridd.api.proxy import OPEN_STREAMS
 from hybridd.errors import BadRequest, HybriddError
 from hybridd.node.peering import PeerNode
+from hybridd.node.request import read_json
 from hybridd.peer.link import add_link_route
 from hybridd.peer.pairing import add_pairing_routes
 
@@ -56,10 +55,7 @@ async def window(request: web.Request) -> web.Response:
 async def connect(request: web.Request) -> web.Response:
     """Pair with {target, code}: a discovered name or id, or host[:port]."""
     node = _node(request)
-    try:
-        body = json.loads(await request.read())
-    except ValueError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    body = read_json(await request.read())
     if not isinstance(body, dict) or not isinstance(body.get("target"), str) or not isinstance(body.get("code"), str):
         raise BadRequest("expected {\"target\": \"name-or-address\", \"code\": \"12345678\"}")
     peer = await node.pair(body["target"], body["code"], request.app[keys.HTTP])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 
@@ -13,6 +12,7 @@ from hybridd import __version__
 from hybridd.api import keys
 from hybridd.errors import BadRequest
 from hybridd.node.planning import make_plan, plan_request_from_json
+from hybridd.node.request import read_json
 
 
 def add_routes(app: web.Application) -> None:
@@ -43,11 +43,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def plan(request: web.Request) -> web.Response:
     """The plan for a model on this node (or a hardware profile): same object as `hybridd plan --json`."""
-    try:
-        body = json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-    plan_request = plan_request_from_json(body)
+    plan_request = plan_request_from_json(read_json(await request.read()))
     try:
         # Reading a GGUF header and asking NVML block: keep them off the event loop.
         result = await asyncio.to_thread(make_plan, plan_request, request.app[keys.NODE].catalog)

@@ -97,7 +97,7 @@ def test_counting_keeps_no_list_of_tokens(tiny_model: Path) -> None:
 async def test_small_requests_are_sized_while_large_ones_wait_their_turn(gemma_model: Path) -> None:
     tokenizers = Tokenizers()
     await tokenizers.load(gemma_model)
-    large = {"prompt": code(4 * PIECE_BYTES)}  # about a quarter of a second each
+    large = {"prompt": code(6 * PIECE_BYTES)}  # about a third of a second each
     done: list[str] = []
 
     async def size(name: str, body: dict) -> None:  # type: ignore[type-arg]

@@ -89,6 +89,8 @@ def _deep(levels: int) -> bytes:
      "messages[0].content[0].text", "'messages[0].content[0].text' must be a string, got an integer"),
     (b'{"model": "m", "messages": [{"role": "user", "content": [7]}]}',
      "messages[0].content[0]", "'messages[0].content[0]' must be an object, got an integer"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}}',
+     "logit_bias", "'logit_bias' keys must be token ids (decimal integers), got 'abc'"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "ok \\ud83d\\ude00 then \\ud800 alone"}]}',
      "messages[0].content", "'messages[0].content' holds a lone surrogate (U+D800) at character 10"),
 ])

@@ -344,6 +344,10 @@ def test_client_mistakes_the_engine_refuses_are_400_naming_the_field(daemon_fact
         ("/v1/completions", {"prompt": ["one", "two"], "max_tokens": 2}, "prompt", "'prompt' holds 2 prompts"),
         ("/v1/embeddings", {"input": [1, 2, 3]}, "input", "'input' is an array of token ids"),
         ("/v1/embeddings", {"input": [[1, 2, 3]]}, "input[0]", "'input[0]' is an array of token ids"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "logprobs": 2}, "logprobs",
+         "'logprobs': model 'tiny' runs on llama-cpp-python's server without logits_all"),
+        ("/v1/chat/completions", {"messages": [{"role": "x", "content": "hi"}], "max_tokens": 2}, "messages[0]",
+         "engine refused 'messages[0]': it is none of the forms the engine takes"),
     ]
     for path, body, param, fragment in cases:
         reply = http("POST", daemon.url + path, {"model": "tiny", **body})

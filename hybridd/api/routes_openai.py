@@ -12,7 +12,7 @@ from hybridd.api import keys
 from hybridd.api.proxy import forward
 from hybridd.config import ModelEntry
 from hybridd.errors import BadRequest, ModelNotFound, UpstreamUnreachable
-from hybridd.node.request import PATHS, Endpoint, InferenceRequest, check_text_only, parse_inference
+from hybridd.node.request import PATHS, Endpoint, InferenceRequest, check_llama_cpp_input, parse_inference
 from hybridd.node.router import Answer, Route
 
 
@@ -89,7 +89,7 @@ def _inference(endpoint: Endpoint) -> Any:
             raise BadRequest(f"model '{model.name}' is not configured for embeddings (set embeddings = true in "
                              "its [[models]] entry; it costs generation speed)")
         if model.managed:
-            check_text_only(inference, f"model '{model.name}' runs on llama-cpp-python's server")
+            check_llama_cpp_input(inference, model.name, str(model.options.get("logits_all")).lower() == "true")
         router = request.app[keys.ROUTER]
         excluded: frozenset[str] = frozenset()
         while True:

@@ -12,8 +12,8 @@ from hybridd.errors import error_body
 
 # llama-cpp-python's server answers a body its schema refuses with HTTP 500 and FastAPI's validation text, then the
 # frame that raised: "1 validation error:\n  {'type': ..., 'loc': ('body', 'top_k'), 'msg': '...', ...}\n\n  File ..."
-_VALIDATION = re.compile(r"\d+ validation errors?:\s*\{.*?'loc': (\([^)]*\)), 'msg': ('(?:[^'\\]|\\.)*'|\"[^\"]*\")",
-                         re.S)
+_VALIDATION = re.compile(
+    r"(\d+) validation errors?:\s*\{.*?'loc': (\([^)]*\)), 'msg': ('(?:[^'\\]|\\.)*'|\"[^\"]*\")", re.S)
 _TRACE = re.compile(r"(?:\A|\n)\s*(?:File \"|Traceback \(most recent call last\))")
 # An absolute path of two parts or more, not an API route and not inside a URL.
 _PATH = re.compile(r"(?<![\w.:/])/(?!v1/|hybridd/)(?:[\w.+-]+/)+[\w.+-]*")
@@ -56,7 +56,7 @@ def _validation(message: str) -> tuple[str, str] | None:
     if found is None:
         return None
     try:
-        loc, why = ast.literal_eval(found.group(1)), ast.literal_eval(found.group(2))
+        loc, why = ast.literal_eval(found.group(2)), ast.literal_eval(found.group(3))
     except (ValueError, SyntaxError):
         return None
     if not isinstance(loc, tuple) or loc[:1] != ("body",) or len(loc) < 2 or not isinstance(why, str):
@@ -65,9 +65,13 @@ def _validation(message: str) -> tuple[str, str] | None:
     for part in loc[1:]:
         if isinstance(part, int) and field:
             field += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS:
+        elif isinstance(part, str) and part.isidentifier() and part[0].islower() and part not in _TYPE_TAGS:
             field += f".{part}" if field else part
-        else:  # pydantic names the union member it tried ('str', 'list[str]'): the field ends before it
+        else:
+            # pydantic names the member of a union it tried ('str', 'list[str]', a class): the field ends before
+            # it, and each member has its own complaint
+            if int(found.group(1)) > 1:
+                why = f"it is none of the forms the engine takes (for the first: {why})"
             break
     return (field, why) if field else None
 

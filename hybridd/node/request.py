@@ -60,23 +60,30 @@ class InferenceRequest:
         return {k: v for k, v in self.body.items() if k != "hybridd"}
 
 
-def check_text_only(inference: InferenceRequest, engine: str) -> None:
-    """Refuse the valid OpenAI input that an engine taking text only cannot read: token ids, and for completions
-    more than one prompt (llama-cpp-python's server). engine names it in the message."""
-    if inference.endpoint == "chat":
-        return
-    field = "prompt" if inference.endpoint == "completion" else "input"
-    value = inference.body.get(field)
-    if not isinstance(value, list):
-        return
-    if value and all(isinstance(item, int) for item in value):
-        raise BadRequest(f"'{field}' is an array of token ids; {engine}, which takes text only", field)
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            what = "a token id" if isinstance(item, int) else "an array of token ids"
-            raise BadRequest(f"'{field}[{i}]' is {what}; {engine}, which takes text only", f"{field}[{i}]")
-    if field == "prompt" and len(value) > 1:
-        raise BadRequest(f"'prompt' holds {len(value)} prompts; {engine}, which takes one per request", field)
+def check_llama_cpp_input(inference: InferenceRequest, model: str, logits_all: bool) -> None:
+    """Refuse the valid OpenAI input that llama-cpp-python's server, as hybridd runs it, cannot take: token ids (it
+    reads text), more than one prompt per completion, and log-probabilities unless the model's options keep
+    logits_all. The engine would answer each with HTTP 500."""
+    engine = f"model '{model}' runs on llama-cpp-python's server"
+    body = inference.body
+    if inference.endpoint != "chat":
+        field = "prompt" if inference.endpoint == "completion" else "input"
+        value = body.get(field)
+        items = value if isinstance(value, list) else []
+        if items and all(isinstance(item, int) for item in items):
+            raise BadRequest(f"'{field}' is an array of token ids; {engine}, which takes text only", field)
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                what = "a token id" if isinstance(item, int) else "an array of token ids"
+                raise BadRequest(f"'{field}[{i}]' is {what}; {engine}, which takes text only", f"{field}[{i}]")
+        if field == "prompt" and len(items) > 1:
+            raise BadRequest(f"'prompt' holds {len(items)} prompts; {engine}, which takes one per request", field)
+    # Completions ask for log-probabilities with any logprobs; chat with logprobs and top_logprobs together.
+    asks = body.get("logprobs") is not None if inference.endpoint == "completion" else \
+        bool(body.get("logprobs")) and body.get("top_logprobs") is not None
+    if asks and not logits_all:
+        raise BadRequest(f"'logprobs': {engine} without logits_all (set options = {{ logits_all = true }} in its "
+                         "[[models]] entry; it costs memory and prompt speed)", "logprobs")
 
 
 def parse_hints(body: Mapping[str, Any], headers: Mapping[str, str]) -> Hints:
@@ -122,8 +129,22 @@ def parse_inference(endpoint: Endpoint, raw: bytes, headers: Mapping[str, str] |
         value = body.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise BadRequest(f"'{name}' must be a number, got {_kind(value)}")
+    _check_logit_bias(body.get("logit_bias"))
     hints = parse_hints(body, {k.lower(): v for k, v in (headers or {}).items()})
     return InferenceRequest(endpoint, model, stream, body, hints, "hybridd" in body)
+
+
+def _check_logit_bias(bias: Any) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise BadRequest(f"'logit_bias' must be an object of token ids and biases, got {_kind(bias)}", "logit_bias")
+    for key, value in bias.items():
+        if not _DECIMAL.fullmatch(key):
+            raise BadRequest(f"'logit_bias' keys must be token ids (decimal integers), got {_shown(key)}",
+                             "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadRequest(f"'logit_bias.{key}' must be a number, got {_kind(value)}", f"logit_bias.{key}")
 
 
 def _decode(raw: bytes) -> Any:

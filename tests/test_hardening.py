@@ -7,8 +7,11 @@ import contextlib
 import json
 import math
 import signal
+import ssl
 import string
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from http.client import HTTPConnection
 from pathlib import Path
@@ -20,8 +23,10 @@ from hypothesis import strategies as st
 
 from hybridd.config import parse_config
 from hybridd.errors import ConfigError
+from hybridd.peer.pairing import FINISH_PATH, START_PATH
 from tests.conftest import Daemon, http, start_daemon, stop_daemon, wait_for
 from tests.hardening import AttackClass, Ledger
+from tests.nodes import node_config
 from tests.test_serve_e2e import NO_EOS, tiny_config
 
 # What an error a client sees must never carry: a traceback, a source file, a path on this machine.
@@ -44,10 +49,10 @@ def target(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
     stop_daemon(daemon)
 
 
-def normal_request(url: str) -> float:
+def normal_request(url: str, model: str = "tiny") -> float:
     """Seconds until the daemon answers an ordinary completion with 200."""
     started = time.monotonic()
-    reply = http("POST", url + "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
+    reply = http("POST", url + "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2}, timeout=60)
     assert reply.status == 200, reply.body[:300]
     return time.monotonic() - started
 
@@ -140,6 +145,50 @@ def test_fuzzed_get_routes(target: Daemon, ledger: Ledger) -> None:
     attempt()
     attack.recovery_s.append(normal_request(target.url))
     attack.seconds += time.monotonic() - started
+    assert attack.failures == []
+
+
+pairing_body = st.fixed_dictionaries({}, optional={
+    "name": st.text(max_size=80) | json_values, "role": st.sampled_from(["desktop", "peer"]) | json_values,
+    "cert": st.text(max_size=80) | json_values, "message_a": st.text(max_size=60) | json_values,
+    "session": st.text(max_size=40) | json_values, "confirmation_a": st.text(max_size=60) | json_values,
+}) | json_values | raw_bodies
+
+
+def test_fuzzed_pairing_bodies_on_a_peers_lan_listener(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
+                                                        ledger: Ledger) -> None:
+    """The routes anyone on the LAN may reach before pairing (the rest need a pinned certificate)."""
+    attack = ledger.attack("fuzz: pairing bodies on the LAN listener", "anyone on the LAN sending malformed pairing "
+                           "starts and finishes over TLS to a peer with its window open",
+                           "tests/test_hardening.py::test_fuzzed_pairing_bodies_on_a_peers_lan_listener")
+    peer = start_daemon(node_config(tiny_model, "spark", "peer"), tmp_path_factory.mktemp("lan"))
+    started = time.monotonic()
+    try:
+        assert http("POST", peer.url + "/hybridd/v1/pair/open", {}).status == 200
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+
+        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(path=st.sampled_from([START_PATH, FINISH_PATH]), body=pairing_body)
+        def attempt(path: str, body: object) -> None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            request = urllib.request.Request(peer.lan_url + path, data=data, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30, context=context) as reply:
+                    status, payload = reply.status, reply.read()
+            except urllib.error.HTTPError as exc:
+                status, payload = exc.code, exc.read()
+            check_reply(attack, f"POST {path} {data[:120]!r}", status, payload)
+
+        attempt()
+        attack.recovery_s.append(normal_request(peer.url, "a"))
+        window = http("GET", peer.url + "/hybridd/v1/pair/window").json()
+        assert window["failures"] == 0  # none of it counted as a wrong code against the window
+    finally:
+        attack.seconds += time.monotonic() - started
+        stop_daemon(peer)
     assert attack.failures == []
 
 

@@ -28,7 +28,7 @@ def read_message(frame: bytes) -> Reader:
         raise BadPairingMessage(f"a pairing message is at most {MAX_MESSAGE_BYTES} bytes")
     try:
         body: Any = json.loads(frame)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting past the stack
         raise BadPairingMessage("the body must be a JSON object") from exc
     if not isinstance(body, dict):
         raise BadPairingMessage("the body must be a JSON object")

@@ -358,3 +358,32 @@ def test_a_neighbour_without_a_certificate_leaves_the_peer_and_its_desktop_worki
     assert "closed to make room (they had no request in progress)" in log
     assert "cap: 128 untrusted connections, 16 per address, under a descriptor limit of 1024" in log
 
+
+
+def test_a_body_trickled_after_a_complete_head_is_cut_with_408(daemon_factory, tiny_model: Path,  # type: ignore[no-untyped-def]
+                                                               hardening: Ledger) -> None:
+    attack = hardening.attack("slow body", "a complete request head, then a body trickled a byte at a time: the "
+                              "connection counts as busy, so only a body deadline frees it",
+                              "tests/test_connections.py::test_a_body_trickled_after_a_complete_head_is_cut_with_408")
+    daemon = daemon_factory(node_config(tiny_model, "desk", "desktop"))
+    host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 4000\r\n\r\n").encode()
+    with attack.trial("4000-byte body, a byte every 0.5 s"), \
+            socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head + b'{"model": "a", ')
+        started = time.monotonic()
+        reply = b""
+        while not reply and time.monotonic() - started < 30:
+            sock.sendall(b" ")
+            sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                reply = sock.recv(65536)
+        took = time.monotonic() - started
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b'"code": "body_timeout"' in reply
+        assert 9.5 <= took < 15, took  # 10 s and a second per 256 KiB of the declared 4000 bytes
+        attack.recovery_s.append(took)
+        sock.settimeout(5)
+        assert sock.recv(65536) == b""  # and the connection is closed with it
+    assert http("GET", daemon.url + "/v1/models").status == 200

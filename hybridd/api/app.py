@@ -12,7 +12,7 @@ from aiohttp import web
 
 from hybridd.api import routes_openai, routes_peers, routes_status
 from hybridd.api.envelope import envelope_malformed_requests, envelope_middleware
-from hybridd.api.guards import make_guard
+from hybridd.api.guards import body_deadline, make_guard
 from hybridd.api.keys import HTTP, NODE, PEER, POOL, ROUTER, Node
 from hybridd.api.proxy import OPEN_STREAMS, OpenStreams
 from hybridd.config import Config, ModelEntry
@@ -48,7 +48,8 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
     """Build the application; nothing starts until it is run. Without hardware, only external models serve."""
     server = config.server
     app = web.Application(
-        middlewares=[envelope_middleware, make_guard(server.extra_hosts, server.host, server.max_body_bytes)],
+        middlewares=[envelope_middleware, make_guard(server.extra_hosts, server.host, server.max_body_bytes),
+                     body_deadline],
         client_max_size=server.max_body_bytes,
     )
     envelope_malformed_requests(app)

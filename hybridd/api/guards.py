@@ -1,7 +1,9 @@
-"""Guards for a loopback API: DNS-rebinding (Host), cross-site browser requests (Origin), body size."""
+"""Guards for a loopback API: DNS-rebinding (Host), cross-site browser requests (Origin), body size, and bodies
+that arrive too slowly."""
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -9,6 +11,12 @@ from aiohttp.typedefs import Middleware
 
 from hybridd.api.envelope import Handler, error_response
 from hybridd.config import is_loopback_host
+
+# A body must arrive within this, plus a second for each BODY_MIN_BYTES_S of it: a client on loopback or a LAN
+# sends 16 MiB in well under a second, while one that trickles its body would hold its connection (and the
+# descriptor under it) for as long as it likes, since a connection reading a body counts as busy.
+BODY_GRACE_S = 10.0
+BODY_MIN_BYTES_S = 256 * 1024
 
 
 def host_of(value: str) -> str:
@@ -51,3 +59,26 @@ def make_guard(extra_hosts: tuple[str, ...], listen_host: str, max_body_bytes: i
         return await handler(request)
 
     return guard
+
+
+@web.middleware
+async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read a request's body within BODY_GRACE_S plus a second per BODY_MIN_BYTES_S of it, else answer 408 and
+    close the connection; the handler then reads the body from memory."""
+    if not request.body_exists:
+        return await handler(request)
+    size = request.content_length if request.content_length is not None else request.client_max_size
+    deadline_s = BODY_GRACE_S + size / BODY_MIN_BYTES_S
+    try:
+        async with asyncio.timeout(deadline_s):
+            await request.read()
+    except TimeoutError:
+        response = error_response(408, f"the request body did not arrive within {deadline_s:.0f} s",
+                                  code="body_timeout")
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        # Closed now, not after aiohttp's lingering read of the rest of a body that may never come.
+        request.protocol.force_close()
+        return response
+    return await handler(request)

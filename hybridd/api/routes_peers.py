@@ -6,6 +6,7 @@ from aiohttp import web
 
 from hybridd.api import keys, routes_openai
 from hybridd.api.envelope import Handler, envelope_middleware, error_response
+from hybridd.api.guards import body_deadline
 from hybridd.api.proxy import OPEN_STREAMS
 from hybridd.errors import BadRequest, HybriddError
 from hybridd.node.peering import PeerNode
@@ -73,7 +74,7 @@ def make_lan_app(main: web.Application) -> web.Application:
             return await handler(request)
         return error_response(403, "this listener serves paired hybridd nodes only; pair first", code="not_paired")
 
-    app = web.Application(middlewares=[envelope_middleware, paired_only],
+    app = web.Application(middlewares=[envelope_middleware, paired_only, body_deadline],
                           client_max_size=main[keys.NODE].config.server.max_body_bytes)
     # The same objects as the loopback app: one node, two listeners.
     app[keys.NODE], app[keys.POOL], app[keys.ROUTER] = main[keys.NODE], main[keys.POOL], main[keys.ROUTER]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -31,7 +32,8 @@ def run_plan(*args: str) -> subprocess.CompletedProcess[str]:
 def test_every_profile_model_is_named() -> None:
     assert set(list_profiles()) >= {
         "glm-4.7-flash", "gpt-oss-120b", "gpt-oss-20b", "qwen3-coder-30b-a3b", "qwen3-coder-next",
-        "qwen3.5-397b-a17b", "qwen3.5-122b-a10b", "llama-3.1-70b", "llama-3.1-8b", "gemma-3-27b", "qwen3-32b"}
+        "qwen3.5-397b-a17b", "qwen3.5-122b-a10b", "llama-3.1-70b", "llama-3.1-8b", "gemma-3-27b", "qwen3-32b",
+        "llama-3.2-3b", "llama-3.3-70b"}
 
 
 @pytest.mark.parametrize("hardware", ["desktop-4090-5070ti", "dgx-spark", None])
@@ -161,3 +163,47 @@ def test_plan_text_shows_the_options() -> None:
     result = run_plan("glm-4.7-flash", "--hardware", "desktop-4090-5070ti", "--peer", "dgx-spark")
     assert result.returncode == 0
     assert "placement: local" in result.stdout and "peer:dgx-spark" in result.stdout and "tok/s" in result.stdout
+
+
+def test_plan_train_qlora_70b_goes_to_the_spark() -> None:
+    result = run_plan("llama-3.3-70b", "--train", "qlora", "--hardware", "desktop-4090-5070ti", "--peer", "dgx-spark",
+                      "--dataset-tokens", "5000000", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    train = plan["train"]
+    assert (train["method"], train["seq"], train["batch"], train["rank"]) == ("qlora", 2048, 1, 16)
+    parts = ("weights_bytes", "adapter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes",
+             "logits_bytes", "overhead_bytes")
+    assert train["total_bytes"] == sum(train[p] for p in parts)
+    assert 48 * GIB < train["total_bytes"] < 80 * GIB  # "70B QLoRA needs about 48-80 GB"
+    assert plan["placement"] == "peer:dgx-spark" and "fits NVIDIA GB10" in plan["placement_reason"]
+    local, spark = plan["options"]
+    assert local["placement"] == "local" and not local["feasible"] and "never split" in local["why_not"]
+    assert spark["placement"] == "peer:dgx-spark" and spark["feasible"] and spark["why_not"] == ""
+    assert spark["predicted_train_tok_s"] > 0
+    assert spark["predicted_s"] == pytest.approx(5_000_000 / spark["predicted_train_tok_s"], rel=1e-3)
+
+
+def test_plan_train_text_and_environment() -> None:
+    env = {**os.environ, "HYBRIDD_TRAIN": "qlora", "HYBRIDD_SEQ": "4096", "HYBRIDD_PEER": "dgx-spark"}
+    result = subprocess.run([sys.executable, "-m", "hybridd", "plan", "llama-3.1-8b", "--hardware",
+                             "desktop-4090-5070ti"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "qlora fine-tune, seq 4096, batch 1, rank 16" in result.stdout
+    assert "placement: local" in result.stdout and "optimizer" in result.stdout and "peer:dgx-spark" in result.stdout
+
+
+def test_plan_train_refuses_an_unknown_method() -> None:
+    result = run_plan("llama-3.1-8b", "--train", "dpo")
+    assert result.returncode == 2 and "invalid choice: 'dpo'" in result.stderr
+
+
+async def test_api_plans_training_as_the_cli_does(api: str) -> None:
+    cli = json.loads(run_plan("qwen3-32b", "--train", "qlora", "--batch", "2", "--hardware", "desktop-4090-5070ti",
+                              "--peer", "dgx-spark", "--json").stdout)
+    async with aiohttp.ClientSession() as session, session.post(api, json={
+            "model": "qwen3-32b", "train": "qlora", "batch": 2, "hardware": "desktop-4090-5070ti",
+            "peers": ["dgx-spark"]}) as response:
+        assert response.status == 200
+        assert await response.json() == cli
+    assert cli["placement"] == "peer:dgx-spark"

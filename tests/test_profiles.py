@@ -32,6 +32,8 @@ MODEL_PROFILES = [
     "qwen3.5-122b-a10b",
     "llama-3.1-70b",
     "llama-3.1-8b",
+    "llama-3.2-3b",
+    "llama-3.3-70b",
     "gemma-3-27b",
     "qwen3-32b",
 ]
@@ -46,6 +48,8 @@ MODEL_ARCHITECTURES = {
     "qwen3.5-122b-a10b": "qwen35moe",
     "llama-3.1-70b": "llama",
     "llama-3.1-8b": "llama",
+    "llama-3.2-3b": "llama",
+    "llama-3.3-70b": "llama",
     "gemma-3-27b": "gemma3",
     "qwen3-32b": "qwen3",
 }
@@ -271,6 +275,9 @@ def test_model_profile_has_the_hparams_the_estimator_needs(name: str) -> None:
         ("qwen3-coder-next", {"full_attention_interval": 4, "ssm.inner_size": 4096, "expert_count": 512}),
         ("qwen3.5-397b-a17b", {"block_count": 60, "full_attention_interval": 4, "expert_used_count": 10}),
         ("llama-3.1-70b", {"block_count": 80, "attention.head_count_kv": 8, "feed_forward_length": 28672}),
+        ("llama-3.3-70b", {"block_count": 80, "attention.head_count_kv": 8, "feed_forward_length": 28672}),
+        ("llama-3.2-3b", {"block_count": 28, "embedding_length": 3072, "attention.head_count": 24,
+                          "feed_forward_length": 8192}),
     ],
 )
 def test_architecture_specific_keys(name: str, expected: dict[str, int]) -> None:

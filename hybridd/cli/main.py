@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
           help="plan for a hardware profile instead of this machine")
     _flag(plan, "--peer", env="HYBRIDD_PEER", action="append", metavar="PROFILE",
           help="also consider a peer with this hardware profile (repeatable; the env var takes a comma list)")
+    _flag(plan, "--train", env="HYBRIDD_TRAIN", choices=("lora", "qlora", "full"),
+          help="plan a fine-tune of MODEL instead of inference: its memory on one GPU and where it runs")
+    _flag(plan, "--seq", env="HYBRIDD_SEQ", type=int, help="training sequence length in tokens (default 2048)")
+    _flag(plan, "--batch", env="HYBRIDD_BATCH", type=int, help="training micro-batch in sequences (default 1)")
+    _flag(plan, "--rank", env="HYBRIDD_RANK", type=int, help="LoRA rank (default 16)")
+    _flag(plan, "--dataset-tokens", env="HYBRIDD_DATASET_TOKENS", type=int,
+          help="tokens in the training set: each option predicts its time for one pass")
     _flag(plan, "--json", env="HYBRIDD_JSON", action="store_true", help="print the plan as one JSON object")
     _config_flag(plan)
 
@@ -264,6 +271,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hybridd.node.catalog import build_catalog, scan_library
     from hybridd.node.planning import PlanRequest, make_plan
     from hybridd.place.plan import render_plan_table
+    from hybridd.place.train import render_train_plan
 
     if not args.model:
         print("hybridd plan: a MODEL is required (a GGUF path, a configured model or a profile name)",
@@ -275,7 +283,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         request = PlanRequest(
             model=args.model, quant=args.quant, ctx=args.ctx, type_k=args.type_k or args.kv_type,
             type_v=args.type_v or args.kv_type, slots=int(args.slots), flash_attn=False if args.no_flash_attn else None,
-            hardware=args.hardware, peers=tuple(_peer_list(args.peer)),
+            hardware=args.hardware, peers=tuple(_peer_list(args.peer)), train=args.train, seq=args.seq,
+            batch=args.batch, rank=args.rank, dataset_tokens=args.dataset_tokens,
         )
         result = make_plan(request, catalog)
     except (HybriddError, ValueError, OSError) as exc:
@@ -283,6 +292,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if args.json:
         print(json.dumps(result, indent=2))
+    elif request.train:
+        print(render_train_plan(result))
     else:
         print(render_plan_table(result))
         print(render_options(result))

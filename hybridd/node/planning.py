@@ -16,12 +16,21 @@ from hybridd.errors import BadRequest, ModelNotFound
 from hybridd.model.header import GgufHeader
 from hybridd.model.memory import DEFAULT_CTX, RunSettings
 from hybridd.model.spec import ModelSpec, model_spec
+from hybridd.model.training import (
+    DEFAULT_BATCH,
+    DEFAULT_RANK,
+    DEFAULT_SEQ,
+    TrainMethod,
+    TrainSettings,
+    estimate_training,
+)
 from hybridd.node.catalog import Catalog, entry_header
 from hybridd.node.resources import hardware_from_snapshot, probe_machine
 from hybridd.place.devices import Device
 from hybridd.place.hardware import Hardware
 from hybridd.place.options import plan_options
 from hybridd.place.plan import plan
+from hybridd.place.train import place_training, train_plan
 from hybridd.probe.gguf_file import read_gguf_header
 from hybridd.probe.gpus import devices_from_snapshot
 from hybridd.probe.hardware_profiles import load_hardware_profile
@@ -42,6 +51,11 @@ class PlanRequest:
     flash_attn: bool | None = None
     hardware: str | None = None
     peers: tuple[str, ...] = ()
+    train: str | None = None  # lora, qlora or full: plan a fine-tune instead of inference
+    seq: int | None = None
+    batch: int | None = None
+    rank: int | None = None
+    dataset_tokens: int | None = None
 
 
 def plan_request_from_json(body: Mapping[str, Any]) -> PlanRequest:
@@ -56,6 +70,9 @@ def plan_request_from_json(body: Mapping[str, Any]) -> PlanRequest:
         slots=fields.at("slots").of(int, None) or 1, flash_attn=fields.at("flash_attn").of(bool, None),
         hardware=fields.at("hardware").of(str, None),
         peers=tuple(peer.of(str) for peer in fields.at("peers").items(optional=True)),
+        train=fields.at("train").of(str, None), seq=fields.at("seq").of(int, None),
+        batch=fields.at("batch").of(int, None), rank=fields.at("rank").of(int, None),
+        dataset_tokens=fields.at("dataset_tokens").of(int, None),
     )
     check_request(request)
     return request
@@ -72,6 +89,17 @@ def check_request(request: PlanRequest) -> None:
         settings.at(name).choice(tuple(sorted(KV_CACHE_TYPES)), None, what="cache type")
     settings.at("ctx").integer(None, low=1, high=16 * 1024 * 1024)
     settings.at("slots").integer(low=1, high=256)
+    settings.at("train").choice(tuple(m.value for m in TrainMethod), None, what="training method")
+    settings.at("seq").integer(None, low=1, high=1024 * 1024)
+    settings.at("batch").integer(None, low=1, high=4096)
+    settings.at("rank").integer(None, low=1, high=4096)
+    settings.at("dataset_tokens").integer(None, low=1)
+    if request.train is None:
+        for name in ("seq", "batch", "rank", "dataset_tokens"):
+            if getattr(request, name) is not None:
+                raise BadRequest(f"{name}: only with train (lora, qlora or full)")
+    elif request.ctx is not None:
+        raise BadRequest("ctx: not with train; a fine-tune's length is seq")
 
 
 def find_header(name: str, quant: str | None, catalog: Catalog | None) -> tuple[GgufHeader, dict[str, Any]]:
@@ -116,6 +144,8 @@ def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str,
     check_request(request)
     header, configured = find_header(request.model, request.quant, catalog)
     spec = model_spec(header.metadata, header.tensors)
+    if request.train is not None:
+        return training_plan(request, TrainMethod(request.train), spec, header)
     ctx = request.ctx or configured.get("ctx") or DEFAULT_CTX
     flash = request.flash_attn if request.flash_attn is not None else configured.get("flash_attn", True)
     settings = RunSettings(
@@ -131,6 +161,20 @@ def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str,
     result["hardware"] = source
     result["file_bytes"] = header.file_bytes
     result.update(placement_options(spec, settings, node, request.peers))
+    return result
+
+
+def training_plan(request: PlanRequest, method: TrainMethod, spec: ModelSpec, header: GgufHeader) -> dict[str, Any]:
+    """The `--train` plan: the fine-tune's memory, and where it runs (this node or the --peer profiles)."""
+    settings = TrainSettings(method, seq=request.seq or DEFAULT_SEQ,
+                             batch=request.batch or DEFAULT_BATCH, rank=request.rank or DEFAULT_RANK)
+    estimate = estimate_training(spec, header.tensors, settings)
+    _, _, source, node = find_devices(request.hardware)
+    peers = [load_hardware_profile(name).hardware() for name in request.peers]
+    placement = place_training(spec, estimate, node, peers, request.dataset_tokens)
+    result = train_plan(spec, estimate, placement, request.dataset_tokens)
+    result["model"] = result.get("model") or request.model
+    result["hardware"] = source
     return result
 
 

@@ -190,6 +190,7 @@ def test_predicted_seconds_cover_the_dataset() -> None:
     ({"model": "llama-3.1-8b", "train": "lora", "seq": 0}, "seq"),
     ({"model": "llama-3.1-8b", "train": "lora", "rank": "high"}, "'rank' must be an integer"),
     ({"model": "llama-3.1-8b", "batch": 4}, "batch: only with train (lora, qlora or full)"),
+    ({"model": "llama-3.1-8b", "train": "qlora", "dataset_tokens": 10**400}, "dataset_tokens"),
     ({"model": "llama-3.1-8b", "train": "full", "ctx": 4096}, "ctx: not with train; a fine-tune's length is seq"),
 ])
 def test_bad_train_requests_name_the_field(body: dict, fragment: str) -> None:  # type: ignore[type-arg]

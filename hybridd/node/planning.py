@@ -93,7 +93,7 @@ def check_request(request: PlanRequest) -> None:
     settings.at("seq").integer(None, low=1, high=1024 * 1024)
     settings.at("batch").integer(None, low=1, high=4096)
     settings.at("rank").integer(None, low=1, high=4096)
-    settings.at("dataset_tokens").integer(None, low=1)
+    settings.at("dataset_tokens").integer(None, low=1, high=10**15)
     if request.train is None:
         for name in ("seq", "batch", "rank", "dataset_tokens"):
             if getattr(request, name) is not None:

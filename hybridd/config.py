@@ -176,10 +176,18 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class FilesConfig:
+    """Uploaded files (datasets for fine-tuning), kept under the state dir."""
+
+    max_bytes: int = 1024**3  # an upload's own cap; uploads stream to disk, so server.max_body_bytes is not theirs
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon config."""
 
     server: ServerConfig = ServerConfig()
+    files: FilesConfig = FilesConfig()
     engine: EngineDefaults = EngineDefaults()
     node: NodeConfig = NodeConfig()
     peers: tuple[PeerConfig, ...] = ()
@@ -272,8 +280,9 @@ def _check_loopback(server: ServerConfig, source: str) -> None:
 
 def _config(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
     doc = Reader(raw, ConfigError, prefix=f"{source}: ").table(
-        ("server", "engine", "node", "peers", "models", "library", "state_dir"))
+        ("server", "files", "engine", "node", "peers", "models", "library", "state_dir"))
     server = _server(doc.at("server").table(_SERVER_KEYS, optional=True), source)
+    files = doc.at("files").table(field_names(FilesConfig), optional=True)
     node = _node(doc.at("node").table(field_names(NodeConfig), optional=True))
     peer_items = doc.at("peers").items(optional=True)
     peers = tuple(_peer(item) for item in peer_items)
@@ -290,6 +299,7 @@ def _config(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
     state = doc.at("state_dir").of(str, None)
     return Config(
         server=server,
+        files=FilesConfig(max_bytes=files.at("max_bytes").integer(FilesConfig.max_bytes, low=1)),
         engine=engine,
         node=node,
         peers=peers,

@@ -10,6 +10,7 @@
     ├── RequestError                the client's mistake (4xx)
     │   ├── BadRequest              malformed JSON, wrong types (400, invalid_request_error)
     │   ├── ModelNotFound           unknown model id (404, model_not_found)
+    │   ├── FileNotFound            unknown file id (404, file_not_found)
     │   ├── BodyTooLarge            body over the cap (413)
     │   ├── Forbidden               foreign Host or Origin (403)
     │   └── NotFoundRoute           no such path (404)
@@ -79,6 +80,13 @@ class ModelNotFound(RequestError):
 
     status = 404
     code = "model_not_found"
+
+
+class FileNotFound(RequestError):
+    """The requested file id is not stored here."""
+
+    status = 404
+    code = "file_not_found"
 
 
 class BodyTooLarge(RequestError):

@@ -48,6 +48,7 @@ def test_example_config_is_valid_and_pinned() -> None:
     assert external.engine == "external" and external.base_url == "http://127.0.0.1:8080"
     assert external.upstream_model == "llama-3.1-8b" and not external.managed
     assert config.library_dirs == (Path("~/models").expanduser(),)
+    assert config.files.max_bytes == 1024**3
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -58,6 +59,9 @@ def test_example_config_is_valid_and_pinned() -> None:
      "server.port: unknown key (valid: allow_non_loopback, extra_hosts, lan_listen, listen, log_level,"),
     ('[server]\nlog_level = "loud"', 'server.log_level: unknown value "loud" (valid: debug, info, warning, error)'),
     ("[server]\nmax_body_bytes = 10", "server.max_body_bytes: must be >= 1024"),
+    ("[files]\nmax_bytes = 0", "files.max_bytes: must be >= 1, got 0"),
+    ('[files]\nmax_bytes = "1G"', "files.max_bytes: expected an integer, got a string"),
+    ("[files]\nmax_size = 1", "files.max_size: unknown key (valid: max_bytes)"),
     ("[server]\nshutdown_grace_s = -1", "server.shutdown_grace_s: must be > 0"),
     ("[engine]\nctx = true", "engine.ctx: expected an integer, got a boolean"),
     ('[engine]\ntype_k = "q9"', 'engine.type_k: unknown value "q9" (valid: bf16, f16, f32, iq4_nl, q4_0, q4_1'),
@@ -73,7 +77,7 @@ def test_example_config_is_valid_and_pinned() -> None:
      "needs an http(s) URL"),
     ('[[models]]\nname = "a"\npath = "/a.gguf"\n[[models]]\nname = "b"\npath = "/b.gguf"\naliases = ["a"]',
      'models[1].aliases[0]: "a" is already used by models[0].name'),
-    ("nonsense = 1", "nonsense: unknown key (valid: engine, library, models, node, peers, server, state_dir)"),
+    ("nonsense = 1", "nonsense: unknown key (valid: engine, files, library, models, node, peers, server, state_dir)"),
     ("[[peers]]\nname = \"s\"\nbase_url = \"http://x\"", "peers[0].hardware: required"),
     ("[node]\nqueue_limit = 0", "node.queue_limit: must be > 0"),
     ("[[models]]\nname = \"m\"\nengine = \"peer-only\"", "models[0].profile: a model served only by peers"),

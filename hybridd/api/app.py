@@ -10,16 +10,17 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from hybridd.api import routes_openai, routes_peers, routes_status
+from hybridd.api import routes_files, routes_openai, routes_peers, routes_status
 from hybridd.api.envelope import envelope_malformed_requests, envelope_middleware
 from hybridd.api.guards import body_deadline, make_guard
-from hybridd.api.keys import HTTP, NODE, PEER, POOL, ROUTER, Node
+from hybridd.api.keys import FILES, HTTP, NODE, PEER, POOL, ROUTER, Node
 from hybridd.api.proxy import OPEN_STREAMS, OpenStreams
 from hybridd.config import Config, ModelEntry
 from hybridd.engine.base import Engine
 from hybridd.engine.external import ExternalEngine
 from hybridd.engine.llamacpp import LlamaCppEngine
 from hybridd.engine.pool import EnginePool
+from hybridd.jobs.files import FileStore
 from hybridd.node.catalog import Catalog
 from hybridd.node.peering import PeerNode
 from hybridd.node.resources import Peer
@@ -27,8 +28,6 @@ from hybridd.node.router import Router
 from hybridd.place.hardware import Hardware
 
 EngineMaker = Callable[[ModelEntry, aiohttp.ClientSession], Engine]
-
-
 
 
 def default_engine_maker(python: str) -> EngineMaker:
@@ -42,10 +41,24 @@ def default_engine_maker(python: str) -> EngineMaker:
     return make
 
 
+def _file_store(state_dir: Path) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Uploaded files in state_dir's jobs.db and files/, open while the app runs."""
+
+    async def files(app: web.Application) -> AsyncIterator[None]:
+        app[FILES] = store = FileStore(state_dir)
+        try:
+            yield
+        finally:
+            store.close()
+
+    return files
+
+
 def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None = None,
              hardware: Hardware | None = None, peers: Sequence[Peer] = (),
              peering: tuple[Path, str] | None = None) -> web.Application:
-    """Build the application; nothing starts until it is run. Without hardware, only external models serve."""
+    """Build the application; nothing starts until it is run. Without hardware, only external models serve;
+    without a state dir (config.state_dir, else peering's), there is no /v1/files."""
     server = config.server
     app = web.Application(
         middlewares=[envelope_middleware, make_guard(server.extra_hosts, server.host, server.max_body_bytes),
@@ -87,6 +100,10 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
             await http.close()
 
     app.cleanup_ctx.append(engines)
+    state = config.state_dir or (peering[0] if peering is not None else None)
+    if state is not None:
+        app.cleanup_ctx.append(_file_store(state))
+        routes_files.add_routes(app)
     routes_openai.add_routes(app)
     routes_status.add_routes(app)
     routes_peers.add_routes(app)

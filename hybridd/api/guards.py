@@ -17,6 +17,30 @@ from hybridd.config import is_loopback_host
 # descriptor under it) for as long as it likes, since a connection reading a body counts as busy.
 BODY_GRACE_S = 10.0
 BODY_MIN_BYTES_S = 256 * 1024
+# Bodies a handler streams itself, under its own size cap and deadline (an upload to disk): the guard leaves their
+# length to the handler and body_deadline does not read them into memory.
+STREAMED_BODIES = frozenset({("POST", "/v1/files")})
+
+
+def streams_its_body(request: web.Request) -> bool:
+    """Whether request's handler reads its body itself (see STREAMED_BODIES)."""
+    return (request.method, request.path) in STREAMED_BODIES
+
+
+def body_deadline_s(size: int) -> float:
+    """How long a body of `size` bytes may take to arrive."""
+    return BODY_GRACE_S + size / BODY_MIN_BYTES_S
+
+
+async def body_timed_out(request: web.Request, deadline_s: float) -> web.StreamResponse:
+    """Answer 408 for a body that did not arrive within deadline_s, and close the connection now."""
+    response = error_response(408, f"the request body did not arrive within {deadline_s:.0f} s", code="body_timeout")
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    # Closed now, not after aiohttp's lingering read of the rest of a body that may never come.
+    request.protocol.force_close()
+    return response
 
 
 def host_of(value: str) -> str:
@@ -53,7 +77,7 @@ def make_guard(extra_hosts: tuple[str, ...], listen_host: str, max_body_bytes: i
                 return error_response(403, f"Origin '{origin}' is not allowed; browsers may call this API only "
                                       "from loopback pages", code="forbidden_origin")
         length = request.content_length
-        if length is not None and length > max_body_bytes:
+        if length is not None and length > max_body_bytes and not streams_its_body(request):
             return error_response(413, f"request body is too large ({length} bytes; limit {max_body_bytes})",
                                   code="request_too_large")
         return await handler(request)
@@ -65,20 +89,13 @@ def make_guard(extra_hosts: tuple[str, ...], listen_host: str, max_body_bytes: i
 async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Read a request's body within BODY_GRACE_S plus a second per BODY_MIN_BYTES_S of it, else answer 408 and
     close the connection; the handler then reads the body from memory."""
-    if not request.body_exists:
+    if not request.body_exists or streams_its_body(request):
         return await handler(request)
     size = request.content_length if request.content_length is not None else request.client_max_size
-    deadline_s = BODY_GRACE_S + size / BODY_MIN_BYTES_S
+    deadline_s = body_deadline_s(size)
     try:
         async with asyncio.timeout(deadline_s):
             await request.read()
     except TimeoutError:
-        response = error_response(408, f"the request body did not arrive within {deadline_s:.0f} s",
-                                  code="body_timeout")
-        response.force_close()
-        await response.prepare(request)
-        await response.write_eof()
-        # Closed now, not after aiohttp's lingering read of the rest of a body that may never come.
-        request.protocol.force_close()
-        return response
+        return await body_timed_out(request, deadline_s)
     return await handler(request)

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from hybridd.config import Config
 from hybridd.engine.pool import EnginePool
+from hybridd.jobs.files import FileStore
 from hybridd.node.catalog import Catalog
 from hybridd.node.peering import PeerNode
 from hybridd.node.router import Router
@@ -29,3 +30,4 @@ POOL = web.AppKey("pool", EnginePool)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 ROUTER = web.AppKey("router", Router)
 PEER = web.AppKey("peer", PeerNode)  # present when peering is on
+FILES = web.AppKey("files", FileStore)  # present when the app has a state dir

@@ -1,9 +1,11 @@
-"""/v1/files driven by the official openai client against the in-process app on port 0, over real SQLite and disk."""
+"""/v1/files driven by the official openai client against the in-process app on port 0 (and a real daemon), over
+real SQLite and disk."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +20,7 @@ from hybridd.config import Config, FilesConfig, ServerConfig
 from hybridd.errors import BadRequest
 from hybridd.jobs.dataset import check_chat_jsonl
 from hybridd.node.catalog import Catalog
+from tests.conftest import start_daemon, stop_daemon
 
 Serve = Callable[..., "contextlib.AbstractAsyncContextManager[openai.AsyncOpenAI]"]
 
@@ -208,3 +211,26 @@ async def test_an_upload_trickled_is_cut_with_408_and_leaves_nothing(serve: Serv
         writer.close()
         assert (await client.files.list()).data == []
     assert stored_blobs(tmp_path) == []
+
+
+def test_a_real_daemon_keeps_files_under_xdg_state_home_across_a_restart(tmp_path: Path) -> None:
+    config = '[server]\nlisten = "127.0.0.1:0"\n[[models]]\nname = "ext"\nbase_url = "http://127.0.0.1:9"\n'
+    daemon = start_daemon(config, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        created = client.files.create(file=("train.jsonl", GOOD), purpose="fine-tune")
+    finally:
+        stop_daemon(daemon)
+    state = tmp_path / "state" / "hybridd"
+    assert (state / "jobs.db").is_file() and [p.name for p in (state / "files").iterdir()] == [created_sha(GOOD)]
+    daemon = start_daemon(config, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        assert [f.id for f in client.files.list()] == [created.id]
+        assert client.files.content(created.id).read() == GOOD
+    finally:
+        stop_daemon(daemon)
+
+
+def created_sha(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()

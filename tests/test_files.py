@@ -79,6 +79,9 @@ async def test_upload_list_retrieve_content_delete(serve: Serve, tmp_path: Path)
             assert caught.value.code == "file_not_found"
             assert f"no file '{created.id}' here" in caught.value.message
         assert (await client.files.list()).data == []
+        with pytest.raises(openai.NotFoundError) as long_id:
+            await client.files.retrieve("file-" + "x" * 5000)
+        assert long_id.value.body["message"] == f"no file {'file-' + 'x' * 95!r} here"
     assert (tmp_path / "state" / "jobs.db").is_file() and stored_blobs(tmp_path) == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from aiohttp import BodyPartReader, web
@@ -14,6 +15,8 @@ from hybridd.errors import BadRequest, BodyTooLarge, HybriddError
 from hybridd.jobs.dataset import MAX_LINE_BYTES, check_chat_jsonl
 from hybridd.jobs.files import FileStore, Upload
 from hybridd.validate import JSON, Reader
+
+log = logging.getLogger("hybridd.files")
 
 PURPOSES = ("fine-tune",)
 MAX_LIST = 10_000
@@ -78,6 +81,7 @@ async def upload(request: web.Request) -> web.StreamResponse:
         stored = store.add(staged[0], sha256, filename, purpose, time.time())
     finally:
         _discard(staged)  # a kept upload has been renamed away: nothing left to remove
+    log.info("file %s: %d bytes for %s kept (sha256 %s)", stored.id, stored.bytes, purpose, sha256[:16])
     return web.json_response(stored.as_json())
 
 
@@ -182,4 +186,5 @@ async def content(request: web.Request) -> web.StreamResponse:
 async def delete(request: web.Request) -> web.Response:
     """Delete the file object (its content too, once no other file object names it)."""
     stored = _store(request).delete(request.match_info["file_id"])
+    log.info("file %s deleted", stored.id)
     return web.json_response({"id": stored.id, "object": "file", "deleted": True})

@@ -119,7 +119,7 @@ class FileStore:
         """The file object with this id; FileNotFound when there is none."""
         row = self._db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
         if row is None:
-            raise FileNotFound(f"no file '{file_id}' here")
+            raise FileNotFound(f"no file {file_id[:100]!r} here")
         return StoredFile(*row)
 
     def list_files(self, purpose: str | None = None, *, newest_first: bool = True, after: str | None = None,
@@ -133,7 +133,7 @@ class FileStore:
         if after is not None:
             mark = self._db.execute("SELECT created_at, rowid FROM files WHERE id = ?", (after,)).fetchone()
             if mark is None:
-                raise FileNotFound(f"no file '{after}' here (the list's 'after')")
+                raise FileNotFound(f"no file {after[:100]!r} here (the list's 'after')")
             where.append(f"(created_at, rowid) {'<' if newest_first else '>'} (?, ?)")
             args += list(mark)
         query = f"SELECT * FROM files WHERE {' AND '.join(where)} ORDER BY created_at {order}, rowid {order}"

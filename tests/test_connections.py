@@ -385,5 +385,8 @@ def test_a_body_trickled_after_a_complete_head_is_cut_with_408(daemon_factory, t
         assert 9.5 <= took < 15, took  # 10 s and a second per 256 KiB of the declared 4000 bytes
         attack.recovery_s.append(took)
         sock.settimeout(5)
-        assert sock.recv(65536) == b""  # and the connection is closed with it
+        # and the connection is closed with it: an end of stream, or a reset when the server closed with some of
+        # the trickle still unread in its buffer
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(65536) == b""
     assert http("GET", daemon.url + "/v1/models").status == 200

@@ -32,7 +32,7 @@ from tests.test_serve_e2e import NO_EOS, tiny_config
 # What an error a client sees must never carry: a traceback, a source file, a path on this machine.
 LEAKS = ("Traceback", 'File "', ".py\"", ".py:", "site-packages", "/tmp/", "/work/", "/home/", "/usr/")
 FUZZED_POSTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/hybridd/v1/plan",
-                "/hybridd/v1/pair/open")
+                "/hybridd/v1/pair/open", "/v1/files")
 EXAMPLES = 80  # per route: bounded, so the suite stays well under its 5 minutes
 
 
@@ -138,7 +138,8 @@ def test_fuzzed_get_routes(target: Daemon, ledger: Ledger) -> None:
            extra=headers)
     def attempt(segment: str, extra: dict[str, str]) -> None:
         quoted = "".join(c if c.isalnum() or c in "-._~" else f"%{ord(c):02X}" for c in segment)
-        for path in (f"/v1/models/{quoted}", f"/{quoted}", f"/hybridd/v1/{quoted}"):
+        for path in (f"/v1/models/{quoted}", f"/{quoted}", f"/hybridd/v1/{quoted}", f"/v1/files/{quoted}",
+                     f"/v1/files/{quoted}/content"):
             reply = http("GET", target.url + path, headers=extra, timeout=30)
             check_reply(attack, f"GET {path} {extra}", reply.status, reply.body)
 

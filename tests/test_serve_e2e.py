@@ -381,3 +381,21 @@ def test_engines_listen_on_loopback_whatever_host_the_environment_names(daemon_f
     engine = psutil.Process(daemon.model_status("tiny")["pid"])
     listening = [c.laddr for c in engine.net_connections("inet") if c.status == psutil.CONN_LISTEN]
     assert listening and all(address.ip == "127.0.0.1" for address in listening), listening
+
+
+def test_a_long_completion_is_not_taken_for_a_hung_engine(daemon_factory, tiny_model: Path) -> None:
+    # llama_cpp.server holds its model lock for a whole completion: a health check that waited on that lock would
+    # miss every check while a long answer is written, and kill a healthy engine.
+    config = tiny_config(tiny_model).replace("ctx = 512", "ctx = 4096").replace(
+        "[[models]]", "[node]\nengine_health_interval_s = 0.2\n\n[[models]]")
+    daemon = daemon_factory(config)
+    assert http("POST", daemon.url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2}).status == 200
+    pid = daemon.model_status("tiny")["pid"]
+    started = time.monotonic()
+    reply = http("POST", daemon.url + "/v1/completions",
+                 {"model": "tiny", "prompt": "x", "max_tokens": 3800, "logit_bias": NO_EOS}, timeout=120)
+    took = time.monotonic() - started
+    assert reply.status == 200, reply.body[:300]
+    assert reply.json()["usage"]["completion_tokens"] == 3800
+    assert took > 4 * 0.2 * 3, f"the completion ({took:.1f} s) must outlast three missed checks to test anything"
+    assert daemon.model_status("tiny")["pid"] == pid and "stopped answering" not in daemon.log()

@@ -14,7 +14,10 @@ from hybridd.engine.base import EngineState
 from hybridd.engine.process import ManagedProcess, free_loopback_port
 from hybridd.errors import EngineLoadFailed
 
-HEALTH_PATH = "/v1/models"
+HEALTH_PATH = "/v1/models"  # ready: the model is loaded and served
+# Alive: llama_cpp.server holds its model lock for a whole completion and /v1/models waits on that lock, so a long
+# generation would look hung there; FastAPI's docs page is answered by the event loop alone, busy or not.
+LIVENESS_PATH = "/docs"
 ENGINE_ENV_DROPPED = frozenset({"HOST", "PORT"})
 
 
@@ -117,7 +120,7 @@ class LlamaCppEngine:
                     f"engine for model '{self.model.name}' exited with code {self.process.returncode} while "
                     f"loading: {self.process.summary()}"
                 )
-            if await self.healthy(2.0):
+            if await self._answers(HEALTH_PATH, 2.0):
                 return
             if time.monotonic() > deadline:
                 raise EngineLoadFailed(
@@ -128,9 +131,12 @@ class LlamaCppEngine:
             delay = min(delay * 1.5, 0.25)
 
     async def healthy(self, timeout_s: float) -> bool:
+        return await self._answers(LIVENESS_PATH, timeout_s)
+
+    async def _answers(self, path: str, timeout_s: float) -> bool:
         try:
             timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self.http.get(self.base_url + HEALTH_PATH, timeout=timeout) as response:
+            async with self.http.get(self.base_url + path, timeout=timeout) as response:
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False

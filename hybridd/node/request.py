@@ -108,7 +108,7 @@ def parse_hints(body: Mapping[str, Any], headers: Mapping[str, str]) -> Hints:
 
 def parse_inference(endpoint: Endpoint, raw: bytes, headers: Mapping[str, str] | None = None) -> InferenceRequest:
     """Decode and check raw; raise BadRequest saying exactly which field is wrong."""
-    body = _decode(raw)
+    body = read_json(raw)
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {_kind(body)}")
     model = body.get("model")
@@ -147,7 +147,7 @@ def _check_logit_bias(bias: Any) -> None:
             raise BadRequest(f"'logit_bias.{key}' must be a number, got {_kind(value)}", f"logit_bias.{key}")
 
 
-def _decode(raw: bytes) -> Any:
+def read_json(raw: bytes) -> Any:
     """The JSON value in raw, checked for what would break whoever reads it next: nesting deeper than MAX_DEPTH,
     numbers too long for an int, text that is not Unicode (a lone surrogate from a \\ud800 escape)."""
     try:
@@ -324,8 +324,3 @@ def _kind(value: Any) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
              float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-def read_json(raw: bytes) -> Any:
-    """Any JSON request body, checked as inference bodies are: BadRequest naming what Python cannot read."""
-    return _decode(raw)

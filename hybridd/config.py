@@ -104,6 +104,8 @@ class ModelEntry:
     # Off by default: with embeddings on, llama.cpp outputs an embedding for every token, slowing generation.
     embeddings: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    train_path: Path | None = None  # the Hugging Face checkpoint folder a fine-tune of this model trains from
+    lora_path: Path | None = None  # a llama.cpp LoRA GGUF applied over `path` (a fine-tuned model)
 
     @property
     def managed(self) -> bool:
@@ -183,11 +185,26 @@ class FilesConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning jobs: the trainer they run and its defaults (see plugins/trainers.md)."""
+
+    # The trainer's argv; "{python}" is the daemon's interpreter and "{spec}" the job's spec file. Empty: the
+    # built-in trainer (hybridd/jobs/hf_trainer.py, the `train` extra).
+    command: tuple[str, ...] = ()
+    checkpoint_every: int = 50  # optimizer steps between checkpoints; a restart resumes from the last one
+    cancel_grace_s: float = 10.0  # SIGTERM to the trainer's process group, then SIGKILL after this long
+    max_seq: int = 2048  # training sequence length when a job does not say
+    rank: int = 16  # LoRA rank when a job does not say
+    max_running: int = 1  # jobs training on this node at once
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon config."""
 
     server: ServerConfig = ServerConfig()
     files: FilesConfig = FilesConfig()
+    train: TrainConfig = TrainConfig()
     engine: EngineDefaults = EngineDefaults()
     node: NodeConfig = NodeConfig()
     peers: tuple[PeerConfig, ...] = ()
@@ -280,9 +297,10 @@ def _check_loopback(server: ServerConfig, source: str) -> None:
 
 def _config(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
     doc = Reader(raw, ConfigError, prefix=f"{source}: ").table(
-        ("server", "files", "engine", "node", "peers", "models", "library", "state_dir"))
+        ("server", "files", "train", "engine", "node", "peers", "models", "library", "state_dir"))
     server = _server(doc.at("server").table(_SERVER_KEYS, optional=True), source)
     files = doc.at("files").table(field_names(FilesConfig), optional=True)
+    train = _train(doc.at("train").table(field_names(TrainConfig), optional=True))
     node = _node(doc.at("node").table(field_names(NodeConfig), optional=True))
     peer_items = doc.at("peers").items(optional=True)
     peers = tuple(_peer(item) for item in peer_items)
@@ -300,6 +318,7 @@ def _config(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
     return Config(
         server=server,
         files=FilesConfig(max_bytes=files.at("max_bytes").integer(FilesConfig.max_bytes, low=1)),
+        train=train,
         engine=engine,
         node=node,
         peers=peers,
@@ -401,6 +420,20 @@ def _peer(item: Reader) -> PeerConfig:
                       models=models, api_key=table.at("api_key").of(str, PeerConfig.api_key))
 
 
+def _train(table: Reader) -> TrainConfig:
+    command = tuple(item.text() for item in table.at("command").items(optional=True))
+    if command and not any("{spec}" in part for part in command):
+        raise table.at("command").fail('the trainer command must pass the job\'s spec file: put "{spec}" in it')
+    return TrainConfig(
+        command=command,
+        checkpoint_every=table.at("checkpoint_every").integer(TrainConfig.checkpoint_every, low=1),
+        cancel_grace_s=table.at("cancel_grace_s").number(TrainConfig.cancel_grace_s, above=0),
+        max_seq=table.at("max_seq").integer(TrainConfig.max_seq, low=16, high=1 << 20),
+        rank=table.at("rank").integer(TrainConfig.rank, low=1, high=4096),
+        max_running=table.at("max_running").integer(TrainConfig.max_running, low=1, high=64),
+    )
+
+
 def _engine(table: Reader) -> EngineDefaults:
     base = EngineDefaults()
     return EngineDefaults(
@@ -442,8 +475,16 @@ def _model(item: Reader, defaults: EngineDefaults, base_dir: Path) -> ModelEntry
         aliases=aliases,
         engine=engine,
         embeddings=table.at("embeddings").of(bool, ModelEntry.embeddings),
+        train_path=_folder(table.at("train_path"), base_dir),
+        lora_path=_path(lora, base_dir) if (lora := table.at("lora_path").of(str, None)) else None,
         **_inherited(table, defaults),
     )
+
+
+def _folder(item: Reader, base_dir: Path) -> Path | None:
+    """A Hugging Face checkpoint folder; not checked for existence here (a mount may come later): the job says."""
+    value = item.of(str, None)
+    return _path(value, base_dir) if value else None
 
 
 def _inherited(table: Reader, defaults: EngineDefaults) -> dict[str, Any]:

@@ -89,6 +89,20 @@ class FileNotFound(RequestError):
     code = "file_not_found"
 
 
+class JobNotFound(RequestError):
+    """The requested fine-tuning job (or its event, checkpoint) is not here."""
+
+    status = 404
+    code = "job_not_found"
+
+
+class Conflict(RequestError):
+    """The request is well formed but the thing it acts on is in a state that refuses it."""
+
+    status = 409
+    code = "conflict"
+
+
 class BodyTooLarge(RequestError):
     """The request body is larger than the configured cap."""
 

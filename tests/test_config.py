@@ -77,7 +77,7 @@ def test_example_config_is_valid_and_pinned() -> None:
      "needs an http(s) URL"),
     ('[[models]]\nname = "a"\npath = "/a.gguf"\n[[models]]\nname = "b"\npath = "/b.gguf"\naliases = ["a"]',
      'models[1].aliases[0]: "a" is already used by models[0].name'),
-    ("nonsense = 1", "nonsense: unknown key (valid: engine, files, library, models, node, peers, server, state_dir)"),
+    ("nonsense = 1", "nonsense: unknown key (valid: engine, files, library, models, node, peers, server, state_dir, train)"),
     ("[[peers]]\nname = \"s\"\nbase_url = \"http://x\"", "peers[0].hardware: required"),
     ("[node]\nqueue_limit = 0", "node.queue_limit: must be > 0"),
     ("[[models]]\nname = \"m\"\nengine = \"peer-only\"", "models[0].profile: a model served only by peers"),

@@ -10,10 +10,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from hybridd.api import routes_files, routes_openai, routes_peers, routes_status
+from hybridd.api import routes_files, routes_jobs, routes_openai, routes_peers, routes_status
 from hybridd.api.envelope import envelope_malformed_requests, envelope_middleware
 from hybridd.api.guards import body_deadline, make_guard
-from hybridd.api.keys import FILES, HTTP, NODE, PEER, POOL, ROUTER, Node
+from hybridd.api.keys import FILES, HTTP, NODE, PEER, POOL, ROUTER, TRAININGS, Node
 from hybridd.api.proxy import OPEN_STREAMS, OpenStreams
 from hybridd.config import Config, ModelEntry
 from hybridd.engine.base import Engine
@@ -21,10 +21,13 @@ from hybridd.engine.external import ExternalEngine
 from hybridd.engine.llamacpp import LlamaCppEngine
 from hybridd.engine.pool import EnginePool
 from hybridd.jobs.files import FileStore
+from hybridd.jobs.store import JobStore
 from hybridd.node.catalog import Catalog
 from hybridd.node.peering import PeerNode
 from hybridd.node.resources import Peer
 from hybridd.node.router import Router
+from hybridd.node.training import Trainings
+from hybridd.node.training_peer import PeerJobs
 from hybridd.place.hardware import Hardware
 
 EngineMaker = Callable[[ModelEntry, aiohttp.ClientSession], Engine]
@@ -52,6 +55,29 @@ def _file_store(state_dir: Path) -> Callable[[web.Application], AsyncIterator[No
             store.close()
 
     return files
+
+
+def _trainings(state_dir: Path) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Fine-tuning jobs (state_dir's jobs.db and jobs/), placed and followed while the app runs."""
+
+    async def trainings(app: web.Application) -> AsyncIterator[None]:
+        store = JobStore(state_dir)
+        router = app[ROUTER]
+        service = Trainings(app[NODE].config, app[NODE].catalog, router, app[FILES], store, state_dir)
+        service.peers = PeerJobs(service, app[HTTP], router.peer_targets)
+        if PEER in app:
+            node = app[PEER]
+            node.on_job_changed = service.peers.changed
+            service.on_change = lambda job: node.tell_job_changed(job.from_node or "", job.id)
+        app[TRAININGS] = service
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+            store.close()
+
+    return trainings
 
 
 def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None = None,
@@ -103,7 +129,9 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
     state = config.state_dir or (peering[0] if peering is not None else None)
     if state is not None:
         app.cleanup_ctx.append(_file_store(state))
+        app.cleanup_ctx.append(_trainings(state))
         routes_files.add_routes(app)
+        routes_jobs.add_routes(app)
     routes_openai.add_routes(app)
     routes_status.add_routes(app)
     routes_peers.add_routes(app)

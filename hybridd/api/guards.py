@@ -24,7 +24,8 @@ STREAMED_BODIES = frozenset({("POST", "/v1/files")})
 
 def streams_its_body(request: web.Request) -> bool:
     """Whether request's handler reads its body itself (see STREAMED_BODIES)."""
-    return (request.method, request.path) in STREAMED_BODIES
+    return (request.method, request.path) in STREAMED_BODIES or (
+        request.method == "PUT" and request.path.startswith("/hybridd/v1/files/"))  # a dataset from a paired node
 
 
 def body_deadline_s(size: int) -> float:

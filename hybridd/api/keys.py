@@ -13,6 +13,7 @@ from hybridd.jobs.files import FileStore
 from hybridd.node.catalog import Catalog
 from hybridd.node.peering import PeerNode
 from hybridd.node.router import Router
+from hybridd.node.training import Trainings
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,4 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)
 ROUTER = web.AppKey("router", Router)
 PEER = web.AppKey("peer", PeerNode)  # present when peering is on
 FILES = web.AppKey("files", FileStore)  # present when the app has a state dir
+TRAININGS = web.AppKey("trainings", Trainings)  # present when the app has a state dir

@@ -11,8 +11,8 @@ import aiohttp
 
 from hybridd.config import KV_CACHE_TYPES, ModelEntry
 from hybridd.engine.base import EngineState
-from hybridd.engine.process import ManagedProcess, free_loopback_port
 from hybridd.errors import EngineLoadFailed
+from hybridd.proc.process import ManagedProcess, free_loopback_port
 
 HEALTH_PATH = "/v1/models"  # ready: the model is loaded and served
 # Alive: llama_cpp.server holds its model lock for a whole completion and /v1/models waits on that lock, so a long
@@ -61,6 +61,8 @@ def llama_cpp_argv(model: ModelEntry, port: int, python: str = "", has_amx: bool
         # for Gemma 3 at 32k, and computes them for every prompt token. Logprobs users can set it in options.
         "--logits_all", "False",
     ]
+    if model.lora_path is not None:  # a fine-tuned model: its adapter over the base GGUF (mmap goes off with it)
+        argv += ["--lora_path", str(model.lora_path)]
     for key, value in model.options.items():
         argv += [f"--{key}", str(value)]
     return argv

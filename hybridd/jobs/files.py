@@ -122,6 +122,12 @@ class FileStore:
             raise FileNotFound(f"no file {file_id[:100]!r} here")
         return StoredFile(*row)
 
+    def by_sha256(self, sha256: str, purpose: str = "fine-tune") -> StoredFile | None:
+        """A file object of `purpose` holding this content, if any."""
+        row = self._db.execute("SELECT * FROM files WHERE sha256 = ? AND purpose = ? ORDER BY rowid LIMIT 1",
+                               (sha256, purpose)).fetchone()
+        return StoredFile(*row) if row is not None else None
+
     def list_files(self, purpose: str | None = None, *, newest_first: bool = True, after: str | None = None,
              limit: int | None = None) -> list[StoredFile]:
         """File objects by creation order (ties by rowid), optionally of one purpose and after one id."""

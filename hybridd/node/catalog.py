@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hybridd.config import Config, ModelEntry
-from hybridd.errors import HybriddError, ModelNotFound
+from hybridd.errors import Conflict, HybriddError, ModelNotFound
 from hybridd.model.header import GgufHeader
 from hybridd.probe.gguf_file import read_gguf_header
 from hybridd.probe.model_profiles import load_profile, profile_header
@@ -17,17 +17,35 @@ from hybridd.probe.model_profiles import load_profile, profile_header
 log = logging.getLogger("hybridd")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Catalog:
-    """Model ids and aliases to entries; the answer to 'what can I ask for'."""
+    """Model ids and aliases to entries; the answer to 'what can I ask for'. Configured entries come first;
+    fine-tuned models join it as their jobs finish (`add`)."""
 
     models: tuple[ModelEntry, ...]
+    refused: dict[str, str] = field(default_factory=dict)  # fine-tuned ids this node will not serve, and why
+
+    def add(self, entry: ModelEntry) -> None:
+        """Serve one more model (a fine-tuned one); an entry of the same name is replaced."""
+        self.models = (*(m for m in self.models if m.name != entry.name), entry)
+        self.refused.pop(entry.name, None)
+
+    def refuse(self, name: str, why: str) -> None:
+        """Name a model this node knows of but will not serve (a fine-tune whose base is not here as trained)."""
+        self.remove(name)
+        self.refused[name] = why
+
+    def remove(self, name: str) -> None:
+        """Stop listing the model named `name` (nothing when there is none)."""
+        self.models = tuple(m for m in self.models if m.name != name)
 
     def resolve(self, name: str) -> ModelEntry:
         """The entry whose name or alias is name; ModelNotFound lists what exists."""
         for model in self.models:
             if name == model.name or name in model.aliases:
                 return model
+        if name in self.refused:
+            raise Conflict(f"model '{name}' is not served here: {self.refused[name]}")
         known = ", ".join(m.name for m in self.models) or "none configured"
         raise ModelNotFound(f"model '{name}' does not exist here (available: {known})")
 

@@ -25,7 +25,7 @@ from hybridd.peer.discovery import Advert, Discovery
 from hybridd.peer.errors import PairingError, UntrustedPeer
 from hybridd.peer.identity import Identity, load_or_create_identity
 from hybridd.peer.link import LinkClient, LinkHub, PeerLinkState
-from hybridd.peer.messages import Busy, Capacity, Hello, Inventory, ModelOffer
+from hybridd.peer.messages import Busy, Capacity, Hello, Inventory, JobChanged, Message, ModelOffer
 from hybridd.peer.pairing import PairedPeer, PairingServer, PairingStore, pair_with, paired_peer_for
 from hybridd.peer.tls import client_context, server_context
 from hybridd.place.hardware import Hardware
@@ -55,7 +55,9 @@ class PeerNode:
         self.discovery = Discovery(interfaces=list(config.node.advertise_interfaces) or None)
         self.links: dict[str, LinkClient] = {}
         self.hub = LinkHub(local_hello=self.hello(), authorize=self.authorize, snapshot=self.capacity,
-                           inventory=self.inventory)
+                           inventory=self.inventory, on_message=self._message)
+        self.on_job_changed: Callable[[str], None] | None = None  # a job we sent a peer changed there
+        self._sends: set[asyncio.Task[bool]] = set()
         self.lan_port: int | None = None
         self._hardware: dict[str, Hardware] = {}
         router.peer_sources.append(self.targets)
@@ -75,8 +77,19 @@ class PeerNode:
             spec = self.router.specs.get(model.name)
             max_ctx = spec.n_ctx_train if spec is not None and spec.n_ctx_train else model.ctx
             live = [s.run.ctx for s in self.pool.for_model(model.name) if s.live]
-            offers.append(ModelOffer(id=model.name, max_ctx=max_ctx, loaded_ctx=max(live) if live else None))
+            offers.append(ModelOffer(id=model.name, max_ctx=max_ctx, loaded_ctx=max(live) if live else None,
+                                     trainable=model.train_path is not None))
         return Inventory(models=tuple(offers))
+
+    def tell_job_changed(self, node_id: str, job_id: str) -> None:
+        """Tell the paired node that asked for a fine-tuning job that it changed (it then fetches the job)."""
+        task = asyncio.get_running_loop().create_task(self.hub.send(node_id, JobChanged(job_id)))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    def _message(self, peer: str, message: Message) -> None:
+        if isinstance(message, JobChanged) and self.on_job_changed is not None:
+            self.on_job_changed(message.job_id)
 
     def capacity(self) -> Capacity:
         """Our load for the peers to predict with (place/peer_view.py) and how many requests wait."""
@@ -158,7 +171,8 @@ class PeerNode:
 
         url = f"https://{_host(address)}:{port}/hybridd/v1/link"
         link = LinkClient(url, client_context(self.identity, peer.cert_pem), self.hello(), snapshot=self.capacity,
-                          inventory=self.inventory, expected_node_id=peer.node_id, on_state=on_state)
+                          inventory=self.inventory, expected_node_id=peer.node_id, on_state=on_state,
+                          on_message=self._message)
         self.links[peer.node_id] = link
         asyncio.get_running_loop().create_task(link.start())
 
@@ -210,6 +224,7 @@ class PeerNode:
                 queue_depth=state.capacity.queue_depth if state.capacity else 0, rtt_s=state.rtt_s or 0.001,
                 backlog_s=state.capacity.backlog_s if state.capacity else {},
                 draining=tuple(Drain(b.backlog_s, b.held) for b in state.capacity.busy) if state.capacity else (),
+                trainable=frozenset(m.id for m in models if m.trainable),
             )
             base = link.url.removesuffix("/hybridd/v1/link")  # where the pinned link answers
             # Made only for the peer a request is forwarded to, not each time the targets are listed.

@@ -37,6 +37,7 @@ from hybridd.place.state import (
     Evict,
     EvictionsDone,
     Forward,
+    Hold,
     Load,
     Observation,
     PeerFailed,
@@ -47,6 +48,9 @@ from hybridd.place.state import (
     RequestArrived,
     Step,
     Ticket,
+    Train,
+    TrainingArrived,
+    TrainingEnded,
     apply,
 )
 
@@ -325,6 +329,27 @@ class Router:
         self._evictions.add(task)
         task.add_done_callback(self._evictions.discard)
         await asyncio.shield(task)
+
+    # -- fine-tunes
+
+    async def hold_for_training(self, key: str, device: str, need_bytes: int) -> str | None:
+        """Reserve a fine-tune's bytes on `device`, evicting idle engines there; None once they are held (the
+        trainer may start), else why it must wait."""
+        self.notice_engines()
+        step = self.feed(TrainingArrived(key, device, need_bytes))
+        for effect in step.effects:
+            match effect:
+                case Evict():
+                    await self._evict(effect)
+                case Hold(_, reason):
+                    return reason
+                case Train(_, reason):
+                    log.info("fine-tune %s: %s", key, reason)
+        return None
+
+    def release_training(self, key: str) -> None:
+        """The fine-tune's trainer is gone: its bytes are free."""
+        self.feed(TrainingEnded(key))
 
     def _record(self, decision: Decision, need: RequestNeed, size: PromptSize) -> None:
         entry = {

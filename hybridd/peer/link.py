@@ -106,9 +106,9 @@ class LinkSession:
             self.state.capacity = msg
         elif isinstance(msg, Ping):
             replies.append(Pong(now, msg.t))
-        elif msg.echo in self._pings_sent:  # only our own pings give an RTT; a made-up echo is ignored
+        elif isinstance(msg, Pong) and msg.echo in self._pings_sent:  # only our own pings give an RTT
             self.state.rtt_s = max(0.0, now - msg.echo)
-        return msg, replies
+        return msg, replies  # the rest (job_changed) is for on_message
 
     def _accept_hello(self, hello: Hello) -> None:
         if self.established:
@@ -269,6 +269,17 @@ class LinkHub:
         else:
             log.info("link from %s replaced: %s", _short(peer), reason)
         return ws
+
+    async def send(self, peer: str, message: Message) -> bool:
+        """Send one frame to `peer` on its live link; False when it has none (it catches up when it redials)."""
+        ws = self._live.get(peer)
+        if ws is None or ws.closed:
+            return False
+        try:
+            await ws.send_bytes(encode(message))
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
 
     def _up(self, peer: str, state: PeerLinkState) -> None:
         hello = state.hello

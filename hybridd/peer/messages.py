@@ -61,6 +61,7 @@ class ModelOffer:
     id: str
     max_ctx: int
     loaded_ctx: int | None = None
+    trainable: bool = False  # the node has the model's checkpoint: it can fine-tune it
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,17 @@ class Pong:
     echo: float
 
 
-Message = Hello | Inventory | Capacity | Ping | Pong
+@dataclass(frozen=True)
+class JobChanged:
+    """A fine-tuning job the receiver asked for changed on the sender (status, progress, events): fetch it."""
+
+    job_id: str
+
+
+Message = Hello | Inventory | Capacity | Ping | Pong | JobChanged
 
 _TYPE_NAMES: dict[type, str] = {Hello: "hello", Inventory: "inventory", Capacity: "capacity", Ping: "ping",
-                                Pong: "pong"}
+                                Pong: "pong", JobChanged: "job_changed"}
 
 
 def encode(msg: Message) -> bytes:
@@ -121,7 +129,8 @@ def encode(msg: Message) -> bytes:
         if msg.hardware:
             body["hardware"] = msg.hardware
     elif isinstance(msg, Inventory):
-        body["models"] = [{"id": m.id, "max_ctx": m.max_ctx, "loaded_ctx": m.loaded_ctx} for m in msg.models]
+        body["models"] = [{"id": m.id, "max_ctx": m.max_ctx, "loaded_ctx": m.loaded_ctx,
+                           **({"trainable": True} if m.trainable else {})} for m in msg.models]
     elif isinstance(msg, Capacity):
         body.update(free_bytes=dict(msg.free_bytes), queue_depth=msg.queue_depth,
                     decode_tok_s={k: float(v) for k, v in msg.decode_tok_s.items()},
@@ -129,6 +138,8 @@ def encode(msg: Message) -> bytes:
                     busy=[{"backlog_s": float(b.backlog_s), "held": dict(b.held)} for b in msg.busy])
     elif isinstance(msg, Ping):
         body["t"] = float(msg.t)
+    elif isinstance(msg, JobChanged):
+        body["job_id"] = msg.job_id
     else:
         body.update(t=float(msg.t), echo=float(msg.echo))
     frame: bytes = msgpack.packb(body, use_bin_type=True)
@@ -197,7 +208,8 @@ def _parse_inventory(f: Reader) -> Inventory:
         max_ctx = entry.at("max_ctx").integer(low=1, high=MAX_CTX)
         loaded = entry.at("loaded_ctx")  # required, but may be null
         loaded_ctx = None if loaded.value is None else loaded.integer(low=1, high=MAX_CTX)
-        models.append(ModelOffer(model_id, max_ctx, loaded_ctx))
+        trainable = entry.at("trainable").of(bool, False)  # optional: a node that predates it trains nothing
+        models.append(ModelOffer(model_id, max_ctx, loaded_ctx, trainable))
     return Inventory(tuple(models))
 
 
@@ -227,7 +239,11 @@ def _parse_pong(f: Reader) -> Pong:
     return Pong(f.at("t").number(), f.at("echo").number())
 
 
+def _parse_job_changed(f: Reader) -> JobChanged:
+    return JobChanged(f.at("job_id").text(max_chars=MAX_ID_CHARS, printable=True))
+
+
 _PARSERS: dict[str, tuple[type, Callable[[Reader], Message]]] = {
     "hello": (Hello, _parse_hello), "inventory": (Inventory, _parse_inventory), "capacity": (Capacity, _parse_capacity),
-    "ping": (Ping, _parse_ping), "pong": (Pong, _parse_pong),
+    "ping": (Ping, _parse_ping), "pong": (Pong, _parse_pong), "job_changed": (JobChanged, _parse_job_changed),
 }

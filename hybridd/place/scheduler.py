@@ -57,6 +57,10 @@ class Hint(StrEnum):
     PEER = "peer"
 
 
+# Ledger keys of fine-tunes: "train:<job id>" (engines are "<model>@<ctx>").
+TRAINING_PREFIX = "train:"
+
+
 class Placement(StrEnum):
     """Where a request runs; peers are PEER plus a name (`peer:<name>`)."""
 
@@ -161,6 +165,7 @@ class PeerState:
     # per model: predicted seconds before a new request could start on its loaded engine (the peer's own backlog)
     backlog_s: Mapping[str, float] = field(default_factory=dict)
     draining: tuple[Drain, ...] = ()  # its busy engines: when each finishes and what it then frees
+    trainable: frozenset[str] = frozenset()  # models it can fine-tune (it has their checkpoints)
 
 
 
@@ -221,6 +226,16 @@ class Decision:
 def queue_full(engine: EngineState, limit: int) -> bool:
     """Whether the engine's bounded queue is full (a new request would wait beyond `limit`)."""
     return engine.queued >= limit
+
+
+def _training_note(ledger: Ledger) -> str:
+    """What fine-tunes hold on this node, for the reason a request does not fit here ("" when none)."""
+    jobs = [(key.removeprefix(TRAINING_PREFIX), sum(ledger.held(key).values())) for key in ledger.keys
+            if key.startswith(TRAINING_PREFIX)]
+    if not jobs:
+        return ""
+    held = ", ".join(f"{job} holds {_gib(n)}" for job, n in jobs)
+    return f" (fine-tuning here until it ends: {held})"
 
 
 def ledger_for(hardware: Hardware) -> Ledger:
@@ -334,7 +349,8 @@ def _new_load_options(need: RequestNeed, local: LocalState, now: float, calibrat
         if (Placement.LOCAL, False) in found:
             break
     if not found:
-        return [Option(str(Placement.LOCAL), False, why_not or "does not fit", ctx=_ctx_candidates(need)[-1])]
+        why_not = (why_not or "does not fit") + _training_note(local.ledger)
+        return [Option(str(Placement.LOCAL), False, why_not, ctx=_ctx_candidates(need)[-1])]
     return list(found.values())
 
 

@@ -15,6 +15,8 @@ functions, so what it measures is what the daemon does.
                                         the peer's breaker
     PeersReported(peers)                the peers as their links last described them
     PeerFailed(name)                    a forward failed before its first byte
+    TrainingArrived(key, device, bytes) ──▶  reserve, evicting idle engines ──▶  Evict?, Train | Hold
+    TrainingEnded(key)                  the fine-tune's process is gone: its bytes are free
 
 Between a decision and its reservation nothing else happens (both are one RequestArrived), so two requests can
 never both take the same bytes.
@@ -32,6 +34,7 @@ from hybridd.place.ledger import Ledger
 from hybridd.place.lengths import CompletionLengths
 from hybridd.place.scheduler import (
     LOCAL_NODE,
+    TRAINING_PREFIX,
     Decision,
     EngineState,
     LocalState,
@@ -208,8 +211,24 @@ class PeerFailed:
     name: str
 
 
+@dataclass(frozen=True, slots=True)
+class TrainingArrived:
+    """A fine-tune asks for `need_bytes` on one device (a training job is never split across devices)."""
+
+    key: str  # TRAINING_PREFIX + the job id
+    device: str
+    need_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingEnded:
+    """The fine-tune's trainer exited (or never started): what it held is free."""
+
+    key: str
+
+
 Event = (RequestArrived | PeerOnlyArrived | EngineLoaded | EngineDown | EngineGone | EvictionsDone | Answered
-         | PeersReported | PeerFailed)
+         | PeersReported | PeerFailed | TrainingArrived | TrainingEnded)
 
 
 # --- effects ---------------------------------------------------------------------------------------------------
@@ -265,7 +284,23 @@ class Admit:
     answer_s: float = 0.0
 
 
-Effect = Refuse | Forward | Evict | Load | Admit
+@dataclass(frozen=True, slots=True)
+class Train:
+    """Start the fine-tune `key`: its bytes are reserved (after the Evict before it, if any)."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """The fine-tune `key` cannot start now (busy engines or other jobs hold the memory); ask again later."""
+
+    key: str
+    reason: str
+
+
+Effect = Refuse | Forward | Evict | Load | Admit | Train | Hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +341,12 @@ def apply(state: PlacementState, event: Event, now: float) -> Step:
             return Step(_gone(state, key))
         case EvictionsDone(key):
             return Step(_with_engine(state, key, pending=False))
+        case TrainingArrived():
+            return _training(state, event)
+        case TrainingEnded(key):
+            ledger = state.ledger.copy()
+            ledger.release(key)
+            return Step(replace(state, ledger=ledger))
     raise TypeError(f"not a placement event: {event!r}")
 
 
@@ -365,6 +406,40 @@ def _peer_only(state: PlacementState, event: PeerOnlyArrived, now: float) -> Ste
     state = _with_breaker(state, peer.name, state.breaker(peer.name).on_attempt(now))
     reason = f"peer:{peer.name}: only {peer.name} serves '{event.model}'"
     return Step(state, (Forward(peer.name, reason),), None, Ticket(event.model, event.budget, now, peer=peer.name))
+
+
+def _training(state: PlacementState, event: TrainingArrived) -> Step:
+    """Reserve a fine-tune's bytes on its device: from what is free, else by evicting idle engines there (least
+    recently used first), else Hold. A running engine is never stopped for a fine-tune: the job waits for it."""
+    key, device, need = event.key, event.device, event.need_bytes
+    if key in state.ledger.keys:
+        return Step(state, (Train(key, "its memory is already reserved"),))
+    ledger = state.ledger.copy()
+    idle = sorted((r for r in state.engines.values()
+                   if not r.leaving and not r.pending and not r.backlog and device in state.ledger.held(r.key)),
+                  key=lambda r: (r.last_used, r.key))
+    victims: list[str] = []
+    for record in [None, *idle]:
+        if record is not None:
+            victims.append(record.key)
+            ledger.release(record.key)
+        if ledger.reserve(key, {device: need}):
+            engines = {k: replace(r, leaving=True) if k in victims else r for k, r in state.engines.items()}
+            freed = f", evicting {', '.join(victims)}" if victims else ""
+            reason = f"reserved {_gib(need)} on {device}{freed}"
+            effects: tuple[Effect, ...] = (Train(key, reason),)
+            if victims:
+                effects = (Evict(tuple(victims), (), key, f"evicted to make room for fine-tune {key}"), *effects)
+            return Step(replace(state, ledger=ledger, engines=engines), effects)
+    busy = sum(state.ledger.held(r.key).get(device, 0) for r in state.engines.values() if r.key not in victims)
+    jobs = sum(state.ledger.held(k).get(device, 0) for k in state.ledger.keys if k.startswith(TRAINING_PREFIX))
+    reason = (f"waits for memory: needs {_gib(need)} on {device}, {_gib(state.ledger.free_bytes(device))} free; "
+              f"busy engines hold {_gib(busy)} and other fine-tunes {_gib(jobs)}")
+    return Step(state, (Hold(key, reason),))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _answered(state: PlacementState, event: Answered, now: float) -> PlacementState:

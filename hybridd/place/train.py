@@ -124,16 +124,19 @@ def _option(placement: str, node: Hardware, spec: ModelSpec, estimate: TrainingE
 
 
 def place_training(spec: ModelSpec, estimate: TrainingEstimate, local: Hardware, peers: Sequence[Hardware],
-                   dataset_tokens: int | None = None) -> TrainPlacement:
-    """Every option (local first, then each peer) and the fastest feasible one, local within LOCAL_MARGIN."""
-    options = (_option("local", local, spec, estimate, dataset_tokens),
-               *(_option(f"peer:{hw.name}", hw, spec, estimate, dataset_tokens) for hw in peers))
+                   dataset_tokens: int | None = None, local_why_not: str = "") -> TrainPlacement:
+    """Every option (local first, then each peer) and the fastest feasible one, local within LOCAL_MARGIN.
+    `local_why_not`: this node cannot train the model at all (no checkpoint of it), whatever its memory."""
+    local_option = _option("local", local, spec, estimate, dataset_tokens)
+    if local_why_not:
+        local_option = TrainOption("local", local_option.device, local_option.usable_bytes, False, local_why_not,
+                                   local_option.train_tok_s, None)
+    options = (local_option, *(_option(f"peer:{hw.name}", hw, spec, estimate, dataset_tokens) for hw in peers))
     feasible = [o for o in options if o.feasible]
     if not feasible:
         return TrainPlacement("none", f"fits nowhere: needs {estimate.total_bytes / GIB:.1f} GiB on one device",
                               options)
     best = max(feasible, key=lambda o: o.train_tok_s or 0.0)
-    local_option = options[0]
     if local_option.feasible and (local_option.train_tok_s or 0.0) >= (1 - LOCAL_MARGIN) * (best.train_tok_s or 0.0):
         best = local_option
     speed = f" at {best.train_tok_s:,.0f} tok/s" if best.train_tok_s else ""

@@ -46,7 +46,7 @@ class ManagedProcess:
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         """Start argv in a new session, armed to die when this process dies."""
-        launcher = [sys.executable, "-m", "hybridd.engine.launch", str(os.getpid()), "--", *argv]
+        launcher = [sys.executable, "-m", "hybridd.proc.launch", str(os.getpid()), "--", *argv]
         self.proc = await asyncio.create_subprocess_exec(
             *launcher,
             stdin=asyncio.subprocess.DEVNULL,

@@ -1,4 +1,4 @@
-"""Exec an engine so that it dies with the daemon: `python -m hybridd.engine.launch PARENT_PID -- ARGV...`.
+"""Exec an engine so that it dies with the daemon: `python -m hybridd.proc.launch PARENT_PID -- ARGV...`.
 
 The kernel sends SIGKILL to the engine when the daemon dies, even by SIGKILL (PR_SET_PDEATHSIG survives exec).
 Doing this in a tiny exec wrapper, not a preexec_fn, keeps fork safe in a daemon that has threads.
@@ -18,7 +18,7 @@ PR_SET_PDEATHSIG = 1
 def main(argv: list[str]) -> None:
     """Arm the parent-death signal, check the parent is still there, then exec the engine."""
     if len(argv) < 3 or argv[1] != "--":
-        sys.stderr.write("usage: python -m hybridd.engine.launch PARENT_PID -- ARGV...\n")
+        sys.stderr.write("usage: python -m hybridd.proc.launch PARENT_PID -- ARGV...\n")
         raise SystemExit(2)
     parent = int(argv[0])
     if sys.platform.startswith("linux"):

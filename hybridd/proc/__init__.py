@@ -1,0 +1,1 @@
+"""Child processes that die with the daemon: engines and trainers both run through this."""

@@ -20,6 +20,7 @@ from hybridd.peer.messages import (
     Capacity,
     Hello,
     Inventory,
+    JobChanged,
     LinkProtocolError,
     Message,
     ModelOffer,
@@ -47,6 +48,8 @@ def pack(body: object) -> bytes:
     Hello("ab12", "spark-1", "spark", "0.1.0", (1,), "dgx-spark"),
     Inventory(()),
     Inventory((ModelOffer("gpt-oss-120b", 131072, None), ModelOffer("glm-4.7-flash", 202752, 32768))),
+    Inventory((ModelOffer("llama-3.1-8b", 131072, None, trainable=True),)),
+    JobChanged("ftjob-0123456789abcdef01234567"),
     Capacity({"cuda:0": 20 << 30, "cuda:1": 0}, 3, {"glm-4.7-flash": 118.25}),
     Capacity({"gb10": 9 << 30}, 2, {}, {"gpt-oss-120b": 41.5}, (Busy(41.5, {"gb10": 70 << 30}), Busy(0.0, {}))),
     Capacity(),
@@ -65,6 +68,17 @@ def test_integer_times_and_rates_decode_as_floats() -> None:
 def test_a_capacity_without_backlogs_from_an_older_node_is_accepted() -> None:
     msg = decode(pack(CAPACITY))
     assert isinstance(msg, Capacity) and msg.backlog_s == {} and msg.busy == ()
+
+
+def test_an_inventory_from_a_node_that_trains_nothing_offers_nothing_to_train() -> None:
+    msg = decode(pack(INVENTORY))
+    assert isinstance(msg, Inventory) and msg.models[0].trainable is False
+
+
+def test_a_job_changed_frame_names_a_printable_bounded_id() -> None:
+    for bad in ("x" * 200, "job\n1", 7):
+        with pytest.raises(LinkProtocolError, match="job_changed.job_id"):
+            decode(pack({"v": 1, "type": "job_changed", "job_id": bad}))
 
 
 def test_encode_refuses_a_frame_over_the_limit() -> None:

@@ -18,6 +18,7 @@ from hybridd.place.state import (
     Evict,
     EvictionsDone,
     Forward,
+    Hold,
     Load,
     Observation,
     PeerFailed,
@@ -27,6 +28,9 @@ from hybridd.place.state import (
     Refuse,
     RequestArrived,
     Step,
+    Train,
+    TrainingArrived,
+    TrainingEnded,
     apply,
 )
 from hybridd.probe.hardware_profiles import load_hardware_profile
@@ -162,3 +166,55 @@ def test_a_peer_only_model_with_no_live_peer_is_refused_with_a_retry() -> None:
     refusal = step.effects[0]
     assert isinstance(refusal, Refuse) and (refusal.status, refusal.code) == (503, "capacity_busy")
     assert refusal.retry_after_s == 5.0 and step.ticket is None
+
+
+GIB = 2**30
+
+
+def loaded(state: PlacementState, model: str, now: float, answered: bool = True) -> PlacementState:
+    """`state` with `model` loaded on its own engine; its one request answered (idle) unless `answered` is False."""
+    step = arrive(state, RequestNeed(model, spec_of(model), 2000, 1000), now)
+    state = apply(step.state, EngineLoaded(step.ticket.engine or ""), now).state  # type: ignore[union-attr]
+    return apply(state, Answered(step.ticket, WHOLE, 1.0), now + 1).state if answered else state  # type: ignore[arg-type]
+
+
+def test_a_fine_tune_reserves_its_device_and_gives_it_back_when_it_ends() -> None:
+    state = PlacementState.empty(DESKTOP)
+    device = DESKTOP.devices[0].name
+    step = apply(state, TrainingArrived("train:ftjob-1", device, 10 * GIB), 0.0)
+    (train,) = step.effects
+    assert isinstance(train, Train) and train.key == "train:ftjob-1" and "reserved 10.0 GiB" in train.reason
+    assert step.state.ledger.held("train:ftjob-1") == {device: 10 * GIB}
+    again = apply(step.state, TrainingArrived("train:ftjob-1", device, 10 * GIB), 1.0)
+    assert isinstance(again.effects[0], Train) and again.state.ledger.held("train:ftjob-1") == {device: 10 * GIB}
+    ended = apply(step.state, TrainingEnded("train:ftjob-1"), 2.0).state
+    assert ended.ledger.keys == () and ended.ledger.free_bytes(device) == state.ledger.free_bytes(device)
+
+
+def test_a_fine_tune_evicts_idle_engines_but_waits_for_busy_ones() -> None:
+    device = DESKTOP.devices[0].name
+    idle = loaded(PlacementState.empty(DESKTOP), "llama-3.1-8b", 0.0)
+    (engine,) = idle.engines
+    need = idle.ledger.capacity(device) - idle.ledger.held(engine).get(device, 0) // 2  # more than is free now
+    step = apply(idle, TrainingArrived("train:ftjob-2", device, need), 5.0)
+    evict, train = step.effects
+    assert isinstance(evict, Evict) and evict.keys == (engine,) and evict.drain == ()
+    assert isinstance(train, Train) and engine in train.reason
+    assert step.state.engines[engine].leaving and engine not in step.state.ledger.keys
+
+    busy = loaded(PlacementState.empty(DESKTOP), "llama-3.1-8b", 0.0, answered=False)
+    step = apply(busy, TrainingArrived("train:ftjob-3", device, need), 5.0)
+    (hold,) = step.effects
+    assert isinstance(hold, Hold) and "waits for memory" in hold.reason and "busy engines hold" in hold.reason
+    assert step.state is busy  # nothing reserved, nothing evicted
+
+
+def test_a_request_that_no_longer_fits_says_a_fine_tune_holds_the_memory() -> None:
+    state = PlacementState.empty(DESKTOP)
+    for device in state.ledger.devices:  # both GPUs and the host RAM layers could spill to
+        state = apply(state, TrainingArrived(f"train:ftjob-{device}", device, state.ledger.free_bytes(device)),
+                      0.0).state
+    step = arrive(state, glm(), 1.0)
+    assert isinstance(step.effects[0], Refuse)
+    local = next(o for o in step.decision.options if o.placement == "local")  # type: ignore[union-attr]
+    assert "fine-tuning here until it ends" in local.why_not and "ftjob-" in local.why_not

@@ -32,7 +32,7 @@ from tests.test_serve_e2e import NO_EOS, tiny_config
 # What an error a client sees must never carry: a traceback, a source file, a path on this machine.
 LEAKS = ("Traceback", 'File "', ".py\"", ".py:", "site-packages", "/tmp/", "/work/", "/home/", "/usr/")
 FUZZED_POSTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/hybridd/v1/plan",
-                "/hybridd/v1/pair/open", "/v1/files")
+                "/hybridd/v1/pair/open", "/v1/files", "/v1/fine_tuning/jobs")
 EXAMPLES = 80  # per route: bounded, so the suite stays well under its 5 minutes
 
 
@@ -94,6 +94,23 @@ inference_body = st.fixed_dictionaries(
               "hybridd": st.fixed_dictionaries({}, optional={"placement": json_values, "min_ctx": json_values})
               | json_values},
 )
+hyper = st.fixed_dictionaries({}, optional={"n_epochs": st.integers(-5, 10**6) | json_values,
+                                           "batch_size": st.sampled_from(["auto", 0, 1, 2**40]) | json_values,
+                                           "learning_rate_multiplier": st.floats(allow_nan=False) | json_values})
+job_body = st.fixed_dictionaries(
+    {"model": st.sampled_from(["tiny", "nope"]) | json_values,
+     "training_file": st.sampled_from(["file-0", "file-" + "a" * 300]) | json_values},
+    optional={"suffix": st.text(max_size=80) | json_values, "seed": st.integers(-2**40, 2**40) | json_values,
+              "hyperparameters": hyper | json_values,
+              "method": st.fixed_dictionaries({"type": st.sampled_from(["supervised", "dpo"]) | json_values},
+                                              optional={"supervised": st.fixed_dictionaries(
+                                                  {"hyperparameters": hyper})}) | json_values,
+              "metadata": st.dictionaries(st.text(max_size=70), st.text(max_size=600), max_size=20) | json_values,
+              "hybridd": st.fixed_dictionaries({}, optional={
+                  "adapter": st.sampled_from(["lora", "qlora", "full", "dora"]) | json_values,
+                  "rank": st.integers(-1, 10**9) | json_values, "use_dora": json_values,
+                  "max_seq": json_values}) | json_values},
+)
 header_text = st.text(alphabet=string.printable.replace("\r", "").replace("\n", ""), max_size=40)
 headers = st.fixed_dictionaries({}, optional={
     "Origin": header_text, "x-hybridd-placement": header_text, "x-hybridd-min-ctx": header_text,
@@ -113,7 +130,7 @@ def test_fuzzed_bodies_and_headers_never_get_a_5xx_or_a_traceback(path: str, tar
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(body=inference_body | json_values | raw_bodies, extra=headers)
+    @given(body=(job_body if "fine_tuning" in path else inference_body) | json_values | raw_bodies, extra=headers)
     def attempt(body: object, extra: dict[str, str]) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         if isinstance(body, dict) and "stream" in body:
@@ -139,7 +156,9 @@ def test_fuzzed_get_routes(target: Daemon, ledger: Ledger) -> None:
     def attempt(segment: str, extra: dict[str, str]) -> None:
         quoted = "".join(c if c.isalnum() or c in "-._~" else f"%{ord(c):02X}" for c in segment)
         for path in (f"/v1/models/{quoted}", f"/{quoted}", f"/hybridd/v1/{quoted}", f"/v1/files/{quoted}",
-                     f"/v1/files/{quoted}/content"):
+                     f"/v1/files/{quoted}/content", f"/v1/fine_tuning/jobs/{quoted}",
+                     f"/v1/fine_tuning/jobs/{quoted}/events", f"/v1/fine_tuning/jobs?limit={quoted}",
+                     f"/v1/fine_tuning/jobs?after={quoted}", f"/hybridd/v1/fine_tuning/jobs/{quoted}/result"):
             reply = http("GET", target.url + path, headers=extra, timeout=30)
             check_reply(attack, f"GET {path} {extra}", reply.status, reply.body)
 

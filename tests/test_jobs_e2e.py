@@ -144,6 +144,10 @@ def test_fine_tune_goes_to_the_peer_and_the_model_comes_back(daemon_factory, tmp
         api = client(desk)
         wait_for(lambda: (peers := json.loads(cli("peers", "--url", desk.url, "--json").stdout)["paired"])
                  and peers[0]["link"] == "up", timeout=30, what="the link to the peer")
+        def peer_free() -> int:
+            return sum(json.loads(cli("peers", "--url", desk.url, "--json").stdout)["paired"][0]["free_bytes"].values())
+
+        free_before = wait_for(peer_free, timeout=30, what="the peer's first capacity report")
         upload = api.files.create(file=("train.jsonl", dataset()), purpose="fine-tune")
         job = api.fine_tuning.jobs.create(model="tiny", training_file=upload.id, suffix="far",
                                           hyperparameters={"n_epochs": 15}, extra_body={"hybridd": {"adapter": "lora"}})
@@ -153,6 +157,9 @@ def test_fine_tune_goes_to_the_peer_and_the_model_comes_back(daemon_factory, tmp
         far = client(peer)
         wait_for(lambda: far.fine_tuning.jobs.retrieve(remote).status == "running", timeout=60,
                  what="training on the peer")
+        # The peer reserved the job's bytes in its ledger: what it offers for inference shrank by as much.
+        need = far.fine_tuning.jobs.retrieve(remote).model_extra["hybridd"]["need_bytes"]
+        wait_for(lambda: peer_free() <= free_before - need, timeout=10, what="the peer's free memory to shrink")
 
         # Restart the desktop mid-run: it re-attaches to the job on the peer.
         stop_daemon(desk)

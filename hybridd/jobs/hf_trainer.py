@@ -146,7 +146,7 @@ class Events:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a SIGTERM handler may emit while the main thread is mid-emit
 
     def emit(self, kind: str, /, **fields: Any) -> None:
         line = json.dumps({"type": kind, "time": time.time(), **fields})

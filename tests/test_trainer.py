@@ -159,6 +159,22 @@ def test_tiny_pair_tokenizes_like_hf(tiny: tuple[Path, Path]) -> None:
     assert 256 in ids and 258 in ids  # the one merge, "he", and <|im_start|>
 
 
+def test_sentencepiece_style_tokenizers_export_with_scores_and_space_prefix(tmp_path: Path) -> None:
+    import gguf
+    from tokenizers import Tokenizer
+
+    from hybridd.demo.tiny_hf import TinyHfLlama
+
+    hf_dir, gguf_path = write_tiny_llama_pair(tmp_path, TinyHfLlama(tokenizer="spm"))
+    tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    for text in ("hello the world", "  two  spaces and\ttab\nnewline", "Hello there, the hello! ~{x}",
+                 chat_text(hf_dir)):
+        assert llama_cpp_ids(gguf_path, text) == tokenizer.encode(text, add_special_tokens=False).ids, text
+    fields = {name: field.contents() for name, field in gguf.GGUFReader(gguf_path).fields.items()}
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is True
+    assert fields["tokenizer.ggml.tokens"][265] == "\u2581the" and fields["tokenizer.ggml.scores"][265] == -2.0
+
+
 def test_tiny_checkpoint_is_cheap_to_build(tmp_path: Path) -> None:
     began = time.monotonic()
     hf_dir, gguf_path = write_tiny_llama_pair(tmp_path)

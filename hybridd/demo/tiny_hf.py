@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hybridd.demo.tiny_gguf import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 MERGES = (("h", "e"),)
+SPM_MERGES = (("\u2581", "t"), ("h", "e"), ("\u2581t", "he"), ("l", "l"), ("ll", "o"))
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class TinyHfLlama:
     n_ff: int = 128
     n_ctx_train: int = 4096
     seed: int = 0
+    tokenizer: str = "bpe"  # "bpe": byte-level, GPT-2 style; "spm": SentencePiece style (▁ for spaces, byte fallback)
 
     @property
     def head_dim(self) -> int:
@@ -46,16 +49,11 @@ def byte_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def _tokenizer_files(folder: Path) -> int:
+def _tokenizer_files(folder: Path, kind: str) -> int:
     """Write tokenizer.json and tokenizer_config.json; return the vocabulary size."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
 
-    vocab = {ch: i for i, ch in enumerate(byte_alphabet())}
-    for left, right in MERGES:
-        vocab[left + right] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(MERGES)))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = _spm_tokenizer() if kind == "spm" else _bpe_tokenizer()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {
@@ -68,6 +66,34 @@ def _tokenizer_files(folder: Path) -> int:
     return int(tokenizer.get_vocab_size())
 
 
+def _bpe_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(byte_alphabet())}
+    for left, right in MERGES:
+        vocab[left + right] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(MERGES)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _spm_tokenizer() -> Any:
+    """Llama 2's shape: <unk>, 256 byte tokens, ▁ and a few letters, merges; spaces become ▁, one put in front."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0} | {f"<0x{b:02X}>": 1 + b for b in range(256)}
+    for piece in ["\u2581", *"ehlot", *(a + b for a, b in SPM_MERGES)]:
+        vocab.setdefault(piece, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(SPM_MERGES), unk_token="<unk>", byte_fallback=True,
+                                     fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                 normalizers.Replace(" ", "\u2581")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    return tokenizer
+
+
 def write_tiny_hf_llama(folder: Path, shape: TinyHfLlama = TinyHfLlama()) -> Path:
     """Write a tiny Llama HF checkpoint (config.json, model.safetensors, tokenizer) into folder; return folder."""
     import numpy as np
@@ -75,8 +101,10 @@ def write_tiny_hf_llama(folder: Path, shape: TinyHfLlama = TinyHfLlama()) -> Pat
 
     if shape.head_dim % 32:
         raise ValueError(f"head_dim {shape.head_dim} must be a multiple of 32 for quantized KV caches")
+    if shape.tokenizer not in ("bpe", "spm"):
+        raise ValueError(f"tokenizer {shape.tokenizer!r} (valid: bpe, spm)")
     folder.mkdir(parents=True, exist_ok=True)
-    n_vocab = _tokenizer_files(folder)
+    n_vocab = _tokenizer_files(folder, shape.tokenizer)
     ids = {t: n_vocab - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": n_vocab,

@@ -371,29 +371,87 @@ def _pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
 
 
 def _add_tokenizer(writer: Any, model_dir: Path, n_vocab_model: int) -> int:
-    """Write a byte-level BPE tokenizer.json, its merges, special ids and chat template; return the vocab size."""
-    import gguf
-
+    """Write tokenizer.json's vocabulary (byte-level BPE, or SentencePiece-style BPE with byte fallback), special
+    token ids and the chat template; return the vocabulary size (padded up to the model's)."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
-        raise ValueError(f"{model_dir}: no tokenizer.json (only fast byte-level BPE tokenizers are exported)")
+        raise ValueError(f"{model_dir}: no tokenizer.json (a fast tokenizer is needed; tokenizer.model alone is not "
+                         "exported)")
     tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
     model = tokenizer_json["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ValueError(f"tokenizer model {model.get('type')!r}: only byte-level BPE tokenizers are exported")
-    by_id: dict[int, tuple[str, int]] = {i: (t, int(gguf.TokenType.NORMAL)) for t, i in model["vocab"].items()}
+    if model.get("type") != "BPE":
+        raise ValueError(f"tokenizer model {model.get('type')!r}: only BPE tokenizers are exported")
+    if model.get("byte_fallback"):
+        return _add_spm_tokenizer(writer, model_dir, tokenizer_json, n_vocab_model)
+    return _add_gpt2_tokenizer(writer, model_dir, tokenizer_json, n_vocab_model)
+
+
+def _vocab_table(tokenizer_json: dict[str, Any], n_vocab_model: int, kind_of: Any) -> tuple[list[str], list[int]]:
+    """Tokens and their types by id: model vocab, then added tokens, padded with [PADn] up to the model's size."""
+    import gguf
+
+    by_id: dict[int, tuple[str, int]] = {i: (t, int(kind_of(t))) for t, i in tokenizer_json["model"]["vocab"].items()}
     for added in tokenizer_json.get("added_tokens") or []:
         kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
         by_id[int(added["id"])] = (added["content"], int(kind))
     size = max(n_vocab_model, max(by_id) + 1)
-    tokens = [by_id.get(i, (f"[PAD{i}]", int(gguf.TokenType.UNUSED)))[0] for i in range(size)]
-    types = [by_id.get(i, (f"[PAD{i}]", int(gguf.TokenType.UNUSED)))[1] for i in range(size)]
+    table = [by_id.get(i, (f"[PAD{i}]", int(gguf.TokenType.UNUSED))) for i in range(size)]
+    return [t for t, _ in table], [k for _, k in table]
+
+
+def _add_gpt2_tokenizer(writer: Any, model_dir: Path, tokenizer_json: dict[str, Any], n_vocab_model: int) -> int:
+    import gguf
+
+    tokens, types = _vocab_table(tokenizer_json, n_vocab_model, lambda _: gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer(tokenizer_json))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=size)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
     if not special.merges:
-        raise ValueError(f"{path}: a BPE tokenizer with no merges does not load in llama.cpp")
+        raise ValueError(f"{model_dir / 'tokenizer.json'}: a BPE tokenizer with no merges does not load in llama.cpp")
     special.add_to_gguf(writer)
-    return size
+    return len(tokens)
+
+
+def _add_spm_tokenizer(writer: Any, model_dir: Path, tokenizer_json: dict[str, Any], n_vocab_model: int) -> int:
+    """Llama 2-style: llama.cpp's SentencePiece tokenizer merges by score, so a merged token scores -(merge rank)."""
+    import gguf
+
+    model = tokenizer_json["model"]
+    unk = model.get("unk_token")
+
+    def kind_of(token: str) -> gguf.TokenType:
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return gguf.TokenType.BYTE
+        return gguf.TokenType.UNKNOWN if token == unk else gguf.TokenType.NORMAL
+
+    tokens, types = _vocab_table(tokenizer_json, n_vocab_model, kind_of)
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, i)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(rank[t]) if t in rank else 0.0 for t in tokens])
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(_prepends_space(tokenizer_json))
+    gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer)
+    return len(tokens)
+
+
+def _prepends_space(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts ▁ before the text (a Prepend normalizer, or a Metaspace that prepends)."""
+    def steps(node: Any) -> list[dict[str, Any]]:
+        if not isinstance(node, dict):
+            return []
+        inner = node.get("normalizers") or node.get("pretokenizers")
+        return [s for n in inner for s in steps(n)] if node.get("type") == "Sequence" and inner else [node]
+
+    for step in steps(tokenizer_json.get("normalizer")) + steps(tokenizer_json.get("pre_tokenizer")):
+        if step.get("type") == "Prepend" and step.get("prepend") == "\u2581":
+            return True
+        if step.get("type") == "Metaspace" and (step.get("prepend_scheme") in ("first", "always")
+                                                or step.get("add_prefix_space")):
+            return True
+    return False

@@ -38,6 +38,7 @@ async def status(request: web.Request) -> web.Response:
         "calibration": {f"{node}/{model}": round(f, 3)
                         for (node, model), f in request.app[keys.ROUTER].state.calibration.ratios.items()},
         "completion_tokens": {model: round(n) for model, n in request.app[keys.ROUTER].state.lengths.tokens.items()},
+        "fine_tuning_jobs": _training(request),
     })
 
 
@@ -50,6 +51,15 @@ async def plan(request: web.Request) -> web.Response:
     except ValueError as exc:  # a malformed profile or GGUF header
         raise BadRequest(str(exc)) from exc
     return web.json_response(result)
+
+
+def _training(request: web.Request) -> list[dict[str, object]]:
+    """Fine-tuning jobs not finished, oldest first: where each runs, how far it got, and why it is where it is."""
+    if keys.TRAININGS not in request.app:
+        return []
+    return [{"id": job.id, "model": job.model, "status": job.status, "placement": job.placement, "step": job.step,
+             "total_steps": job.total_steps, "reason": job.reason, "estimated_finish": job.estimated_finish}
+            for job in request.app[keys.TRAININGS].store.active()]
 
 
 def _peers(request: web.Request) -> list[dict[str, object]]:

@@ -97,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="a desktop and a peer node on this machine: pair them, see where requests run")
 
+    jobs = commands.add_parser(
+        "jobs", help="fine-tuning jobs: list them, show one (--follow watches it train), cancel one",
+        description="'hybridd jobs' lists the fine-tuning jobs (newest first); 'hybridd jobs show ID' shows one "
+        "and its events, and with --follow a progress bar until it finishes (exit 0 if it succeeded, 1 if it "
+        "failed or was cancelled); 'hybridd jobs cancel ID' cancels one.")
+    jobs.add_argument("action", nargs="?", choices=("list", "show", "cancel"), default="list",
+                      help="list (the default), show or cancel")
+    jobs.add_argument("job_id", nargs="?", metavar="ID", help="the job's id (ftjob-...), for show and cancel")
+    _url_flags(jobs)
+    _flag(jobs, "--follow", env="HYBRIDD_FOLLOW", action="store_true",
+          help="with show: print events and progress as they come until the job finishes")
+    _flag(jobs, "--json", env="HYBRIDD_JSON", action="store_true",
+          help="print JSON (with show --follow: one JSON line per event, then the finished job)")
+
     models = commands.add_parser("models", help="list the models the running daemon serves")
     _url_flags(models)
     _flag(models, "--json", env="HYBRIDD_JSON", action="store_true", help="print the model list as JSON")
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
     handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan, "pair": cmd_pair,
-               "peers": cmd_peers, "demo": cmd_demo}[args.command]
+               "peers": cmd_peers, "demo": cmd_demo, "jobs": cmd_jobs}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -374,6 +388,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as exc:
         print(f"hybridd demo: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List, show (and follow) or cancel fine-tuning jobs."""
+    from hybridd.cli import jobs
+
+    if args.action == "list" and args.job_id is not None:
+        print(f"hybridd jobs: to see job {args.job_id}, run 'hybridd jobs show {args.job_id}'", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action != "list" and args.job_id is None:
+        print(f"hybridd jobs: give the job's id: hybridd jobs {args.action} ID", file=sys.stderr)
+        return EXIT_USAGE
+    if args.follow and args.action != "show":
+        print("hybridd jobs: --follow goes with show: hybridd jobs show ID --follow", file=sys.stderr)
+        return EXIT_USAGE
+
+    def ask(path: str, body: Any) -> Any:
+        return _ask(args, path, body)
+
+    if args.action == "list":
+        return jobs.list_jobs(ask, sys.stdout, args.json)
+    if args.action == "cancel":
+        return jobs.cancel_job(ask, sys.stdout, args.job_id, args.json)
+    if args.follow:
+        return jobs.follow_job(ask, sys.stdout, args.job_id, args.json, tty=sys.stdout.isatty())
+    return jobs.show_job(ask, sys.stdout, args.job_id, args.json)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

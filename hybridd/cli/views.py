@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -50,6 +51,9 @@ def render_status(status: dict[str, Any]) -> str:
                  "-" if not p.get("free_bytes") else f"{p['free_bytes'] / 2**30:.1f} GiB",
                  ", ".join(p.get("models", [])) or "-"] for p in peers]
         text += "\n\n" + table(["PEER", "LINK", "URL", "HARDWARE", "RTT", "FREE", "MODELS"], rows)
+    training = status.get("fine_tuning_jobs", [])
+    if training:
+        text += "\n\n" + render_training(training)
     decisions = status.get("decisions", [])
     if decisions:
         text += "\n\nrecent decisions:"
@@ -113,3 +117,74 @@ def render_pairing_event(event: dict[str, Any], opened_at: float | None) -> str:
     """One line of `hybridd pair` on the peer: when (since the window opened), from where, what happened."""
     since = f"+{event['at'] - opened_at:.1f}s" if opened_at is not None else ""
     return f"  {since:>7}  {event['source'] or 'this node':<24}  {event['kind']:<15}  {event['detail']}"
+
+
+def _step(info: dict[str, Any]) -> str:
+    """'12/200', or '-' before the trainer has said how many steps there are."""
+    if not info.get("total_steps"):
+        return "-"
+    return f"{info.get('step') or 0}/{info['total_steps']}"
+
+
+def render_jobs(listing: dict[str, Any]) -> str:
+    """The `hybridd jobs` text: each job with its model, status, where it runs, step and fine-tuned model."""
+    rows = []
+    for job in listing.get("data", []):
+        info = job.get("hybridd") or {}
+        rows.append([job["id"], job["model"], job["status"], info.get("placement") or "-", _step(info),
+                     job.get("fine_tuned_model") or "-"])
+    if not rows:
+        return "no fine-tuning jobs (create one with the OpenAI API: POST /v1/fine_tuning/jobs)"
+    text = table(["JOB", "MODEL", "STATUS", "WHERE", "STEP", "FINE-TUNED MODEL"], rows)
+    if listing.get("has_more"):
+        text += "\n(older jobs not shown)"
+    return text
+
+
+def render_job(job: dict[str, Any], now: float) -> str:
+    """The head of `hybridd jobs show`: the job's fields that say what it is, where it is and how far it got."""
+    info = job.get("hybridd") or {}
+    hyper = job.get("hyperparameters") or {}
+    lines = [f"job {job['id']}: {job['status']}",
+             f"  model:      {job['model']} ({info.get('adapter', '-')}"
+             + (f", rank {info['rank']}" if info.get("rank") else "") + f", {hyper.get('n_epochs')} epochs)",
+             f"  where:      {info.get('placement') or '-'}" + (f" on {info['device']}" if info.get("device") else "")
+             + (f": {info['reason']}" if info.get("reason") else ""),
+             f"  step:       {_step(info)}"]
+    if job.get("trained_tokens"):
+        lines.append(f"  tokens:     {job['trained_tokens']}")
+    if job.get("estimated_finish") and job["status"] not in ("succeeded", "failed", "cancelled"):
+        lines.append(f"  eta:        {duration(max(0.0, job['estimated_finish'] - now))}")
+    if job.get("fine_tuned_model"):
+        lines.append(f"  model made: {job['fine_tuned_model']}")
+    if job.get("error"):
+        lines.append(f"  error:      {job['error'].get('message')}")
+    return "\n".join(lines)
+
+
+def render_event(event: dict[str, Any]) -> str:
+    """One event of a job: its time (local clock), level, message."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("created_at", 0)))
+    return f"  {stamp}  {event.get('level', 'info'):<5}  {event.get('message', '')}"
+
+
+def render_progress(metrics: dict[str, Any], estimated_finish: float | None, now: float, width: int = 24) -> str:
+    """The `--follow` progress line: a bar, step/total, loss, tokens/s and the time left."""
+    step, total = int(metrics.get("step") or 0), int(metrics.get("total_steps") or 0)
+    filled = width * step // total if total > 0 else 0
+    parts = [f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"]
+    if total > 0:
+        parts.append(f"{100 * step // total:3d}%")
+    loss = metrics.get("train_loss")
+    parts.append(f"loss {loss:.4f}" if isinstance(loss, int | float) else "loss -")
+    speed = metrics.get("tokens_per_s")
+    parts.append(f"{speed:.0f} tok/s" if isinstance(speed, int | float) else "- tok/s")
+    parts.append(f"ETA {duration(max(0.0, estimated_finish - now))}" if estimated_finish else "ETA -")
+    return "  ".join(parts)
+
+
+def render_training(jobs: list[dict[str, Any]]) -> str:
+    """The fine-tuning part of `hybridd status`: each job not finished, where it runs and why."""
+    rows = [[j["id"], j["model"], j["status"], j.get("placement") or "-", _step(j), (j.get("reason") or "-")[:70]]
+            for j in jobs]
+    return table(["FINE-TUNING JOB", "MODEL", "STATUS", "WHERE", "STEP", "WHY"], rows)

@@ -1,5 +1,6 @@
 """`hybridd demo`: a desktop node and a peer node on this machine, paired with a one-time code; a short and a
-long request for the same small real model show where each runs and why."""
+long request for the same small real model show where each runs and why; then (with the training extra) a
+fine-tune asked on the desktop trains on the peer and its model answers on the desktop (demo/finetune.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridd.config import state_dir
+from hybridd.demo import finetune
 from hybridd.demo.launch import RunningNode, start_node
 from hybridd.demo.model import demo_model
 from hybridd.model.memory import RunSettings, estimate_memory
@@ -81,14 +83,20 @@ def run_demo(out: Any = print) -> int:
     out(f"model: {model[0]} ({model[1].name}); on a GPU it needs {short_bytes / 2**30:.2f} GiB at 4k context and "
         f"{long_bytes / 2**30:.2f} GiB at {LONG_CTX}")
     nodes: list[RunningNode] = []
+    missing = finetune.missing_extra()
     with tempfile.TemporaryDirectory(prefix="hybridd-demo-") as folder:
         try:
+            peer_config = _config("spark-demo", "peer", model, long_bytes * 8, 0)
+            desk_config = _config("desk-demo", "desktop", model, (short_bytes + long_bytes) // 2, host_bytes)
+            if not missing:  # the model to fine-tune: the peer has its checkpoint, the desktop only its GGUF
+                tiny = finetune.build_model(Path(folder) / "tiny")
+                peer_config += finetune.model_entry(tiny, trains=True)
+                desk_config += finetune.model_entry(tiny, trains=False)
             out("starting a peer node (dgx-spark profile, simulated 8x budget) and a desktop node "
                 "(budget between the two)...")
-            peer = start_node(_config("spark-demo", "peer", model, long_bytes * 8, 0), Path(folder) / "peer")
+            peer = start_node(peer_config, Path(folder) / "peer")
             nodes.append(peer)
-            desk = start_node(_config("desk-demo", "desktop", model, (short_bytes + long_bytes) // 2, host_bytes),
-                              Path(folder) / "desk")
+            desk = start_node(desk_config, Path(folder) / "desk")
             nodes.append(desk)
             window, _ = _call(peer.url + "/hybridd/v1/pair/open", {})
             out(f"peer opened a pairing window: code {window['code'][:4]} {window['code'][4:]}")
@@ -110,6 +118,10 @@ def run_demo(out: Any = print) -> int:
                 out(f"{label}: ran on {headers['x-hybridd-placement']} in {time.monotonic() - started:.1f} s")
                 out(f"  why:    {headers['x-hybridd-reason']}")
                 out(f"  answer: {text[:160]}\n")
+            if missing:
+                out(finetune.skipped_line(missing))
+            else:
+                finetune.run_finetune(desk.url, out)
             return 0
         finally:
             for node in reversed(nodes):

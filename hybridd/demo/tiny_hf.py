@@ -3,6 +3,7 @@
 Random weights from a fixed seed (numpy, written as safetensors: no torch needed to build it), a byte-level BPE
 tokenizer (GPT-2's byte alphabet, one merge: llama.cpp refuses a BPE vocabulary with none) built with `tokenizers`,
 and a ChatML template. The GGUF comes from hybridd.jobs.gguf_export, so fixture and exporter are tested together.
+Building it needs `tokenizers` and `safetensors` (both in the `train` extra), imported when called.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridd.demo.tiny_gguf import CHAT_TEMPLATE
+from hybridd.jobs.gguf_export import export_model_gguf
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 MERGES = (("h", "e"),)
@@ -145,7 +147,5 @@ def write_tiny_hf_llama(folder: Path, shape: TinyHfLlama = TinyHfLlama()) -> Pat
 
 def write_tiny_llama_pair(folder: Path, shape: TinyHfLlama = TinyHfLlama()) -> tuple[Path, Path]:
     """The tiny HF checkpoint in folder/hf and the same model as folder/tiny-llama.gguf."""
-    from hybridd.jobs.gguf_export import export_model_gguf
-
     hf_dir = write_tiny_hf_llama(folder / "hf", shape)
     return hf_dir, export_model_gguf(hf_dir, folder / "tiny-llama.gguf", name="tiny-hf-llama")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from hybridd.jobs import gguf_export  # numpy at import time; no torch
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_NO_EXTRA, EXIT_CANCELLED = 0, 1, 2, 3, 143
 METHODS = ("lora", "qlora", "full")
 # With no target_modules: every projection llama.cpp can apply a LoRA to.
@@ -240,13 +242,11 @@ def main(argv: list[str]) -> int:
 
 
 def _check_exportable(spec: TrainSpec) -> None:
-    from hybridd.jobs.gguf_export import check_adapter_supported, check_architecture
-
     config = json.loads((spec.base_model_dir / "config.json").read_text())
-    check_architecture(config)
+    gguf_export.check_architecture(config)
     if spec.method != "full":
         targets = list(spec.target_modules or DEFAULT_TARGETS)
-        check_adapter_supported({"target_modules": targets})
+        gguf_export.check_adapter_supported({"target_modules": targets})
 
 
 # ---- data ----
@@ -331,8 +331,6 @@ def _train(spec: TrainSpec, events: Events, cancel: Cancel) -> int:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import set_seed
     from transformers.utils import logging as hf_logging
-
-    from hybridd.jobs import gguf_export
 
     hf_logging.disable_progress_bar()  # stdout and stderr stay quiet: the events file is the channel
     hf_logging.set_verbosity_error()

@@ -5,6 +5,7 @@ llama.cpp engine under the job's ft: id. Once on one node, once sent to a paired
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,29 @@ def answer_locally(api: openai.OpenAI, model: str) -> None:
     assert raw.parse().usage.completion_tokens >= 1
 
 
-def test_fine_tune_here_survives_a_killed_trainer_and_serves_the_adapter(daemon_factory,  # type: ignore[no-untyped-def]
+def test_fine_tune_here_survives_a_killed_trainer_and_serves_the_adapter(tmp_path: Path,
                                                                        tiny: tuple[Path, Path]) -> None:
-    desk = daemon_factory(config(tiny, "desk", "desktop", trains=True))
-    api = client(desk)
+    checkpoint = Path(shutil.copytree(tiny[0], tmp_path / "hf"))  # this test changes it at the end
+    text = config((checkpoint, tiny[1]), "desk", "desktop", trains=True)
+    desk = start_daemon(text, tmp_path / "desk")
+    try:
+        api = client(desk)
+        trained_here(desk, api)
+        # The base checkpoint changes under the adapter: after a restart the model is refused, not served wrong.
+        (model,) = [m.id for m in api.models.list().data if m.id.startswith("ft:")]
+        stop_daemon(desk)
+        with (checkpoint / "config.json").open("a") as file:
+            file.write("\n")
+        desk = start_daemon(text, tmp_path / "desk")
+        api = client(desk)
+        assert model not in {m.id for m in api.models.list().data}
+        with pytest.raises(openai.ConflictError, match="base checkpoint has changed since it was trained"):
+            api.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    finally:
+        stop_daemon(desk)
+
+
+def trained_here(desk: Daemon, api: openai.OpenAI) -> None:
     upload = api.files.create(file=("train.jsonl", dataset()), purpose="fine-tune")
     job = api.fine_tuning.jobs.create(model="tiny", training_file=upload.id, suffix="count", seed=3,
                                       method={"type": "supervised", "supervised": {"hyperparameters": {

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from hybridd.demo.tiny_hf import write_tiny_llama_pair  # numpy and gguf at import; tokenizers only when it runs
+
 MODEL = "tiny-llama"
 MAX_STEPS = 20
 EXTRA = ("torch", "transformers", "peft", "trl")
@@ -33,8 +35,6 @@ def skipped_line(missing: list[str]) -> str:
 
 def build_model(folder: Path) -> tuple[Path, Path]:
     """The tiny Llama as an HF checkpoint (the peer trains it) and as a GGUF (both nodes serve it)."""
-    from hybridd.demo.tiny_hf import write_tiny_llama_pair
-
     return write_tiny_llama_pair(folder)
 
 

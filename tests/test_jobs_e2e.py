@@ -168,6 +168,9 @@ def test_fine_tune_goes_to_the_peer_and_the_model_comes_back(daemon_factory, tmp
             return sum(json.loads(cli("peers", "--url", desk.url, "--json").stdout)["paired"][0]["free_bytes"].values())
 
         free_before = wait_for(peer_free, timeout=30, what="the peer's first capacity report")
+        # The desktop has only the GGUF; the peer has the checkpoint, and the desktop offers its training.
+        (listed,) = [m for m in api.models.list().data if m.id == "tiny"]
+        assert listed.model_extra["hybridd"]["trainable_on"] == ["peer:spark"]
         upload = api.files.create(file=("train.jsonl", dataset()), purpose="fine-tune")
         job = api.fine_tuning.jobs.create(model="tiny", training_file=upload.id, suffix="far",
                                           hyperparameters={"n_epochs": 15}, extra_body={"hybridd": {"adapter": "lora"}})
@@ -198,8 +201,17 @@ def test_fine_tune_goes_to_the_peer_and_the_model_comes_back(daemon_factory, tmp
                                             extra_body={"hybridd": {"max_steps": 2}})
         assert finished(api, again.id).status == "succeeded"
         assert len(far.files.list().data) == 1
+        # Cancel on the desktop reaches the trainer on the peer.
+        long = api.fine_tuning.jobs.create(model="tiny", training_file=upload.id, hyperparameters={"n_epochs": 50})
+        there = wait_for(lambda: api.fine_tuning.jobs.retrieve(long.id).model_extra["hybridd"]["peer_job_id"],
+                         timeout=30, what="the long job to reach the peer")
+        wait_for(lambda: far.fine_tuning.jobs.retrieve(there).status == "running", timeout=60, what="it to train")
+        assert api.fine_tuning.jobs.cancel(long.id).status in ("running", "queued")  # the peer is being told
+        assert finished(api, long.id, timeout=60).status == "cancelled"
+        assert far.fine_tuning.jobs.retrieve(there).status == "cancelled"
+        wait_for(lambda: not trainers(peer), timeout=30, what="the peer's trainer to exit")
         # The peer made the job once per desktop job, however often it was asked (Idempotency-Key).
-        assert len(far.fine_tuning.jobs.list().data) == 2
+        assert len(far.fine_tuning.jobs.list().data) == 3
     finally:
         stop_daemon(desk)
 

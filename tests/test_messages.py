@@ -77,7 +77,7 @@ def test_an_inventory_from_a_node_that_trains_nothing_offers_nothing_to_train() 
 
 def test_a_job_changed_frame_names_a_printable_bounded_id() -> None:
     for bad in ("x" * 200, "job\n1", 7):
-        with pytest.raises(LinkProtocolError, match="job_changed.job_id"):
+        with pytest.raises(LinkProtocolError, match=r"job_changed\.job_id"):
             decode(pack({"v": 1, "type": "job_changed", "job_id": bad}))
 
 

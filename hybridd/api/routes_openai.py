@@ -25,13 +25,16 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(PATHS["embedding"], _inference("embedding"))
 
 
-def _model_object(request: web.Request, model: ModelEntry, peers: dict[str, list[str]]) -> dict[str, Any]:
+def _model_object(request: web.Request, model: ModelEntry, peers: dict[str, list[str]],
+                  trainers: dict[str, list[str]] | None = None) -> dict[str, Any]:
     node = request.app[keys.NODE]
     slots = request.app[keys.POOL].for_model(model.name)
     state = next((s.state.value for s in slots if s.live), slots[0].state.value if slots else "stopped")
     if not model.local:
         state = "remote"
     where = (["local"] if model.local else []) + [f"peer:{p}" for p in peers.get(model.name, [])]
+    trainable = (["local"] if model.train_path is not None else []) + [
+        f"peer:{p}" for p in (trainers or {}).get(model.name, [])]
     return {
         "id": model.name,
         "object": "model",
@@ -40,7 +43,7 @@ def _model_object(request: web.Request, model: ModelEntry, peers: dict[str, list
         "context_length": model.ctx,
         "aliases": list(model.aliases),
         "hybridd": {"placement": "local" if model.local else "peer", "runs_on": where, "engine": model.engine,
-                    "state": state, "loaded": state == "ready"},
+                    "state": state, "loaded": state == "ready", "trainable_on": trainable},
     }
 
 
@@ -66,10 +69,10 @@ def resolve_model(request: web.Request, name: str) -> ModelEntry:
 async def list_models(request: web.Request) -> web.Response:
     """Every model this node or its peers serve, with context length, where each runs, and loaded state."""
     catalog = request.app[keys.NODE].catalog
-    peers = _peer_models(request)
-    data = [_model_object(request, m, peers) for m in catalog.models]
+    peers, trainers = _peer_models(request), _peer_trainers(request)
+    data = [_model_object(request, m, peers, trainers) for m in catalog.models]
     known = {m.name for m in catalog.models}
-    data += [_model_object(request, ModelEntry(name=name, engine="peer-only"), peers)
+    data += [_model_object(request, ModelEntry(name=name, engine="peer-only"), peers, trainers)
              for name in sorted(peers) if name not in known]
     return web.json_response({"object": "list", "data": data})
 
@@ -77,7 +80,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     """One model by id or alias."""
     model = resolve_model(request, request.match_info["model"])
-    return web.json_response(_model_object(request, model, _peer_models(request)))
+    return web.json_response(_model_object(request, model, _peer_models(request), _peer_trainers(request)))
 
 
 def _inference(endpoint: Endpoint) -> Any:
@@ -128,3 +131,12 @@ async def _serve(request: web.Request, endpoint: Endpoint, raw: bytes, inference
     if answer.cancelled:
         raise asyncio.CancelledError
     return answer.response
+
+
+def _peer_trainers(request: web.Request) -> dict[str, list[str]]:
+    """Model id -> the peers that can fine-tune it (they have its checkpoint)."""
+    trainers: dict[str, list[str]] = {}
+    for name, target in request.app[keys.ROUTER].peer_targets().items():
+        for model in sorted(target.state.trainable):
+            trainers.setdefault(model, []).append(name)
+    return trainers

@@ -268,6 +268,8 @@ class Trainings:
 
     async def _train_once(self, job: Job) -> bool:
         """One trainer run; True when it should run again (it crashed; it resumes from its checkpoint)."""
+        if job.status in FINISHED:  # cancelled while its memory was being made free
+            return False
         entry = self.catalog.resolve(job.model)
         if entry.train_path is None:
             self.finish(job.id, "failed", _error("model_not_trainable", f"'{job.model}' has no train_path here"))

@@ -10,7 +10,16 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from hybridd.api import routes_files, routes_jobs, routes_openai, routes_peers, routes_status
+from hybridd.api import (
+    routes_anthropic,
+    routes_files,
+    routes_jobs,
+    routes_ollama,
+    routes_openai,
+    routes_peers,
+    routes_responses,
+    routes_status,
+)
 from hybridd.api.envelope import envelope_malformed_requests, envelope_middleware
 from hybridd.api.guards import body_deadline, make_guard
 from hybridd.api.keys import FILES, HTTP, NODE, PEER, POOL, ROUTER, TRAININGS, Node
@@ -133,6 +142,9 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
         routes_files.add_routes(app)
         routes_jobs.add_routes(app)
     routes_openai.add_routes(app)
+    routes_anthropic.add_routes(app)
+    routes_responses.add_routes(app)
+    routes_ollama.add_routes(app)
     routes_status.add_routes(app)
     routes_peers.add_routes(app)
     return app

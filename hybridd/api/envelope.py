@@ -63,9 +63,54 @@ def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
     return b"data: " + json.dumps(error_body(message, "server_error", code)).encode() + b"\n\n"
 
 
+# Anthropic's error types by status (docs.anthropic.com, "Errors"); Ollama's envelope is {"error": "..."}.
+_ANTHROPIC_TYPE_FOR_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                              404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                              503: "overloaded_error", 529: "overloaded_error"}
+
+
+def dialect(path: str) -> str:
+    """Which API's error envelope a path answers in: "anthropic" (/v1/messages), "ollama" (/api/) or "openai"."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path.startswith("/api/"):
+        return "ollama"
+    return "openai"
+
+
+def error_in_dialect(kind: str, status: int, message: str) -> bytes:
+    """An error body in the envelope of `kind` (see dialect)."""
+    if kind == "anthropic":
+        error_type = _ANTHROPIC_TYPE_FOR_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+    if kind == "ollama":
+        return json.dumps({"error": message}).encode()
+    kind_name = _TYPE_FOR_STATUS.get(status, "server_error")
+    return json.dumps(error_body(message, kind_name, None)).encode()
+
+
+def _in_dialect(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """An OpenAI-envelope error answer rewritten into the envelope of the API the path belongs to."""
+    kind = dialect(request.path)
+    if kind == "openai" or response.status < 400 or not isinstance(response, web.Response) \
+            or not isinstance(response.body, bytes) or response.content_type != "application/json":
+        return response
+    try:
+        message = json.loads(response.body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response  # already in its own envelope
+    response.body = error_in_dialect(kind, response.status, str(message))
+    return response
+
+
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every error into an OpenAI envelope with an honest status."""
+    """Turn every error into an envelope with an honest status: OpenAI's, or on /v1/messages Anthropic's and on
+    /api/ Ollama's."""
+    return _in_dialect(request, await _enveloped(request, handler))
+
+
+async def _enveloped(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except HybriddError as exc:

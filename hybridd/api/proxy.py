@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,20 @@ from hybridd.node.router import Answer, Route
 from hybridd.place.state import Observation
 
 log = logging.getLogger("hybridd.api")
+
+
+class Translator(Protocol):
+    """Turns an engine's chat-completions answer into another API's, as it passes (hybridd/api/translate/).
+
+    `whole` takes a complete 200 answer; `chunk` one streamed chat.completion.chunk (already parsed); `end` is
+    called at the stream's [DONE], `failed` when it broke after its first byte. Each returns the bytes to send."""
+
+    stream_content_type: str
+
+    def whole(self, payload: bytes) -> bytes: ...
+    def chunk(self, event: dict[str, Any]) -> bytes: ...
+    def end(self) -> bytes: ...
+    def failed(self, message: str, code: str) -> bytes: ...
 
 
 @dataclass
@@ -96,8 +111,10 @@ _DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "
 
 
 async def forward(http: aiohttp.ClientSession, route: Route, client: web.Request, path: str, body: bytes,
-                  stream: bool, upstream_headers: dict[str, str] | None = None) -> Answer[web.StreamResponse]:
-    """POST body to the route's upstream at path; answer the client with its response plus the placement headers.
+                  stream: bool, upstream_headers: dict[str, str] | None = None,
+                  translator: Translator | None = None) -> Answer[web.StreamResponse]:
+    """POST body to the route's upstream at path; answer the client with its response plus the placement headers
+    (through `translator` when the client speaks another API than the upstream).
 
     The route's first-byte timeout bounds the wait for the response headers (a peer may be loading a model), its
     idle timeout each wait between chunks (a hung peer). UpstreamUnreachable means nothing was sent to the client
@@ -121,9 +138,9 @@ async def forward(http: aiohttp.ClientSession, route: Route, client: web.Request
         raise _unreachable(route, f"{url} sent nothing within {route.first_byte_timeout_s:g} s") from exc
     try:
         if not stream or upstream.status != 200:
-            return await _whole(upstream, url, _reply_headers(route))
+            return await _whole(upstream, url, _reply_headers(route), translator)
         return await _stream(client, upstream, route.base_url, _reply_headers(route), route.idle_timeout_s,
-                             streams)
+                             streams, translator)
     finally:
         # Closing (not releasing) an unfinished response drops the connection: the engine sees the
         # disconnect and stops generating for a client that is gone.
@@ -148,8 +165,8 @@ def _header_safe(text: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:1000]
 
 
-async def _whole(upstream: aiohttp.ClientResponse, url: str,
-                 extra_headers: dict[str, str]) -> Answer[web.StreamResponse]:
+async def _whole(upstream: aiohttp.ClientResponse, url: str, extra_headers: dict[str, str],
+                 translator: Translator | None = None) -> Answer[web.StreamResponse]:
     try:
         payload = await upstream.read()
     except aiohttp.ClientError as exc:
@@ -163,7 +180,10 @@ async def _whole(upstream: aiohttp.ClientResponse, url: str,
     headers.update(extra_headers)
     status = upstream.status
     if status >= 400:
-        status, payload = upstream_error(status, payload)
+        status, payload = upstream_error(status, payload)  # the error middleware puts it in the client's envelope
+        headers["Content-Type"] = "application/json"
+    elif translator is not None:
+        payload = translator.whole(payload)
         headers["Content-Type"] = "application/json"
     return Answer(web.Response(body=payload, status=status, headers=headers), seen)
 
@@ -179,9 +199,9 @@ def _usage_tokens(payload: bytes) -> int | None:
 
 async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, base_url: str,
                   extra_headers: dict[str, str], idle_timeout_s: float | None, streams: OpenStreams,
-                  ) -> Answer[web.StreamResponse]:
+                  translator: Translator | None = None) -> Answer[web.StreamResponse]:
     response = web.StreamResponse(status=200)
-    response.content_type = "text/event-stream"
+    response.content_type = translator.stream_content_type if translator is not None else "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     response.headers.update(extra_headers)
@@ -189,7 +209,8 @@ async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, base_ur
     streams.add(upstream, base_url)
     try:
         await response.prepare(client)
-        await _pump(upstream, response, base_url, tally, idle_timeout_s, streams)
+        out = _Translated(response, translator) if translator is not None else response
+        await _pump(upstream, out, base_url, tally, idle_timeout_s, streams)
     except asyncio.CancelledError:
         # The client went away (its handler is cancelled): what passed until then is still an observation.
         return Answer(response, tally.observation(), cancelled=True)
@@ -200,8 +221,40 @@ async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, base_ur
     return Answer(response, tally.observation())
 
 
-async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse, base_url: str, tally: StreamTally,
-                idle_timeout_s: float | None, streams: OpenStreams) -> None:
+class _Translated:
+    """Stands in for the client's response in _pump: complete server-sent events in, the translation out."""
+
+    def __init__(self, response: web.StreamResponse, translator: Translator) -> None:
+        self.response = response
+        self.translator = translator
+
+    async def write(self, data: bytes) -> None:
+        out = bytearray()
+        for line in data.split(b"\n"):
+            if not line.startswith(b"data: "):
+                continue  # blank separators, comments, event names: the chat stream carries all in data
+            value = line[6:].strip()
+            if value == b"[DONE]":
+                out += self.translator.end()
+                continue
+            try:
+                event = json.loads(value)
+            except ValueError:
+                continue  # not a chat chunk: nothing a translation could carry
+            if isinstance(event, dict) and isinstance(event.get("error"), dict):  # the engine's, or _pump's own
+                error = event["error"]
+                out += self.translator.failed(str(error.get("message")), str(error.get("code")))
+            elif isinstance(event, dict):
+                out += self.translator.chunk(event)
+        if out:
+            await self.response.write(bytes(out))
+
+    async def write_eof(self) -> None:
+        await self.response.write_eof()
+
+
+async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse | _Translated, base_url: str,
+                tally: StreamTally, idle_timeout_s: float | None, streams: OpenStreams) -> None:
     # iter_any hands over whatever bytes have arrived: no line splitting, no waiting for more.
     chunks = upstream.content.iter_any()
     partial = b""  # the start of an event the engine has not finished yet

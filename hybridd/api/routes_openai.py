@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from hybridd.api import keys
-from hybridd.api.proxy import forward
+from hybridd.api.proxy import Translator, forward
 from hybridd.config import ModelEntry
 from hybridd.errors import BadRequest, ModelNotFound, UpstreamUnreachable
 from hybridd.node.request import PATHS, Endpoint, InferenceRequest, check_llama_cpp_input, parse_inference
@@ -87,45 +87,58 @@ def _inference(endpoint: Endpoint) -> Any:
     async def handle(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         inference = parse_inference(endpoint, raw, request.headers)
-        model = resolve_model(request, inference.model)
-        if endpoint == "embedding" and model.managed and not model.embeddings:
-            raise BadRequest(f"model '{model.name}' is not configured for embeddings (set embeddings = true in "
-                             "its [[models]] entry; it costs generation speed)")
-        if model.managed:
-            check_llama_cpp_input(inference, model.name, str(model.options.get("logits_all")).lower() == "true")
-        router = request.app[keys.ROUTER]
-        excluded: frozenset[str] = frozenset()
-        while True:
-            try:
-                return await _serve(request, endpoint, raw, inference, model, excluded)
-            except UpstreamUnreachable as exc:
-                peer = exc.peer
-                if peer is None or peer in excluded:
-                    raise
-                # Nothing reached the client yet: one retry on the next-best option, without that peer.
-                router.peer_failed(peer, exc.message)
-                excluded = excluded | {peer}
+        return await serve(request, inference, raw)
 
     handle.__name__ = f"{endpoint}_handler"
     return handle
 
 
-async def _serve(request: web.Request, endpoint: Endpoint, raw: bytes, inference: InferenceRequest,
-                 model: ModelEntry, excluded: frozenset[str]) -> web.StreamResponse:
+async def serve(request: web.Request, inference: InferenceRequest, raw: bytes,
+                translator: Translator | None = None, native: tuple[str, bytes] | None = None) -> web.StreamResponse:
+    """Place `inference` and answer it. Another API's request comes here as the chat completion it maps to, with
+    the `translator` of the answer and `native`, the request as it came (its path and body): a peer running hybridd
+    gets that and translates itself; an engine gets the chat completion."""
+    model = resolve_model(request, inference.model)
+    if inference.endpoint == "embedding" and model.managed and not model.embeddings:
+        raise BadRequest(f"model '{model.name}' is not configured for embeddings (set embeddings = true in "
+                         "its [[models]] entry; it costs generation speed)")
+    if model.managed:
+        check_llama_cpp_input(inference, model.name, str(model.options.get("logits_all")).lower() == "true")
+    router = request.app[keys.ROUTER]
+    excluded: frozenset[str] = frozenset()
+    while True:
+        try:
+            return await _serve(request, raw, inference, model, excluded, translator, native)
+        except UpstreamUnreachable as exc:
+            peer = exc.peer
+            if peer is None or peer in excluded:
+                raise
+            # Nothing reached the client yet: one retry on the next-best option, without that peer.
+            router.peer_failed(peer, exc.message)
+            excluded = excluded | {peer}
+
+
+async def _serve(request: web.Request, raw: bytes, inference: InferenceRequest, model: ModelEntry,
+                 excluded: frozenset[str], translator: Translator | None,
+                 native: tuple[str, bytes] | None) -> web.StreamResponse:
     """Route once and forward; an unreachable peer's error names the peer so the caller can retry elsewhere."""
 
     async def send(route: Route) -> Answer[web.StreamResponse]:
-        body = inference.engine_body()
-        if model.upstream_model and not route.forwarded:
-            body["model"] = model.upstream_model
-        payload = json.dumps(body).encode() if body != inference.body or inference.had_hints else raw
         # A forwarded request is served where it lands: the peer must not forward it again.
         upstream_headers = {}
         if route.forwarded:
             upstream_headers = {"x-hybridd-forwarded": "1", "x-hybridd-placement": "local",
                                 "x-hybridd-min-ctx": str(inference.hints.min_ctx)}
-        return await forward(request.app[keys.HTTP], route, request, PATHS[endpoint], payload, inference.stream,
-                             upstream_headers)
+            if native is not None and route.speaks_hybridd:  # a paired hybridd speaks the client's API itself
+                native_path, native_body = native
+                return await forward(request.app[keys.HTTP], route, request, native_path, native_body,
+                                     inference.stream, upstream_headers)
+        body = inference.engine_body()
+        if model.upstream_model and not route.forwarded:
+            body["model"] = model.upstream_model
+        payload = json.dumps(body).encode() if body != inference.body or inference.had_hints else raw
+        return await forward(request.app[keys.HTTP], route, request, PATHS[inference.endpoint], payload,
+                             inference.stream, upstream_headers, translator)
 
     answer = await request.app[keys.ROUTER].serve(inference, model, send, excluded)
     if answer.cancelled:

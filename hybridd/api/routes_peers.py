@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from hybridd.api import keys, routes_jobs, routes_openai
+from hybridd.api import keys, routes_anthropic, routes_jobs, routes_ollama, routes_openai, routes_responses
 from hybridd.api.envelope import Handler, envelope_middleware, error_response
 from hybridd.api.guards import body_deadline
 from hybridd.api.proxy import OPEN_STREAMS
@@ -83,6 +83,9 @@ def make_lan_app(main: web.Application) -> web.Application:
     add_pairing_routes(app, node.pairing)
     add_link_route(app, node.hub)
     routes_openai.add_routes(app)
+    routes_anthropic.add_routes(app)
+    routes_responses.add_routes(app)
+    routes_ollama.add_routes(app)
     if keys.FILES in main:  # a node with a state dir trains for the desktops paired with it
         app[keys.FILES], app[keys.TRAININGS] = main[keys.FILES], main[keys.TRAININGS]
         routes_jobs.add_routes(app)

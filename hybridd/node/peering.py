@@ -229,7 +229,7 @@ class PeerNode:
             base = link.url.removesuffix("/hybridd/v1/link")  # where the pinned link answers
             # Made only for the peer a request is forwarded to, not each time the targets are listed.
             pinned = functools.partial(client_context, self.identity, peer.cert_pem)
-            out.append(PeerTarget(peer_state, base, ssl=pinned))
+            out.append(PeerTarget(peer_state, base, ssl=pinned, hybridd=True))
         return out
 
     def _peer_hardware(self, profile: str) -> Hardware:

@@ -78,6 +78,7 @@ class Route:
     idle_timeout_s: float | None = None
     cold_start_s: float | None = None
     ready_at: float = 0.0  # when the engine was ready for this request (monotonic clock)
+    speaks_hybridd: bool = False  # the upstream is a paired hybridd: it takes every API hybridd serves
 
     @property
     def forwarded(self) -> bool:
@@ -108,6 +109,7 @@ class PeerTarget:
     base_url: str
     api_key: str | None = None
     ssl: Any = True  # as aiohttp takes it, or a callable making the SSL context when a request goes there
+    hybridd: bool = False  # a paired hybridd node (a static [[peers]] entry may be any OpenAI server)
 
     def tls(self) -> Any:
         """What to give aiohttp's ssl= for one forwarded request."""
@@ -285,7 +287,7 @@ class Router:
 
     async def _forward(self, ticket: Ticket, target: PeerTarget, reason: str, send: Send[R]) -> Answer[R]:
         route = Route(f"peer:{target.state.name}", reason, target.base_url, ticket, target.api_key,
-                      peer=target.state.name, ssl=target.tls(),
+                      peer=target.state.name, ssl=target.tls(), speaks_hybridd=target.hybridd,
                       first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
                       idle_timeout_s=self.config.node.peer_idle_timeout_s)
         return await self._answered(route, send)

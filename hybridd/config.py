@@ -19,7 +19,8 @@ from hybridd.errors import ConfigError
 from hybridd.validate import Reader, field_names, quoted
 
 DEFAULT_PORT = 11435
-ENGINE_KINDS = ("llama-cpp-python", "external", "peer-only")
+ENGINE_KINDS = ("llama-cpp-python", "llama-server", "external", "peer-only")
+MANAGED_KINDS = ENGINE_KINDS[:2]  # hybridd runs the engine process itself
 # ggml type ids as llama.cpp numbers them (ggml.h enum ggml_type); llama_cpp.server takes the id.
 KV_CACHE_TYPES = {
     "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30,
@@ -60,6 +61,7 @@ class EngineDefaults:
 
     kind: str = "llama-cpp-python"
     python: str = ""
+    llama_server: str = ""  # the llama-server binary; "" = PATH, else `hybridd engines build`'s cache
     load_timeout_s: float = 180.0
     idle_ttl_s: float = 900.0
     ctx: int = 8192
@@ -104,13 +106,14 @@ class ModelEntry:
     # Off by default: with embeddings on, llama.cpp outputs an embedding for every token, slowing generation.
     embeddings: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    slots: int = 1  # llama-server: requests it runs at once (the context is divided among them)
     train_path: Path | None = None  # the Hugging Face checkpoint folder a fine-tune of this model trains from
     lora_path: Path | None = None  # a llama.cpp LoRA GGUF applied over `path` (a fine-tuned model)
 
     @property
     def managed(self) -> bool:
         """True when hybridd runs the engine process itself."""
-        return self.engine == "llama-cpp-python"
+        return self.engine in MANAGED_KINDS
 
     @property
     def local(self) -> bool:
@@ -437,8 +440,9 @@ def _train(table: Reader) -> TrainConfig:
 def _engine(table: Reader) -> EngineDefaults:
     base = EngineDefaults()
     return EngineDefaults(
-        kind=table.at("kind").choice(ENGINE_KINDS[:1], base.kind),
+        kind=table.at("kind").choice(MANAGED_KINDS, base.kind),
         python=table.at("python").of(str, base.python),
+        llama_server=table.at("llama_server").of(str, base.llama_server),
         **_inherited(table, base),
     )
 
@@ -475,6 +479,7 @@ def _model(item: Reader, defaults: EngineDefaults, base_dir: Path) -> ModelEntry
         aliases=aliases,
         engine=engine,
         embeddings=table.at("embeddings").of(bool, ModelEntry.embeddings),
+        slots=table.at("slots").integer(ModelEntry.slots, low=1, high=256),
         train_path=_folder(table.at("train_path"), base_dir),
         lora_path=_path(lora, base_dir) if (lora := table.at("lora_path").of(str, None)) else None,
         **_inherited(table, defaults),

@@ -102,7 +102,7 @@ async def serve(request: web.Request, inference: InferenceRequest, raw: bytes,
     if inference.endpoint == "embedding" and model.managed and not model.embeddings:
         raise BadRequest(f"model '{model.name}' is not configured for embeddings (set embeddings = true in "
                          "its [[models]] entry; it costs generation speed)")
-    if model.managed:
+    if model.engine == "llama-cpp-python":  # what its server would fail on, refused as the client's mistake
         check_llama_cpp_input(inference, model.name, str(model.options.get("logits_all")).lower() == "true")
     router = request.app[keys.ROUTER]
     excluded: frozenset[str] = frozenset()

@@ -468,6 +468,9 @@ def _model(item: Reader, defaults: EngineDefaults, base_dir: Path) -> ModelEntry
             raise table.at("path").fail("an external model has a base_url, not a path")
     elif not path:
         raise table.at("path").fail("required: the GGUF file to serve (or set base_url for an external server)")
+    if table.at("slots").present and engine != "llama-server" and table.at("slots").value != 1:
+        raise table.at("slots").fail('parallel slots need engine = "llama-server" (llama-cpp-python runs one '
+                                     "request at a time)")
     return ModelEntry(
         name=name,
         path=_path(path, base_dir) if path else None,

@@ -37,3 +37,16 @@ def test_a_backlog_is_a_value_each_change_a_new_one() -> None:
 def test_done_on_an_empty_backlog_is_harmless() -> None:
     b = Backlog().done(now=1.0).admit(-3.0, now=1.0)  # a nonsense prediction counts as nothing
     assert b.seconds(1.0) == 0.0
+
+
+def test_parallel_slots_run_side_by_side_and_the_rest_take_the_first_free_slot() -> None:
+    b = Backlog(slots=2).admit(10.0, now=0.0).admit(4.0, now=0.0)  # both start at once
+    assert b.running == 2 and b.wait(0.0) == pytest.approx(4.0) and b.seconds(0.0) == pytest.approx(10.0)
+    b = b.admit(6.0, now=1.0)  # waits for the 4 s one, then runs 6 s: done at 10
+    assert b.running == 2 and b.wait(1.0) == pytest.approx(9.0)  # both slots busy until 10
+    assert b.seconds(1.0) == pytest.approx(9.0)
+    b = b.done(now=4.0)  # the 4 s one ended (it was predicted to end first); the waiting one starts now
+    assert b.outstanding == (10.0, 6.0) and b.started == (0.0, 4.0)
+    assert b.wait(4.0) == pytest.approx(6.0) and b.seconds(4.0) == pytest.approx(6.0)
+    one_slot = Backlog().admit(10.0, now=0.0).admit(4.0, now=0.0)
+    assert one_slot.wait(0.0) == one_slot.seconds(0.0) == pytest.approx(14.0)  # one slot: the old single queue

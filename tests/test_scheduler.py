@@ -147,7 +147,7 @@ def busy_engine(node: Node, key: str, request_s: float, backlog_s: float) -> Eng
     speed = option(node.decide(need("llama-3.1-8b")), "local").speed
     assert speed is not None
     return EngineRecord(key, "other", 8192, Placement.LOCAL, speed, 0.0, 0.0, 0.0, request_s,
-                        Backlog((backlog_s,), since=node.now), loaded=True)
+                        Backlog((backlog_s,), (node.now,)), loaded=True)
 
 
 GLM_24K = need("glm-4.7-flash", "Q4_K_M", prompt=24_000, max_tokens=2000)

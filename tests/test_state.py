@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache
 
 import pytest
@@ -218,3 +219,24 @@ def test_a_request_that_no_longer_fits_says_a_fine_tune_holds_the_memory() -> No
     assert isinstance(step.effects[0], Refuse)
     local = next(o for o in step.decision.options if o.placement == "local")  # type: ignore[union-attr]
     assert "fine-tuning here until it ends" in local.why_not and "ftjob-" in local.why_not
+
+
+def test_a_slotted_engine_takes_a_second_request_at_once_sharing_each_decode_step() -> None:
+    alone = RequestNeed("llama-3.1-8b", spec_of("llama-3.1-8b"), 2000, 1000, slots=2)
+    first = arrive(PlacementState.empty(DESKTOP), alone, 0.0)
+    load = first.effects[0]
+    assert isinstance(load, Load)
+    single = arrive(PlacementState.empty(DESKTOP), replace(alone, slots=1), 0.0)
+    # a new engine with two slots holds the cache of both: more bytes than the one-slot engine
+    assert sum(first.state.ledger.held(load.key).values()) > sum(single.state.ledger.held(load.key).values())
+    state = apply(first.state, EngineLoaded(load.key), 10.0).state
+    second = arrive(state, alone, 10.0)
+    (admit,) = second.effects
+    assert isinstance(admit, Admit) and admit.key == load.key  # the free slot, not a second copy
+    chosen = second.decision.chosen  # type: ignore[union-attr]
+    assert chosen is not None and chosen.wait_s == 0.0
+    assert chosen.predicted_tok_s < first.decision.chosen.predicted_tok_s  # type: ignore[union-attr]
+    view = second.state.engines[load.key].view(10.0)
+    assert (view.in_flight, view.queued, view.slots) == (2, 0, 2)
+    third = arrive(second.state, alone, 10.0)  # both slots busy: it waits for the first to free
+    assert third.decision.chosen.wait_s > 0  # type: ignore[union-attr]

@@ -251,7 +251,7 @@ class Router:
                 model=model.name, spec=spec, prompt_tokens=size.tokens, max_tokens=budget, type_k=model.type_k,
                 type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
                 min_ctx=max(inference.hints.min_ctx, model.ctx if model.local else 0),
-                expected_tokens=self.state.lengths.expect(model.name, budget),
+                expected_tokens=self.state.lengths.expect(model.name, budget), slots=model.slots,
             )
             targets = self._report_peers()
             self.notice_engines()
@@ -271,7 +271,8 @@ class Router:
                     assert step.ticket is not None
                     return await self._forward(step.ticket, targets[name], reason, send)
                 case Load(key, _, ctx, gpu_layers, placement):
-                    run = replace(model, ctx=ctx, n_gpu_layers=model.n_gpu_layers if gpu_layers is None
+                    # ctx is each slot's: a llama-server divides its context among its slots
+                    run = replace(model, ctx=ctx * model.slots, n_gpu_layers=model.n_gpu_layers if gpu_layers is None
                                   else gpu_layers)
                     slot = self.pool.slot(key, model, run, placement=placement)
                 case Evict():

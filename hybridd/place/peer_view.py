@@ -29,7 +29,7 @@ def peer_view(local: LocalState, now: float) -> PeerView:
     draining = []
     for engine in local.engines:
         if not engine.idle:
-            draining.append(Drain(engine.wait_s(now), dict(ledger.held(engine.key))))
+            draining.append(Drain(engine.drained_s(now), dict(ledger.held(engine.key))))
         if engine.ctx >= largest.get(engine.model, (0, 0.0))[0]:
             largest[engine.model] = (engine.ctx, engine.wait_s(now))
     return PeerView(free, {model: seconds for model, (_, seconds) in largest.items()},

@@ -84,6 +84,7 @@ class RequestNeed:
     hint: Hint = Hint.AUTO
     min_ctx: int = 0
     expected_tokens: int = 0  # completion tokens expected (place/lengths.py); 0: the whole max_tokens budget
+    slots: int = 1  # requests a new engine of this model runs at once (llama-server); each gets the whole ctx
 
     @property
     def completion_tokens(self) -> int:
@@ -115,9 +116,11 @@ class EngineState:
     loading: bool = False
     ready_at: float = 0.0  # predicted end of the load, when loading
     request_s: float = 0.0  # predicted (or recent mean) seconds per request, for queue waits
-    # predicted seconds of admitted work ahead of a new request once loaded (what is left of the running request
-    # plus every queued one); None: unknown, estimated from the counts and request_s
+    # predicted seconds of admitted work ahead of a new request once loaded (until a slot frees after the running
+    # requests and every queued one); None: unknown, estimated from the counts and request_s
     backlog_s: float | None = None
+    slots: int = 1  # requests it runs at once; ctx is each one's
+    drain_s: float | None = None  # predicted seconds until all its admitted work is done (what a drain waits for)
 
     @property
     def idle(self) -> bool:
@@ -125,11 +128,24 @@ class EngineState:
         return self.in_flight == 0 and self.queued == 0 and not self.loading
 
     def wait_s(self, now: float) -> float:
-        """Predicted seconds before a new request on this engine starts: what is left of its load, then its
-        admitted work."""
-        work = self.backlog_s if self.backlog_s is not None else \
-            self.in_flight * self.request_s / 2 + self.queued * self.request_s
-        return work + (max(0.0, self.ready_at - now) if self.loading else 0.0)
+        """Predicted seconds before a new request on this engine starts: what is left of its load, then until one
+        of its slots is free."""
+        if self.backlog_s is not None:
+            work = self.backlog_s
+        elif self.in_flight + self.queued < self.slots:
+            work = 0.0
+        else:
+            work = self.request_s / 2 + self.queued * self.request_s / self.slots
+        return work + self._load_left(now)
+
+    def drained_s(self, now: float) -> float:
+        """Predicted seconds until everything admitted to it is done (its load first, if it is loading)."""
+        work = self.drain_s if self.drain_s is not None else \
+            (self.request_s / 2 if self.in_flight else 0.0) + self.queued * self.request_s / self.slots
+        return work + self._load_left(now)
+
+    def _load_left(self, now: float) -> float:
+        return max(0.0, self.ready_at - now) if self.loading else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,10 +281,11 @@ def _load_s(est: MemoryEstimate, hardware: Hardware) -> float:
     return est.weights_bytes / hardware.disk_read_bytes_s + LOAD_OVERHEAD_S
 
 
-def _timed(option: Option, need: RequestNeed, speed: SpeedModel, factor: float) -> Option:
-    # mean context during decode: the prompt plus half the completion
-    position = need.prompt_tokens + need.completion_tokens // 2
-    base = speed.decode_tok_s(position)
+def _timed(option: Option, need: RequestNeed, speed: SpeedModel, factor: float, streams: int = 1) -> Option:
+    """The option's predicted times: prefill, then decode at the mean context, sharing each step's weight reads
+    with the `streams` - 1 other requests its engine runs at once."""
+    position = need.prompt_tokens + need.completion_tokens // 2  # the prompt plus half the completion
+    base = speed.decode_tok_s(position, streams=streams)
     tok_s = base * factor
     prefill = speed.prefill_tok_s * factor
     return replace(option, speed=speed, factor=factor, predicted_tok_s=tok_s, base_tok_s=base, prefill_tok_s=prefill,
@@ -299,7 +316,8 @@ def _reuse_options(need: RequestNeed, local: LocalState, now: float, calibration
         full = queue_limit is not None and queue_full(e, queue_limit)
         option = Option(str(e.placement), not full, "queue full" if full else "", e.ctx, engine=e.key,
                         wait_s=e.wait_s(now) - load, load_s=load, queue_full=full)
-        options.append(_timed(option, need, e.speed, calibration.factor(local.node, need.model)))
+        streams = min(e.in_flight + e.queued + 1, e.slots)  # those it will run beside, once it starts
+        options.append(_timed(option, need, e.speed, calibration.factor(local.node, need.model), streams))
     return options
 
 
@@ -314,7 +332,7 @@ def _new_load_options(need: RequestNeed, local: LocalState, now: float, calibrat
     idle = sorted((e for e in local.engines if e.idle), key=lambda e: (e.last_used, e.key))
     # an engine of this model that could serve it is reused or queued on (option a), never drained for a copy
     busy = sorted((e for e in local.engines if not e.idle and not (e.model == need.model and e.ctx >= need.needed_ctx)),
-                  key=lambda e: (e.wait_s(now), e.key))
+                  key=lambda e: (e.drained_s(now), e.key))
     factor = calibration.factor(local.node, need.model)
     found: dict[tuple[Placement, bool], Option] = {}
     why_not = ""
@@ -322,7 +340,7 @@ def _new_load_options(need: RequestNeed, local: LocalState, now: float, calibrat
     for ctx in _ctx_candidates(need):
         if f"{need.model}@{ctx}" in existing:
             continue  # loaded or loading (reusing it is option a), or on its way out
-        est = estimate_memory(need.spec, need.settings(ctx))
+        est = estimate_memory(need.spec, need.settings(ctx * need.slots))  # each slot has its own ctx of cache
         victims = idle + busy
         for k in range(len(victims) + 1):
             drain = victims[len(idle):k]
@@ -342,7 +360,7 @@ def _new_load_options(need: RequestNeed, local: LocalState, now: float, calibrat
             option = Option(str(kind), True, ctx=ctx, engine_key=f"{need.model}@{ctx}", reserve=_reservation(fit, hw),
                             evict=evict, drain=tuple(e.key for e in drain), need_bytes=_gpu_need(fit),
                             free_bytes=gpu_free, offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe,
-                            wait_s=max((e.wait_s(now) for e in drain), default=0.0), load_s=_load_s(est, hw))
+                            wait_s=max((e.drained_s(now) for e in drain), default=0.0), load_s=_load_s(est, hw))
             found[kind, bool(drain)] = _timed(option, need, speed_model(need.spec, est, fit, hw), factor)
             if kind is Placement.LOCAL:
                 break

@@ -64,13 +64,16 @@ class SpeedModel:
     kv_s: tuple[tuple[float, int], ...]  # (seconds per cached token, cells cap) per group of layers
     prefill_tok_s: float
 
-    def seconds_per_token(self, context_tokens: int) -> float:
-        """Decode seconds for one token when `context_tokens` are in the cache."""
-        return self.weight_s + sum(s * min(max(context_tokens, 0), cap) for s, cap in self.kv_s)
+    def seconds_per_token(self, context_tokens: int, streams: int = 1) -> float:
+        """Decode seconds for one token when `context_tokens` are in the cache. With `streams` requests decoding at
+        once (parallel slots), one step reads the weights once for all and each one's KV cache: the memory-bound
+        step of batched decoding."""
+        return self.weight_s + max(1, streams) * sum(s * min(max(context_tokens, 0), cap) for s, cap in self.kv_s)
 
-    def decode_tok_s(self, context_tokens: int, factor: float = 1.0) -> float:
-        """Decode tok/s at `context_tokens` of context, times the online correction `factor`."""
-        return factor / self.seconds_per_token(context_tokens)
+    def decode_tok_s(self, context_tokens: int, factor: float = 1.0, streams: int = 1) -> float:
+        """Decode tok/s of one request at `context_tokens` of context among `streams` decoding at once, times the
+        online correction `factor`."""
+        return factor / self.seconds_per_token(context_tokens, streams)
 
 
 def read_layout(spec: ModelSpec, est: MemoryEstimate, fit: Fit) -> ReadLayout:

@@ -69,21 +69,22 @@ class EngineRecord:
     load_s: float  # predicted seconds of a (re)load
     ready_at: float  # predicted end of its load, or of the reload it needs
     request_s: float  # mean seconds a request holds it (predicted at first, then from complete answers)
-    backlog: Backlog = field(default_factory=Backlog)
+    backlog: Backlog = field(default_factory=Backlog)  # its slots are the engine's
     loaded: bool = False  # its engine is up: an EngineLoaded came and nothing since took it down
     leaving: bool = False  # being evicted: its bytes are promised to another engine
     pending: bool = False  # its load waits for evictions: it has no process yet
     last_used: float = 0.0
 
     def view(self, now: float) -> EngineState:
-        """The engine as the scheduler weighs it; it serves one request at a time, the rest of its admitted
-        requests wait inside it."""
+        """The engine as the scheduler weighs it; it runs as many requests at once as it has slots, the rest of
+        its admitted requests wait inside it."""
         admitted = len(self.backlog)
-        running = min(admitted, 1) if self.loaded else 0
+        running = min(admitted, self.backlog.slots) if self.loaded else 0
         return EngineState(
             key=self.key, model=self.model, ctx=self.ctx, speed=self.speed, placement=self.placement,
             in_flight=running, queued=admitted - running, last_used=self.last_used, loading=not self.loaded,
-            ready_at=self.ready_at, request_s=self.request_s, backlog_s=self.backlog.seconds(now),
+            ready_at=self.ready_at, request_s=self.request_s, backlog_s=self.backlog.wait(now),
+            slots=self.backlog.slots, drain_s=self.backlog.seconds(now),
         )
 
 
@@ -384,7 +385,8 @@ def commit(state: PlacementState, need: RequestNeed, decision: Decision, now: fl
     ready_at = now + option.wait_s + option.load_s
     engines[key] = EngineRecord(
         key, need.model, option.ctx, Placement(option.placement), option.speed, option.base_tok_s, option.load_s,
-        ready_at, service_s, Backlog().admit(service_s, now, ready_at), pending=bool(option.evict), last_used=now)
+        ready_at, service_s, Backlog(slots=need.slots).admit(service_s, now, ready_at), pending=bool(option.evict),
+        last_used=now)
     cpu_layers = max(option.offload_layers, option.n_cpu_moe)
     # llama-cpp-python has no --n-cpu-moe: whole layers go to RAM instead (more bytes off the GPU, never fewer,
     # so the reservation still holds).

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from hybridd.api import keys
 from hybridd.api.proxy import Translator, forward
+from hybridd.api.translate.openai_fill import UsageFiller, for_llama_cpp_python, wants_usage
 from hybridd.config import ModelEntry
 from hybridd.errors import BadRequest, ModelNotFound, UpstreamUnreachable
 from hybridd.node.request import PATHS, Endpoint, InferenceRequest, check_llama_cpp_input, parse_inference
@@ -23,6 +24,18 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(PATHS["chat"], _inference("chat"))
     app.router.add_post(PATHS["completion"], _inference("completion"))
     app.router.add_post(PATHS["embedding"], _inference("embedding"))
+
+
+def capabilities(model: ModelEntry) -> dict[str, Any] | None:
+    """What agents can count on from the engine that serves the model here; None where hybridd cannot tell (an
+    external server, a peer's model)."""
+    if model.engine == "llama-server":  # --jinja: each template's tool calls and reasoning are parsed
+        return {"tools": True, "tool_choice_auto": True, "json_schema": True, "reasoning": True,
+                "stream_usage": True, "parallel_slots": model.slots}
+    if model.engine == "llama-cpp-python":  # tool calls only when one function is forced (see translate/)
+        return {"tools": True, "tool_choice_auto": False, "json_schema": True, "reasoning": False,
+                "stream_usage": True, "parallel_slots": 1}
+    return None
 
 
 def _model_object(request: web.Request, model: ModelEntry, peers: dict[str, list[str]],
@@ -43,7 +56,8 @@ def _model_object(request: web.Request, model: ModelEntry, peers: dict[str, list
         "context_length": model.ctx,
         "aliases": list(model.aliases),
         "hybridd": {"placement": "local" if model.local else "peer", "runs_on": where, "engine": model.engine,
-                    "state": state, "loaded": state == "ready", "trainable_on": trainable},
+                    "state": state, "loaded": state == "ready", "trainable_on": trainable,
+                    "capabilities": capabilities(model)},
     }
 
 
@@ -136,9 +150,15 @@ async def _serve(request: web.Request, raw: bytes, inference: InferenceRequest, 
         body = inference.engine_body()
         if model.upstream_model and not route.forwarded:
             body["model"] = model.upstream_model
+        through = translator
+        if not route.forwarded and model.engine == "llama-cpp-python" and inference.endpoint == "chat":
+            body = for_llama_cpp_python(body)
+            if inference.stream and through is None and wants_usage(body):
+                prompt = await request.app[keys.ROUTER].size(inference, model)
+                through = UsageFiller(prompt.tokens, inference.max_tokens)
         payload = json.dumps(body).encode() if body != inference.body or inference.had_hints else raw
         return await forward(request.app[keys.HTTP], route, request, PATHS[inference.endpoint], payload,
-                             inference.stream, upstream_headers, translator)
+                             inference.stream, upstream_headers, through)
 
     answer = await request.app[keys.ROUTER].serve(inference, model, send, excluded)
     if answer.cancelled:

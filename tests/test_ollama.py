@@ -155,12 +155,14 @@ async def test_errors_read_as_response_errors(node: tuple[ScriptedEngine, ollama
 def test_format_schema_maps_per_engine() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "format": schema}
-    assert chat_request(body, managed=True, max_ctx=4096).body["response_format"] == \
+    assert chat_request(body, engine="llama-cpp-python", max_ctx=4096).body["response_format"] == \
         {"type": "json_object", "schema": schema}
-    assert chat_request(body, managed=False, max_ctx=4096).body["response_format"] == \
+    assert chat_request(body, engine="external", max_ctx=4096).body["response_format"] == \
         {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
-    assert chat_request({**body, "options": {"num_ctx": 2048}}, True, 4096).body["hybridd"] == {"min_ctx": 2048}
-    raw = generate_request({"model": "m", "prompt": "<s>x", "raw": True, "system": "ignored"}, True, 4096)
+    sized = chat_request({**body, "options": {"num_ctx": 99999}}, "llama-cpp-python", 4096)
+    assert sized.body["hybridd"] == {"min_ctx": 4096}  # num_ctx asks for at most the model's context
+    raw = generate_request({"model": "m", "prompt": "<s>x", "raw": True, "system": "ignored"}, "llama-cpp-python",
+                           4096)
     assert (raw.endpoint, raw.body["prompt"]) == ("completion", "<s>x")
 
 
@@ -188,7 +190,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_siz
     max_size=6), _json, _json)
 def test_any_chat_maps_or_is_a_bad_request(messages: Any, options: Any, fmt: Any) -> None:
     try:
-        mapped = chat_request({"model": "m", "messages": messages, "options": options, "format": fmt}, False, 4096)
+        mapped = chat_request({"model": "m", "messages": messages, "options": options, "format": fmt}, "external", 4096)
     except BadRequest as exc:
         assert exc.message and exc.status == 400
         return

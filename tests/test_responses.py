@@ -75,7 +75,7 @@ async def test_function_call_streamed(node: tuple[ScriptedEngine, openai.OpenAI]
     final = events[-1].response
     assert [item.type for item in final.output] == ["message", "function_call"]
     assert final.output[1].call_id == "call_9" and final.output[1].arguments == ARGS
-    assert final.usage is not None and final.usage.output_tokens == 3 + 3  # no usage chunk: the deltas counted
+    assert final.usage is not None and final.usage.output_tokens == 3 + 1 + 3  # no usage chunk: each delta counted
     assert engine.last("chat")["stream"] is True
 
 
@@ -140,16 +140,16 @@ def test_text_format_schema_maps_per_engine() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     body = {"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "name": "out", "schema": schema,
                                                             "strict": True}}}
-    assert to_chat(body, managed=True).chat["response_format"] == {"type": "json_object", "schema": schema}
-    assert to_chat(body, managed=False).chat["response_format"] == {
+    assert to_chat(body, engine="llama-cpp-python").chat["response_format"] == {"type": "json_object", "schema": schema}
+    assert to_chat(body, engine="external").chat["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
     choice = to_chat({**body, "tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"}},
-                     managed=True).chat["tool_choice"]
+                     engine="llama-cpp-python").chat["tool_choice"]
     assert choice == {"type": "function", "function": {"name": "get_weather"}}
 
 
 def test_translator_failed_before_any_chunk_still_opens_the_response() -> None:
-    translator = ResponsesTranslator("resp_x", 0, "m", to_chat({"model": "m", "input": "x"}, managed=True))
+    translator = ResponsesTranslator("resp_x", 0, "m", to_chat({"model": "m", "input": "x"}, engine="llama-cpp-python"))
     events = [json.loads(line[6:]) for line in translator.failed("engine gone", "upstream_failed").decode()
               .splitlines() if line.startswith("data: ")]
     assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.failed"]
@@ -202,7 +202,7 @@ def _chat_texts(messages: list[dict[str, Any]]) -> list[str]:
 @given(_items)
 def test_text_survives_in_order(items: list[dict[str, Any]]) -> None:
     try:
-        chat = to_chat({"model": "m", "input": items}, managed=True).chat
+        chat = to_chat({"model": "m", "input": items}, engine="llama-cpp-python").chat
     except BadRequest as exc:
         assert not _input_texts(items) and "at least one message" in exc.message
         return
@@ -215,7 +215,7 @@ def test_text_survives_in_order(items: list[dict[str, Any]]) -> None:
 def test_any_input_maps_or_is_a_bad_request(value: Any, tools: Any, text: Any) -> None:
     body = {"model": "m", "input": value, "tools": tools, "text": text}
     try:
-        to_chat(body, managed=False)
+        to_chat(body, engine="external")
     except BadRequest as exc:
         assert exc.message and exc.status == 400
 
@@ -238,5 +238,7 @@ def test_codex_shaped_request_on_the_tiny_engine(daemon_factory, tiny_model: Pat
     events = list(client.responses.create(model="tiny", input="hi", max_output_tokens=3, stream=True,
                                           extra_body={"logit_bias": NO_EOS}))
     assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    usage = events[-1].response.usage  # no usage chunk from the engine: the prompt counted, the deltas counted
+    assert usage is not None and usage.input_tokens > 0 and usage.output_tokens == 3
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
         events[-1].response.output_text

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from hybridd.api import keys
 from hybridd.api.routes_openai import _peer_models, resolve_model, serve
+from hybridd.api.routes_responses import prompt_tokens
 from hybridd.api.translate.ollama import (
     Kind,
     OllamaMapping,
@@ -107,8 +108,9 @@ async def running(request: web.Request) -> web.Response:
                 continue
             idle_left = max(0.0, slot.run.idle_ttl_s - (now - slot.last_used)) if slot.last_used else \
                 slot.run.idle_ttl_s
-            loaded.append({**_tag(request, model), "expires_at": timestamp(now_wall + idle_left),
-                           "size_vram": _tag(request, model)["size"], "context_length": slot.run.ctx})
+            tag = _tag(request, model)
+            loaded.append({**tag, "expires_at": timestamp(now_wall + idle_left), "size_vram": tag["size"],
+                           "context_length": slot.run.ctx})
     return web.json_response({"models": loaded})
 
 
@@ -137,18 +139,18 @@ def _inference(kind: Kind, path: str) -> Callable[[web.Request], Awaitable[web.S
         body = read_json(raw)
         name = body.get("model", body.get("name")) if isinstance(body, dict) else None
         model = _resolve(request, name) if isinstance(name, str) and name else None
-        managed, ctx = (model.managed, model.ctx) if model is not None else (False, 0)
+        engine, ctx = (model.engine, model.ctx) if model is not None else ("", 0)
         mapping: OllamaMapping
         if kind == "chat":
-            mapping = chat_request(body, managed, ctx)
+            mapping = chat_request(body, engine, ctx)
         elif kind == "generate":
-            mapping = generate_request(body, managed, ctx)
+            mapping = generate_request(body, engine, ctx)
         else:
             mapping = embed_request(body, legacy=kind == "embeddings")
         assert model is not None  # the mappers refuse a body without a model name
-        translator = OllamaTranslator(mapping.body["model"], kind, time.time)
         if mapping.load_only:
-            return web.Response(body=translator.loaded(), content_type="application/json")
+            loaded = OllamaTranslator(mapping.body["model"], kind, time.time).loaded()
+            return web.Response(body=loaded, content_type="application/json")
         openai_body = dict(mapping.body)
         openai_body["model"] = model.name
         hints = body.get("hybridd") if isinstance(body, dict) else None
@@ -156,6 +158,8 @@ def _inference(kind: Kind, path: str) -> Callable[[web.Request], Awaitable[web.S
             openai_body["hybridd"] = hints
         openai_raw = json.dumps(openai_body).encode()
         inference = parse_inference(mapping.endpoint, openai_raw, request.headers)
+        translator = OllamaTranslator(mapping.body["model"], kind, time.time,
+                                      await prompt_tokens(request, inference, model), inference.max_tokens)
         return await serve(request, inference, openai_raw, translator, native=(path, raw))
 
     handle.__name__ = f"ollama_{kind}_handler"

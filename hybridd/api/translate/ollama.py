@@ -17,6 +17,8 @@ from hybridd.errors import BadRequest
 ROLES = ("system", "user", "assistant", "tool")
 NUMBER_OPTIONS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty")
 INT_OPTIONS = ("top_k", "seed")
+LLAMA_CPP_PYTHON = "llama-cpp-python"
+LLAMA_CPP_ENGINES = ("llama-cpp-python", "llama-server")
 Kind = Literal["chat", "generate", "embed", "embeddings"]
 
 
@@ -29,9 +31,9 @@ class OllamaMapping:
     load_only: bool = False  # nothing to generate: Ollama answers "loaded" (done_reason "load")
 
 
-def chat_request(body: Any, managed: bool, max_ctx: int) -> OllamaMapping:
-    """The chat completion for an /api/chat body. `managed`: llama-cpp-python's server runs the model;
-    `max_ctx`: the model's context (num_ctx asks for at most that much)."""
+def chat_request(body: Any, engine: str, max_ctx: int) -> OllamaMapping:
+    """The chat completion for an /api/chat body. `engine`: the kind that serves the model; `max_ctx`: the
+    model's context (num_ctx asks for at most that much)."""
     body = _object(body)
     model = _model(body)
     messages_value = body.get("messages")
@@ -47,7 +49,7 @@ def chat_request(body: Any, managed: bool, max_ctx: int) -> OllamaMapping:
             raise BadRequest("'tools' must be an array of tool objects", "tools")
         if tools:
             chat["tools"] = tools  # Ollama's tools are OpenAI's: {type: function, function: {...}}
-    chat.update(_options(body, managed, max_ctx))
+    chat.update(_options(body, engine, max_ctx))
     return OllamaMapping("chat", chat)
 
 
@@ -109,7 +111,7 @@ def _call(call: Any, where: str, default_id: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
-def generate_request(body: Any, managed: bool, max_ctx: int) -> OllamaMapping:
+def generate_request(body: Any, engine: str, max_ctx: int) -> OllamaMapping:
     """The OpenAI request for an /api/generate body: a completion with `raw` or a `suffix`, else a chat turn."""
     body = _object(body)
     model = _model(body)
@@ -129,7 +131,7 @@ def generate_request(body: Any, managed: bool, max_ctx: int) -> OllamaMapping:
         raise BadRequest(f"'raw' must be a boolean, got {_kind(raw)}", "raw")
     if not prompt and not suffix:
         return OllamaMapping("completion", {"model": model}, load_only=True)
-    options = _options(body, managed, max_ctx)
+    options = _options(body, engine, max_ctx)
     images = body.get("images")
     if raw or suffix:
         if images:
@@ -162,7 +164,7 @@ def embed_request(body: Any, legacy: bool = False) -> OllamaMapping:
     return OllamaMapping("embedding", request)
 
 
-def _options(body: dict[str, Any], managed: bool, max_ctx: int) -> dict[str, Any]:
+def _options(body: dict[str, Any], engine: str, max_ctx: int) -> dict[str, Any]:
     """Sampling and length settings from Ollama's `options` and `format`, as chat-completion fields. Options that
     set how Ollama loads a model (num_gpu, num_thread, ...) are hybridd's config's business and are ignored."""
     out: dict[str, Any] = {}
@@ -185,8 +187,9 @@ def _options(body: dict[str, Any], managed: bool, max_ctx: int) -> dict[str, Any
     if isinstance(options.get("num_predict"), int) and options["num_predict"] > 0:
         out["max_tokens"] = options["num_predict"]  # -1 (no limit) and -2 (fill the context): no max_tokens
     repeat_penalty = options.get("repeat_penalty")
-    if managed and isinstance(repeat_penalty, int | float) and not isinstance(repeat_penalty, bool):
-        out["repeat_penalty"] = repeat_penalty  # llama-cpp-python's server takes it; OpenAI's API has none
+    if engine in LLAMA_CPP_ENGINES and isinstance(repeat_penalty, int | float) \
+            and not isinstance(repeat_penalty, bool):
+        out["repeat_penalty"] = repeat_penalty  # llama.cpp's servers take it; OpenAI's API has none
     stop = options.get("stop")
     if stop is not None:
         if isinstance(stop, str):
@@ -200,19 +203,21 @@ def _options(body: dict[str, Any], managed: bool, max_ctx: int) -> dict[str, Any
         # Ollama loads the model with num_ctx; hybridd places it on an engine with at least that much, up to the
         # context the model is configured with.
         out["hybridd"] = {"min_ctx": min(num_ctx, max_ctx)}
-    response_format = _format(body.get("format"), managed)
+    if _stream(body) and engine != LLAMA_CPP_PYTHON:
+        out["stream_options"] = {"include_usage": True}  # llama-cpp-python's server has no such option
+    response_format = _format(body.get("format"), engine == LLAMA_CPP_PYTHON)
     if response_format is not None:
         out["response_format"] = response_format
     return out
 
 
-def _format(value: Any, managed: bool) -> dict[str, Any] | None:
+def _format(value: Any, llama_cpp_python: bool) -> dict[str, Any] | None:
     if value is None or value == "":
         return None
     if value == "json":
         return {"type": "json_object"}
     if isinstance(value, dict):
-        if managed:  # llama-cpp-python's server refuses json_schema; it constrains json_object to a schema
+        if llama_cpp_python:  # its server refuses json_schema; it constrains json_object to a schema
             return {"type": "json_object", "schema": value}
         return {"type": "json_schema", "json_schema": {"name": "response", "schema": value}}
     raise BadRequest(f"'format' must be \"json\" or a JSON schema object, got {_shown(value)}", "format")
@@ -273,8 +278,11 @@ class OllamaTranslator:
 
     stream_content_type = "application/x-ndjson"
 
-    def __init__(self, model: str, kind: Kind, clock: Callable[[], float]) -> None:
+    def __init__(self, model: str, kind: Kind, clock: Callable[[], float], prompt_tokens: int = 0,
+                 budget: int | None = None) -> None:
         self.model, self.kind, self.clock = model, kind, clock
+        self.budget = budget  # max_tokens: the streamed tokens are counted up to it
+        self.prompt_tokens = prompt_tokens  # the prompt's count when the stream sends no usage
         self.started = clock()
         self._first: float | None = None
         self._calls: dict[int, dict[str, Any]] = {}
@@ -290,10 +298,11 @@ class OllamaTranslator:
         first = self.started if first is None else first
         usage = usage or {}
         return {"total_duration": int((now - self.started) * 1e9), "load_duration": 0,
-                "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
+                "prompt_eval_count": int(usage.get("prompt_tokens") or self.prompt_tokens),
                 "prompt_eval_duration": int((first - self.started) * 1e9),
                 # without a usage chunk (llama-cpp-python streams none) the deltas count the tokens: one a token
-                "eval_count": int(usage.get("completion_tokens") or self._deltas),
+                "eval_count": int(usage.get("completion_tokens") or
+                                  (min(self._deltas, self.budget) if self.budget else self._deltas)),
                 "eval_duration": int((now - first) * 1e9)}
 
     def _message(self, content: str, thinking: str | None = None,
@@ -365,9 +374,12 @@ class OllamaTranslator:
         text = delta.get("content") if "delta" in choice else choice.get("text")
         thinking = delta.get("reasoning_content")
         calls = delta.get("tool_calls")
+        # One delta a token (llama.cpp's servers), an empty one for the bytes of a character not yet whole too;
+        # a completion's last chunk carries the finish reason and no token.
+        self._deltas += (text is not None and not (choice.get("finish_reason") and not text)) or \
+            thinking is not None or calls is not None
         for call in calls if isinstance(calls, list) else []:
             if isinstance(call, dict):
-                self._deltas += 1
                 slot = self._calls.setdefault(call.get("index", len(self._calls)), {"name": "", "arguments": ""})
                 function = call.get("function") if isinstance(call.get("function"), dict) else {}
                 assert isinstance(function, dict)
@@ -377,7 +389,6 @@ class OllamaTranslator:
                 slot["arguments"] += function.get("arguments") or ""
         if not (isinstance(text, str) and text) and not (isinstance(thinking, str) and thinking):
             return b""
-        self._deltas += 1
         line = {**self._head(now), **self._message(text if isinstance(text, str) else "",
                                                    thinking if isinstance(thinking, str) else None),
                 "done": False}

@@ -15,6 +15,7 @@ from hybridd.errors import BadRequest
 # Fields of a Responses request that a chat completion has no use for; they are accepted and ignored.
 IGNORED = ("store", "metadata", "include", "user", "truncation", "service_tier", "prompt_cache_key",
            "safety_identifier", "top_logprobs", "stream_options", "prompt_cache_retention", "hybridd")
+LLAMA_CPP_PYTHON = "llama-cpp-python"
 ITEM_TYPES = ("message", "function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output",
               "reasoning")
 ROLES = ("user", "system", "developer", "assistant")
@@ -32,9 +33,11 @@ class ChatMapping:
     echo: dict[str, Any] = field(default_factory=dict)  # request fields a response object repeats back
 
 
-def to_chat(body: Any, managed: bool) -> ChatMapping:
+def to_chat(body: Any, engine: str) -> ChatMapping:
     """The chat completion for a Responses request body; BadRequest names the field that cannot be mapped.
-    `managed`: the model runs on llama-cpp-python's server, which takes a schema as json_object's `schema`."""
+    `engine`: the kind that serves the model (llama-cpp-python's server takes a schema as json_object's `schema`
+    and has no stream_options)."""
+    llama_cpp_python = engine == LLAMA_CPP_PYTHON
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {_kind(body)}")
     if body.get("previous_response_id") is not None:
@@ -71,7 +74,7 @@ def to_chat(body: Any, managed: bool) -> ChatMapping:
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest(f"'stream' must be a boolean, got {_kind(stream)}", "stream")
     chat["stream"] = bool(stream)
-    if stream and not managed:
+    if stream and not llama_cpp_python:
         chat["stream_options"] = {"include_usage": True}  # llama-cpp-python's server has no such option
     for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
                          ("parallel_tool_calls", "parallel_tool_calls")):
@@ -91,9 +94,9 @@ def to_chat(body: Any, managed: bool) -> ChatMapping:
     if reasoning is not None:
         if not isinstance(reasoning, dict):
             raise BadRequest(f"'reasoning' must be an object, got {_kind(reasoning)}", "reasoning")
-        if isinstance(reasoning.get("effort"), str) and not managed:
+        if isinstance(reasoning.get("effort"), str) and not llama_cpp_python:
             chat["reasoning_effort"] = reasoning["effort"]
-    response_format = _text_format(body.get("text"), managed)
+    response_format = _text_format(body.get("text"), llama_cpp_python)
     if response_format is not None:
         chat["response_format"] = response_format
     echo = {key: body[key] for key in ("instructions", "max_output_tokens", "temperature", "top_p",
@@ -241,7 +244,7 @@ def _tool_choice(value: Any, names: set[str], skipped: list[tuple[str, str]]) ->
                      "tool_choice")
 
 
-def _text_format(value: Any, managed: bool) -> dict[str, Any] | None:
+def _text_format(value: Any, llama_cpp_python: bool) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -259,7 +262,7 @@ def _text_format(value: Any, managed: bool) -> dict[str, Any] | None:
         schema = fmt.get("schema")
         if not isinstance(schema, dict):
             raise BadRequest("'text.format.schema' must be an object", "text.format.schema")
-        if managed:  # llama-cpp-python's server refuses json_schema; it constrains json_object to a schema
+        if llama_cpp_python:  # its server refuses json_schema; it constrains json_object to a schema
             return {"type": "json_object", "schema": schema}
         schema_format: dict[str, Any] = {"name": fmt.get("name") or "response", "schema": schema}
         if fmt.get("strict") is not None:
@@ -320,8 +323,10 @@ class ResponsesTranslator:
 
     stream_content_type = "text/event-stream"
 
-    def __init__(self, response_id: str, created_at: int, model: str, mapping: ChatMapping) -> None:
+    def __init__(self, response_id: str, created_at: int, model: str, mapping: ChatMapping,
+                 prompt_tokens: int = 0) -> None:
         self.response_id, self.created_at, self.model, self.mapping = response_id, created_at, model, mapping
+        self.prompt_tokens = prompt_tokens  # the input's count when the stream sends no usage
         self._suffix = response_id.removeprefix("resp_")
         self._sequence = 0
         self._started = False
@@ -429,11 +434,12 @@ class ResponsesTranslator:
         assert isinstance(delta, dict)
         if choice.get("finish_reason"):
             self._finish_reason = str(choice["finish_reason"])
+        # One delta a token (llama.cpp's servers), an empty one for the bytes of a character not yet whole too.
+        self._deltas += any(delta.get(key) is not None for key in ("content", "reasoning_content", "tool_calls"))
         for kind, key, event_name in (("reasoning", "reasoning_content", "response.reasoning_text.delta"),
                                       ("message", "content", "response.output_text.delta")):
             text = delta.get(key)
             if isinstance(text, str) and text:
-                self._deltas += 1
                 out += self._open_item(kind)
                 assert self._open is not None
                 self._open["text"] += text
@@ -465,7 +471,6 @@ class ResponsesTranslator:
             current["name"] = str(function["name"])
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
-            self._deltas += 1
             current["text"] += arguments
             out += self._event("response.function_call_arguments.delta", item_id=current["id"],
                                output_index=current["index"], delta=arguments)
@@ -481,8 +486,9 @@ class ResponsesTranslator:
                                  int(self._usage.get("completion_tokens") or 0))
         else:
             # llama-cpp-python's server sends no usage chunk: it sends one delta a token, so the deltas are the
-            # output tokens (about); the prompt's count is unknown here and says 0.
-            usage = usage_object(0, self._deltas)
+            # output tokens (about); the prompt was counted with the model's tokenizer before it was sent.
+            budget = self.mapping.chat.get("max_tokens")
+            usage = usage_object(self.prompt_tokens, min(self._deltas, budget) if budget else self._deltas)
         final = response_object(self.response_id, self.created_at, self.model, self.mapping.echo,
                                 self.mapping.notes, "completed", self._output, usage, self._finish_reason)
         return out + self._event(f"response.{final['status']}", response=final)

@@ -380,6 +380,16 @@ def test_the_sdk_against_a_daemon_with_the_tiny_engine(daemon_factory, tiny_mode
     assert stop.type == "message_delta" and stop.delta.stop_reason in ("end_turn", "max_tokens")
     assert 0 < stop.usage.output_tokens <= 4
 
+    # `any` over one tool forces it, which llama-cpp-python's server answers with tool-call chunks (random weights:
+    # the arguments need not be valid JSON, so the raw events are read, not the SDK's accumulated message)
+    tool = api.messages.create(model="tiny", max_tokens=12, messages=HI, tools=[WEATHER],
+                               tool_choice={"type": "any"}, stream=True)
+    events = list(tool)
+    (start,) = [e for e in events if e.type == "content_block_start"]
+    assert start.content_block.type == "tool_use" and start.content_block.name == "get_weather"
+    assert {e.delta.type for e in events if e.type == "content_block_delta"} == {"input_json_delta"}
+    assert events[-2].type == "message_delta" and events[-2].delta.stop_reason in ("tool_use", "max_tokens")
+
 
 def test_the_mapping_is_pure() -> None:
     code = ("import sys, hybridd.api.translate.anthropic\n"

@@ -271,8 +271,8 @@ async def test_models_list_and_status(hybridd: str) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(hybridd + "/v1/models") as response:
             listing = await response.json()
-        assert [m["id"] for m in listing["data"]] == ["m", "gguf"]
-        assert listing["data"][0]["aliases"] == ["alias-m"]
+        assert [m["id"] for m in listing["data"]] == ["m", "gguf", "alias-m"]
+        assert listing["data"][0]["aliases"] == ["alias-m"] and listing["data"][2]["hybridd"]["alias_of"] == "m"
         async with session.get(hybridd + "/v1/models/alias-m") as response:
             assert (await response.json())["id"] == "m"
         async with session.get(hybridd + "/hybridd/v1/status") as response:

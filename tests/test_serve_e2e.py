@@ -71,8 +71,9 @@ def test_openai_client_chat_completions_embeddings(daemon_factory, tiny_model: P
     assert embeddings.data[0].embedding != embeddings.data[1].embedding
 
     models = api.models.list()
-    assert [m.id for m in models.data] == ["tiny"]
-    assert models.data[0].model_extra["context_length"] == 512
+    assert [m.id for m in models.data] == ["tiny", "tiny-alias"]  # a client picking from the list finds either
+    assert models.data[0].model_extra["context_length"] == models.data[1].model_extra["context_length"] == 512
+    assert models.data[1].model_extra["hybridd"]["alias_of"] == "tiny"
 
     # The status the CLI shows names the model the client just used, loaded, with its request count.
     out = subprocess.run([sys.executable, "-m", "hybridd", "status", "--url", daemon.url],
@@ -228,7 +229,7 @@ def test_bare_serve_serves_the_demo_model(daemon_factory) -> None:  # type: igno
     # No config file at all: the README's first command must still serve a real model.
     daemon = daemon_factory(None)
     api = client(daemon)
-    assert [m.id for m in api.models.list().data] == ["gemma-3-270m"]
+    assert [m.id for m in api.models.list().data] == ["gemma-3-270m", "default"]  # its alias listed too
     reply = api.chat.completions.create(model="gemma-3-270m", max_tokens=24,
                                         messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert reply.choices[0].message.content.strip()

@@ -112,9 +112,10 @@ _DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "
 
 async def forward(http: aiohttp.ClientSession, route: Route, client: web.Request, path: str, body: bytes,
                   stream: bool, upstream_headers: dict[str, str] | None = None,
-                  translator: Translator | None = None) -> Answer[web.StreamResponse]:
+                  translator: Translator | None = None, done_marker: bool = True) -> Answer[web.StreamResponse]:
     """POST body to the route's upstream at path; answer the client with its response plus the placement headers
-    (through `translator` when the client speaks another API than the upstream).
+    (through `translator` when the client speaks another API than the upstream). `done_marker`: the stream ends
+    with OpenAI's [DONE]; another API's stream (passed through to a peer) is whole when it ends cleanly.
 
     The route's first-byte timeout bounds the wait for the response headers (a peer may be loading a model), its
     idle timeout each wait between chunks (a hung peer). UpstreamUnreachable means nothing was sent to the client
@@ -140,7 +141,7 @@ async def forward(http: aiohttp.ClientSession, route: Route, client: web.Request
         if not stream or upstream.status != 200:
             return await _whole(upstream, url, _reply_headers(route), translator)
         return await _stream(client, upstream, route.base_url, _reply_headers(route), route.idle_timeout_s,
-                             streams, translator)
+                             streams, translator, done_marker)
     finally:
         # Closing (not releasing) an unfinished response drops the connection: the engine sees the
         # disconnect and stops generating for a client that is gone.
@@ -199,7 +200,7 @@ def _usage_tokens(payload: bytes) -> int | None:
 
 async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, base_url: str,
                   extra_headers: dict[str, str], idle_timeout_s: float | None, streams: OpenStreams,
-                  translator: Translator | None = None) -> Answer[web.StreamResponse]:
+                  translator: Translator | None = None, done_marker: bool = True) -> Answer[web.StreamResponse]:
     response = web.StreamResponse(status=200)
     response.content_type = translator.stream_content_type if translator is not None else "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
@@ -210,7 +211,7 @@ async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, base_ur
     try:
         await response.prepare(client)
         out = _Translated(response, translator) if translator is not None else response
-        await _pump(upstream, out, base_url, tally, idle_timeout_s, streams)
+        await _pump(upstream, out, base_url, tally, idle_timeout_s, streams, done_marker)
     except asyncio.CancelledError:
         # The client went away (its handler is cancelled): what passed until then is still an observation.
         return Answer(response, tally.observation(), cancelled=True)
@@ -254,7 +255,8 @@ class _Translated:
 
 
 async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse | _Translated, base_url: str,
-                tally: StreamTally, idle_timeout_s: float | None, streams: OpenStreams) -> None:
+                tally: StreamTally, idle_timeout_s: float | None, streams: OpenStreams,
+                done_marker: bool = True) -> None:
     # iter_any hands over whatever bytes have arrived: no line splitting, no waiting for more.
     chunks = upstream.content.iter_any()
     partial = b""  # the start of an event the engine has not finished yet
@@ -265,6 +267,10 @@ async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse |
         except StopAsyncIteration:
             if partial:
                 await response.write(partial)
+            tally.done = tally.done or not done_marker  # a clean end is the whole of a stream with no [DONE]
+            if isinstance(response, _Translated) and not tally.done:  # its client waits for a closing event
+                await response.response.write(response.translator.failed(
+                    "the engine's stream ended before its last event", "upstream_failed"))
             break
         except (aiohttp.ClientError, TimeoutError) as exc:
             # After the first byte there is no retry: tell the client in the stream's own format, then end it.

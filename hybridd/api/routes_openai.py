@@ -85,6 +85,12 @@ async def list_models(request: web.Request) -> web.Response:
     catalog = request.app[keys.NODE].catalog
     peers, trainers = _peer_models(request), _peer_trainers(request)
     data = [_model_object(request, m, peers, trainers) for m in catalog.models]
+    # Each alias is listed as a model of its own, so a client that picks from the list (or filters it by a
+    # prefix it insists on) finds the name it wants; `hybridd.alias_of` says which model answers.
+    for model in catalog.models:
+        for alias in model.aliases:
+            data.append({**_model_object(request, model, peers, trainers), "id": alias})
+            data[-1]["hybridd"] = {**data[-1]["hybridd"], "alias_of": model.name}
     known = {m.name for m in catalog.models}
     data += [_model_object(request, ModelEntry(name=name, engine="peer-only"), peers, trainers)
              for name in sorted(peers) if name not in known]
@@ -146,7 +152,8 @@ async def _serve(request: web.Request, raw: bytes, inference: InferenceRequest, 
             if native is not None and route.speaks_hybridd:  # a paired hybridd speaks the client's API itself
                 native_path, native_body = native
                 return await forward(request.app[keys.HTTP], route, request, native_path, native_body,
-                                     inference.stream, upstream_headers)
+                                     inference.stream, upstream_headers, done_marker=native_path.startswith(
+                                         ("/v1/chat/", "/v1/completions", "/v1/embeddings")))
         body = inference.engine_body()
         if model.upstream_model and not route.forwarded:
             body["model"] = model.upstream_model

@@ -3,7 +3,9 @@
     .venv/bin/python bench/proxy_overhead.py [--quick]
 
 Prints both and the ratios, and writes bench/results/proxy_overhead.json. Targets: under 1 ms added to p50
-time-to-first-token, at least 90% of direct streaming throughput.
+time-to-first-token, at least 90% of direct streaming throughput. It also streams the same answers asked as
+Anthropic Messages (/v1/messages over the chat engine, translated chunk by chunk) and reports what the
+translation adds against the pass-through figures.
 """
 
 from __future__ import annotations
@@ -125,6 +127,40 @@ async def measure(base: str, scale: float) -> dict[str, float]:
     }
 
 
+async def measure_translated(base: str, scale: float) -> dict[str, float]:
+    """The same streams asked as Anthropic Messages: hybridd translates each chat chunk into its events as it passes.
+    A token is one content_block_delta event."""
+    url = base + "/v1/messages"
+    headers = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def first_token(tokens: int) -> tuple[float, float, int]:
+            body = json.dumps({"model": "m", "max_tokens": tokens, "stream": True,
+                               "messages": [{"role": "user", "content": "hi"}]}).encode()
+            started = time.perf_counter()
+            ttft = 0.0
+            deltas = 0
+            async with session.post(url, data=body, headers=headers) as response:
+                assert response.status == 200, await response.text()
+                async for data in response.content.iter_any():
+                    found = data.count(b"event: content_block_delta")
+                    if found and not deltas:
+                        ttft = time.perf_counter() - started
+                    deltas += found
+            return ttft, time.perf_counter() - started, deltas
+
+        for _ in range(int(50 * scale) or 1):
+            await first_token(4)  # warm up
+        ttfts = [(await first_token(16))[0] for _ in range(int(500 * scale))]
+        tokens = int(20000 * scale)
+        one_stream = await first_token(tokens)
+        started = time.perf_counter()
+        many = await asyncio.gather(*(first_token(tokens // 4) for _ in range(32)))
+        aggregate = sum(deltas for _, _, deltas in many) / (time.perf_counter() - started)
+    return {"ttft_p50_ms": statistics.median(ttfts) * 1e3, "ttft_p99_ms": percentile(ttfts, 0.99) * 1e3,
+            "chunks_per_s_1_stream": one_stream[2] / one_stream[1], "chunks_per_s_32_streams": aggregate}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the work, for a smoke run")
@@ -138,6 +174,7 @@ def main() -> None:
         try:
             direct = asyncio.run(measure(upstream, scale))
             proxied = asyncio.run(measure(hybridd, scale))
+            translated = asyncio.run(measure_translated(hybridd, scale))
         finally:
             for proc in (hybridd_proc, upstream_proc):
                 proc.terminate()
@@ -159,10 +196,23 @@ def main() -> None:
     print(f"\nadded p50 TTFT: {added_ttft:.3f} ms (target < 1 ms: {'met' if verdict['ttft_target_met'] else 'MISSED'})")
     print(f"streaming throughput kept: {kept_1:.0%} (1 stream), {kept_32:.0%} (32 streams) "
           f"(target >= 90%: {'met' if verdict['throughput_target_met'] else 'MISSED'})")
+    print(f"\n{'translated stream (/v1/messages)':34} {'pass-through':>12} {'translated':>12} {'ratio':>8}")
+    for key, value in translated.items():
+        ratio = value / proxied[key] if proxied[key] else float("nan")
+        print(f"{key:34} {proxied[key]:12.2f} {value:12.2f} {ratio:8.2f}")
+    verdict["translated_added_ttft_p50_ms"] = translated["ttft_p50_ms"] - direct["ttft_p50_ms"]
+    verdict["translated_throughput_kept_1_stream"] = translated["chunks_per_s_1_stream"] / \
+        direct["chunks_per_s_1_stream"]
+    verdict["translated_throughput_kept_32_streams"] = translated["chunks_per_s_32_streams"] / \
+        direct["chunks_per_s_32_streams"]
+    print(f"translated: added p50 TTFT {verdict['translated_added_ttft_p50_ms']:.3f} ms over the engine direct; "
+          f"throughput kept {verdict['translated_throughput_kept_1_stream']:.0%} (1 stream), "
+          f"{verdict['translated_throughput_kept_32_streams']:.0%} (32 streams)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "quick": args.quick, "direct": direct, "via_hybridd": proxied, "verdict": verdict,
+        "quick": args.quick, "direct": direct, "via_hybridd": proxied, "translated_messages": translated,
+        "verdict": verdict,
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
 

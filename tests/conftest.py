@@ -59,7 +59,8 @@ def engine_processes(daemon_pid: int) -> list[psutil.Process]:
 
 def _is_engine(proc: psutil.Process) -> bool:
     try:
-        return "hybridd.engine.llamacpp_main" in proc.cmdline()
+        line = proc.cmdline()
+        return "hybridd.engine.llamacpp_main" in line or bool(line and line[0].endswith("llama-server"))
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return False
 

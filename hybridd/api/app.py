@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -26,8 +27,10 @@ from hybridd.api.keys import FILES, HTTP, NODE, PEER, POOL, ROUTER, TRAININGS, N
 from hybridd.api.proxy import OPEN_STREAMS, OpenStreams
 from hybridd.config import Config, ModelEntry
 from hybridd.engine.base import Engine
+from hybridd.engine.build import installed_version
 from hybridd.engine.external import ExternalEngine
 from hybridd.engine.llamacpp import LlamaCppEngine
+from hybridd.engine.llamaserver import LlamaServerEngine, find_llama_server
 from hybridd.engine.pool import EnginePool
 from hybridd.jobs.files import FileStore
 from hybridd.jobs.store import JobStore
@@ -39,15 +42,21 @@ from hybridd.node.training import Trainings
 from hybridd.node.training_peer import PeerJobs
 from hybridd.place.hardware import Hardware
 
+log = logging.getLogger("hybridd")
+
 EngineMaker = Callable[[ModelEntry, aiohttp.ClientSession], Engine]
 
 
-def default_engine_maker(python: str) -> EngineMaker:
-    """Managed llama-cpp-python engines for local GGUFs, pass-through for external URLs."""
+def default_engine_maker(python: str, llama_server: Path | None = None) -> EngineMaker:
+    """Managed engines for local GGUFs (llama-cpp-python's server, or llama-server where a model asks for it and
+    one was found), pass-through for external URLs."""
 
     def make(model: ModelEntry, http: aiohttp.ClientSession) -> Engine:
         if model.engine == "external":
             return ExternalEngine(model)
+        if model.engine == "llama-server":
+            # Without a binary the engine's load fails naming engine.llama_server and `hybridd engines build`.
+            return LlamaServerEngine(model, http, llama_server or Path("llama-server"))
         return LlamaCppEngine(model, http, python)
 
     return make
@@ -89,6 +98,18 @@ def _trainings(state_dir: Path) -> Callable[[web.Application], AsyncIterator[Non
     return trainings
 
 
+def _llama_server(config: Config, catalog: Catalog) -> Path | None:
+    """The llama-server binary, looked for once at start (config, PATH, `hybridd engines build`'s cache) and only
+    when a model runs on it."""
+    if not any(m.engine == "llama-server" for m in catalog.models):
+        return None
+    found = find_llama_server(config.engine.llama_server, version=installed_version(config.engine.python or None))
+    if found is None:
+        log.warning("models use engine = \"llama-server\" but no llama-server binary was found (engine.llama_server, "
+                    "PATH, or build one: hybridd engines build llama-server)")
+    return found
+
+
 def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None = None,
              hardware: Hardware | None = None, peers: Sequence[Peer] = (),
              peering: tuple[Path, str] | None = None) -> web.Application:
@@ -103,7 +124,7 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
     envelope_malformed_requests(app)
     app[NODE] = Node(config, catalog, time.time(), time.monotonic())
     app[OPEN_STREAMS] = OpenStreams()
-    maker = engine_maker or default_engine_maker(config.engine.python)
+    maker = engine_maker or default_engine_maker(config.engine.python, _llama_server(config, catalog))
 
     async def engines(app: web.Application) -> AsyncIterator[None]:
         # One pooled client for every engine; no total timeout because a long generation is not a failure.

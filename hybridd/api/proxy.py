@@ -131,7 +131,14 @@ async def forward(http: aiohttp.ClientSession, route: Route, client: web.Request
         streams = OpenStreams()
     try:
         async with asyncio.timeout(route.first_byte_timeout_s):
-            upstream = await http.post(url, data=body, headers=headers, ssl=route.ssl)
+            try:
+                upstream = await http.post(url, data=body, headers=headers, ssl=route.ssl)
+            except aiohttp.ServerDisconnectedError:
+                if route.forwarded:
+                    raise
+                # A kept-alive connection the engine had already closed (llama-server's HTTP server ends them
+                # after a few requests): it never read the request, so it goes once more, on a new connection.
+                upstream = await http.post(url, data=body, headers=headers, ssl=route.ssl)
     except (aiohttp.ClientError, OSError) as exc:
         why = streams.why_ended(route.base_url) or f"{url} could not be reached: {exc}"
         raise _unreachable(route, why) from exc

@@ -16,6 +16,12 @@ from hybridd.errors import BadRequest, ModelNotFound, UpstreamUnreachable
 from hybridd.node.request import PATHS, Endpoint, InferenceRequest, check_llama_cpp_input, parse_inference
 from hybridd.node.router import Answer, Route
 
+# The other APIs a llama-server engine would serve itself (tools/server/server.cpp has /v1/messages and
+# /v1/responses) and is given as chat completions instead: the llama.cpp that llama-cpp-python 0.3.36 vendors drops
+# the message_start event of about one Messages stream in ten (measured here on the tiny model), which the
+# Anthropic SDK cannot read. Its chat stream is sound, and the translation is hybridd's own.
+LLAMA_SERVER_NATIVE: tuple[str, ...] = ()
+
 
 def add_routes(app: web.Application) -> None:
     """Register the OpenAI-compatible routes."""
@@ -149,11 +155,14 @@ async def _serve(request: web.Request, raw: bytes, inference: InferenceRequest, 
         if route.forwarded:
             upstream_headers = {"x-hybridd-forwarded": "1", "x-hybridd-placement": "local",
                                 "x-hybridd-min-ctx": str(inference.hints.min_ctx)}
-            if native is not None and route.speaks_hybridd:  # a paired hybridd speaks the client's API itself
-                native_path, native_body = native
-                return await forward(request.app[keys.HTTP], route, request, native_path, native_body,
-                                     inference.stream, upstream_headers, done_marker=native_path.startswith(
-                                         ("/v1/chat/", "/v1/completions", "/v1/embeddings")))
+        # A paired hybridd speaks every API hybridd serves, a llama-server engine Messages and Responses: they get
+        # the request as it came.
+        speaks = route.speaks_hybridd or (not route.forwarded and model.engine == "llama-server")
+        if native is not None and speaks and (route.speaks_hybridd or native[0] in LLAMA_SERVER_NATIVE):
+            native_path, native_body = native
+            return await forward(request.app[keys.HTTP], route, request, native_path, native_body,
+                                 inference.stream, upstream_headers, done_marker=native_path.startswith(
+                                     ("/v1/chat/", "/v1/completions", "/v1/embeddings")))
         body = inference.engine_body()
         if model.upstream_model and not route.forwarded:
             body["model"] = model.upstream_model

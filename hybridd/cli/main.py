@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridd import __version__
+from hybridd.cli import engines as engines_cli
 from hybridd.config import Config, config_path, is_loopback_host, load_config, state_dir, with_listen, with_role
 from hybridd.errors import ConfigError
 
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(jobs, "--json", env="HYBRIDD_JSON", action="store_true",
           help="print JSON (with show --follow: one JSON line per event, then the finished job)")
 
+    engines = commands.add_parser("engines", help=engines_cli.HELP, description=engines_cli.DESCRIPTION)
+    engines_cli.add_arguments(engines)
+
     models = commands.add_parser("models", help="list the models the running daemon serves")
     _url_flags(models)
     _flag(models, "--json", env="HYBRIDD_JSON", action="store_true", help="print the model list as JSON")
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
     handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan, "pair": cmd_pair,
-               "peers": cmd_peers, "demo": cmd_demo, "jobs": cmd_jobs}[args.command]
+               "peers": cmd_peers, "demo": cmd_demo, "jobs": cmd_jobs, "engines": engines_cli.run}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

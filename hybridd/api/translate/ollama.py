@@ -47,6 +47,11 @@ def chat_request(body: Any, engine: str, max_ctx: int) -> OllamaMapping:
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise BadRequest("'tools' must be an array of tool objects", "tools")
+        for i, tool in enumerate(tools):
+            function = tool.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise BadRequest(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                 "\"parameters\": ...}}", f"tools[{i}]")
         if tools:
             chat["tools"] = tools  # Ollama's tools are OpenAI's: {type: function, function: {...}}
     chat.update(_options(body, engine, max_ctx))

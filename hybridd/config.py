@@ -109,6 +109,10 @@ class ModelEntry:
     slots: int = 1  # llama-server: requests it runs at once (the context is divided among them)
     train_path: Path | None = None  # the Hugging Face checkpoint folder a fine-tune of this model trains from
     lora_path: Path | None = None  # a llama.cpp LoRA GGUF applied over `path` (a fine-tuned model)
+    # llama-server: LoRA GGUFs loaded with the model and applied per request (fine-tunes of this base, registered
+    # by their jobs); and on a fine-tune's own entry, the base whose engine serves it with its lora_path.
+    adapters: tuple[Path, ...] = ()
+    adapter_of: str | None = None
 
     @property
     def managed(self) -> bool:

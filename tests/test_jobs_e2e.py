@@ -5,6 +5,7 @@ llama.cpp engine under the job's ft: id. Once on one node, once sent to a paired
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from hybridd.demo.tiny_hf import write_tiny_llama_pair
+from hybridd.engine.llamaserver import find_llama_server
 from tests.conftest import Daemon, start_daemon, stop_daemon, wait_for
 from tests.test_peer_e2e import cli
 
@@ -244,3 +246,31 @@ def test_bad_jobs_get_clear_errors(daemon_factory, tiny: tuple[Path, Path]) -> N
     with pytest.raises(openai.NotFoundError):
         api.fine_tuning.jobs.retrieve("ftjob-nope")
     assert api.fine_tuning.jobs.list().data == []
+
+
+@pytest.mark.skipif(find_llama_server("") is None and not os.environ.get("CI"),
+                    reason="no llama-server built (scripts/build_engines.sh builds it)")
+def test_fine_tunes_of_a_llama_server_base_share_its_engine(daemon_factory,  # type: ignore[no-untyped-def]
+                                                            tiny: tuple[Path, Path]) -> None:
+    text = config(tiny, "desk", "desktop", trains=True).replace(
+        "ctx = 1024", 'ctx = 1024\nengine = "llama-server"').replace(
+        "[train]", f'[engine]\nllama_server = "{find_llama_server("")}"\n[train]')
+    desk = daemon_factory(text)
+    api = client(desk)
+    upload = api.files.create(file=("train.jsonl", dataset()), purpose="fine-tune")
+    models = []
+    for suffix in ("one", "two"):
+        job = api.fine_tuning.jobs.create(model="tiny", training_file=upload.id, suffix=suffix,
+                                          extra_body={"hybridd": {"max_steps": 5}})
+        done = finished(api, job.id)
+        assert done.status == "succeeded", done.error
+        models.append(done.fine_tuned_model)
+        answer_locally(api, done.fine_tuned_model)
+    answer_locally(api, "tiny")
+    answer_locally(api, models[0])
+    # One llama-server holds the base and both adapters, each applied only to the requests that name it.
+    engines = [p for p in psutil.Process(desk.pid).children(recursive=True)
+               if p.cmdline() and p.cmdline()[0].endswith("llama-server")]
+    assert len(engines) == 1
+    line = engines[0].cmdline()
+    assert "--lora-init-without-apply" in line and line.count("--lora") == 2

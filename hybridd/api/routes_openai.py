@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -12,7 +13,7 @@ from hybridd.api import keys
 from hybridd.api.proxy import Translator, forward
 from hybridd.api.translate.openai_fill import UsageFiller, for_llama_cpp_python, wants_usage
 from hybridd.config import ModelEntry
-from hybridd.errors import BadRequest, ModelNotFound, UpstreamUnreachable
+from hybridd.errors import BadRequest, Conflict, ModelNotFound, UpstreamUnreachable
 from hybridd.node.request import PATHS, Endpoint, InferenceRequest, check_llama_cpp_input, parse_inference
 from hybridd.node.router import Answer, Route
 
@@ -125,6 +126,8 @@ async def serve(request: web.Request, inference: InferenceRequest, raw: bytes,
     the `translator` of the answer and `native`, the request as it came (its path and body): a peer running hybridd
     gets that and translates itself; an engine gets the chat completion."""
     model = resolve_model(request, inference.model)
+    if model.adapter_of is not None:  # a fine-tune served by its base's llama-server, its adapter named per request
+        model, inference = await _on_base_engine(request, model, inference)
     if inference.endpoint == "embedding" and model.managed and not model.embeddings:
         raise BadRequest(f"model '{model.name}' is not configured for embeddings (set embeddings = true in "
                          "its [[models]] entry; it costs generation speed)")
@@ -142,6 +145,23 @@ async def serve(request: web.Request, inference: InferenceRequest, raw: bytes,
             # Nothing reached the client yet: one retry on the next-best option, without that peer.
             router.peer_failed(peer, exc.message)
             excluded = excluded | {peer}
+
+
+async def _on_base_engine(request: web.Request, tuned: ModelEntry,
+                          inference: InferenceRequest) -> tuple[ModelEntry, InferenceRequest]:
+    """The base model's entry, and the request with its adapter applied (llama-server's per-request `lora`: the
+    adapters not named run at scale 0). A base engine started before this adapter was registered is reloaded."""
+    base = request.app[keys.NODE].catalog.resolve(tuned.adapter_of or "")
+    if tuned.lora_path not in base.adapters:
+        raise Conflict(f"model '{tuned.name}': its adapter is not registered with '{base.name}'")
+    pool = request.app[keys.POOL]
+    for slot in pool.for_model(base.name):
+        if slot.engine is not None and tuned.lora_path not in slot.run.adapters:
+            await pool.wait_idle(slot.key)  # its requests finish on the adapters it has
+            await pool.unload(slot.key, f"reloading with the adapter of {tuned.name}")
+    body = {**inference.body, "lora": [{"id": base.adapters.index(tuned.lora_path), "scale": 1.0}]}
+    # had_hints: the body differs from what the client sent, so it is sent as rebuilt, never as the raw bytes
+    return base, replace(inference, body=body, had_hints=True)
 
 
 async def _serve(request: web.Request, raw: bytes, inference: InferenceRequest, model: ModelEntry,

@@ -54,7 +54,11 @@ def llama_server_argv(model: ModelEntry, port: int, binary: str | Path, has_amx:
         argv.append("--no-repack")
     if model.embeddings:
         argv.append("--embeddings")
-    if model.lora_path is not None:
+    if model.adapters:  # fine-tunes of this base: loaded now, each applied only to the requests that name it
+        argv.append("--lora-init-without-apply")
+        for adapter in model.adapters:
+            argv += ["--lora", str(adapter)]
+    elif model.lora_path is not None:
         argv += ["--lora", str(model.lora_path)]
     for key, value in model.options.items():
         flag = key if key.startswith("-") else "--" + key.replace("_", "-")

@@ -400,10 +400,18 @@ class Trainings:
             log.warning("fine-tuned model %s is not served: %s", model.id, why)
             return why
         base = self.catalog.resolve(model.base_model)
+        adapter = Path(model.path)
         if model.kind == "full":
-            entry = replace(base, name=model.id, aliases=(), path=Path(model.path), lora_path=None, train_path=None)
+            entry = replace(base, name=model.id, aliases=(), path=adapter, lora_path=None, train_path=None,
+                            adapters=())
+        elif base.engine == "llama-server":
+            # One engine for the base and all its fine-tunes: each request names its adapter (routes_openai).
+            if adapter not in base.adapters:
+                self.catalog.add(replace(base, adapters=(*base.adapters, adapter)))
+            entry = replace(base, name=model.id, aliases=(), lora_path=adapter, train_path=None, adapters=(),
+                            adapter_of=base.name)
         else:
-            entry = replace(base, name=model.id, aliases=(), lora_path=Path(model.path), train_path=None)
+            entry = replace(base, name=model.id, aliases=(), lora_path=adapter, train_path=None, adapters=())
         self.catalog.add(entry)
         return None
 

@@ -17,12 +17,15 @@ import pytest
 
 from hybridd.demo.tiny_hf import write_tiny_llama_pair
 from hybridd.engine.llamaserver import find_llama_server
+from hybridd.engine.quantize import quantize
+from hybridd.probe.gguf_file import read_gguf_header
 from tests.conftest import Daemon, start_daemon, stop_daemon, wait_for
 from tests.test_peer_e2e import cli
 
 pytestmark = pytest.mark.timeout(300)
 
 FINISHED = ("succeeded", "failed", "cancelled")
+Q8_0 = 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +277,19 @@ def test_fine_tunes_of_a_llama_server_base_share_its_engine(daemon_factory,  # t
     assert len(engines) == 1
     line = engines[0].cmdline()
     assert "--lora-init-without-apply" in line and line.count("--lora") == 2
+
+
+def test_a_full_fine_tune_comes_back_as_a_model_quantized_like_its_base(daemon_factory, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                       tiny: tuple[Path, Path]) -> None:
+    base_q8 = quantize(tiny[1], tmp_path / "tiny-q8_0.gguf", Q8_0)
+    desk = daemon_factory(config((tiny[0], base_q8), "desk", "desktop", trains=True))
+    api = client(desk)
+    upload = api.files.create(file=("train.jsonl", dataset(4)), purpose="fine-tune")
+    job = api.fine_tuning.jobs.create(model="tiny", training_file=upload.id, suffix="whole",
+                                      extra_body={"hybridd": {"adapter": "full", "max_steps": 3}})
+    done = finished(api, job.id)
+    assert done.status == "succeeded", (done.error, messages(api, job.id))
+    assert any("Quantized the model as its base is" in m for m in messages(api, job.id))
+    served = Path(done.model_extra["hybridd"]["result_path"])
+    assert read_gguf_header(served).metadata["general.file_type"] == Q8_0
+    answer_locally(api, done.fine_tuned_model)

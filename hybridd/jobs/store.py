@@ -128,7 +128,8 @@ class Job:
                         "max_seq": self.max_seq, "placement": self.placement, "reason": self.reason,
                         "step": self.step, "total_steps": self.total_steps, "need_bytes": self.need_bytes,
                         "device": self.device, "peer_job_id": self.peer_job_id, "base": self.base or None,
-                        "result_sha256": self.result["sha256"] if self.result else None},
+                        "result_sha256": self.result["sha256"] if self.result else None,
+                        "result_path": self.result["path"] if self.result else None},
         }
 
 

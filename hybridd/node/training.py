@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridd.config import Config, ModelEntry
+from hybridd.engine.quantize import UNQUANTIZED, quantize
 from hybridd.errors import BadRequest, Conflict, HybriddError, ModelNotFound, PlacementRefused
 from hybridd.jobs.files import FileStore
 from hybridd.jobs.gguf_export import checkpoint_sha256
@@ -370,9 +371,33 @@ class Trainings:
             return
         base: dict[str, Any] = result["base"] if isinstance(result.get("base"), dict) else {}
         kind = "full" if result.get("kind") == "full" else "lora"
+        if kind == "full":
+            path, sha256 = await self._quantized_like_base(job_id, path, sha256)
         job = self.update(job_id, result={"kind": kind, "path": str(path), "sha256": sha256},
                            base={"model": self.store.get(job_id).model, **base})
         await self.adopt(job, path)
+
+    async def _quantized_like_base(self, job_id: str, path: Path, sha256: str) -> tuple[Path, str]:
+        """A full fine-tune comes back at 16 bits: quantize it as its base GGUF is, so it serves as fast and as
+        small as the base did."""
+        try:
+            base = self.catalog.resolve(self.store.get(job_id).model)
+        except ModelNotFound:
+            return path, sha256
+        if base.path is None:
+            return path, sha256
+        header = await asyncio.to_thread(entry_header, base)
+        file_type = header.metadata.get("general.file_type")
+        if not isinstance(file_type, int) or file_type in UNQUANTIZED:
+            return path, sha256
+        out = path.with_name(f"{path.stem}-as-base.gguf")
+        try:
+            await asyncio.to_thread(quantize, path, out, file_type)
+        except RuntimeError as exc:
+            self.note(job_id, "warn", f"{exc}; the model is served at 16 bits")
+            return path, sha256
+        self.note(job_id, "info", f"Quantized the model as its base is (llama.cpp file type {file_type})")
+        return out, await asyncio.to_thread(_sha256, out)
 
     async def adopt(self, job: Job, path: Path) -> None:
         """Serve what `job` made (at `path`) under its fine-tuned id, and finish the job."""

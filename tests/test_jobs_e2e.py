@@ -19,6 +19,7 @@ from hybridd.demo.tiny_hf import write_tiny_llama_pair
 from hybridd.engine.llamaserver import find_llama_server
 from hybridd.engine.quantize import quantize
 from hybridd.probe.gguf_file import read_gguf_header
+from hybridd.proc.process import free_loopback_port
 from tests.conftest import Daemon, start_daemon, stop_daemon, wait_for
 from tests.test_peer_e2e import cli
 
@@ -293,3 +294,37 @@ def test_a_full_fine_tune_comes_back_as_a_model_quantized_like_its_base(daemon_f
     served = Path(done.model_extra["hybridd"]["result_path"])
     assert read_gguf_header(served).metadata["general.file_type"] == Q8_0
     answer_locally(api, done.fine_tuned_model)
+
+
+def test_a_peer_that_goes_away_mid_job_is_a_warning_and_its_restart_resumes_the_job(
+        daemon_factory, tmp_path: Path, tiny: tuple[Path, Path]) -> None:  # type: ignore[no-untyped-def]
+    port = free_loopback_port()  # the peer comes back where the desktop paired with it
+    peer_text = config(tiny, "spark", "peer", trains=True).replace('lan_listen = "127.0.0.1:0"',
+                                                                   f'lan_listen = "127.0.0.1:{port}"')
+    peer = start_daemon(peer_text, tmp_path / "peer")
+    try:
+        desk = daemon_factory(config(tiny, "desk", "desktop", trains=False))
+        pair(desk, peer)
+        api, far = client(desk), client(peer)
+        wait_for(lambda: "peer:spark" in next(m for m in api.models.list().data if m.id == "tiny")
+                 .model_extra["hybridd"]["trainable_on"], timeout=30, what="the peer's offer to train")
+        upload = api.files.create(file=("train.jsonl", dataset()), purpose="fine-tune")
+        job = api.fine_tuning.jobs.create(model="tiny", training_file=upload.id, hyperparameters={"n_epochs": 20})
+        remote = wait_for(lambda: api.fine_tuning.jobs.retrieve(job.id).model_extra["hybridd"]["peer_job_id"],
+                          timeout=30, what="the job to reach the peer")
+        wait_for(lambda: far.fine_tuning.jobs.checkpoints.list(remote).data, timeout=60, interval=0.05,
+                 what="a checkpoint on the peer")
+        stop_daemon(peer)
+        # The desktop keeps the job: the peer's absence is a warning, not a failure.
+        wait_for(lambda: any("cannot be reached" in m for m in messages(api, job.id)), timeout=30,
+                 what="the desktop's warning")
+        assert api.fine_tuning.jobs.retrieve(job.id).status in ("running", "queued")
+        peer = start_daemon(peer_text, tmp_path / "peer")
+        done = finished(api, job.id)
+        assert done.status == "succeeded", (done.error, messages(api, job.id))
+        story = messages(api, job.id)
+        assert any("resumes from its last checkpoint" in m or m.startswith("Resumed from the checkpoint")
+                   for m in story), story
+        answer_locally(api, done.fine_tuned_model)
+    finally:
+        stop_daemon(peer)

@@ -8,7 +8,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,20 +141,24 @@ class PeerNode:
         peer = self.store.get(advert.node_id)
         if peer is None or gone or not advert.addresses:
             return
-        address = advert.addresses[0]
         link = self.links.get(peer.node_id)
         if link is not None and link.state.up:
             return  # the address we have works; mDNS may list another of the same host's addresses
-        if advert.port and (address, advert.port) != (peer.address, peer.port) and self.role == "desktop":
-            # Maybe the node moved: try it there. The address is only stored once the pinned certificate answered
-            # there, so an advert (unauthenticated) cannot move a peer's stored address.
-            log.info("peer %s may have moved to %s:%d; trying it there", peer.name, address, advert.port)
-            self._dial(peer, replace_existing=True, address=address, port=advert.port)
+        advertised = [(address, advert.port) for address in advert.addresses if advert.port]
+        if advertised and (peer.address, peer.port) not in advertised and self.role == "desktop":
+            # Maybe the node moved: try it at each address it advertises, and still where it was (an advert is
+            # unauthenticated, and an address it lists may be one this node cannot reach). The address is only
+            # stored once the pinned certificate answered there.
+            log.info("peer %s may have moved to %s; trying it there", peer.name,
+                     ", ".join(f"{a}:{p}" for a, p in advertised))
+            self._dial(peer, replace_existing=True, also=advertised)
 
-    def _dial(self, peer: PairedPeer, replace_existing: bool = False, address: str | None = None,
-              port: int | None = None) -> None:
-        address, port = address or peer.address, port or peer.port or DEFAULT_LAN_PORT
-        if peer.role != "peer" or address is None:
+    def _dial(self, peer: PairedPeer, replace_existing: bool = False,
+              also: Sequence[tuple[str, int]] = ()) -> None:
+        places = list(also)
+        if peer.address is not None and (peer.address, peer.port or DEFAULT_LAN_PORT) not in places:
+            places.append((peer.address, peer.port or DEFAULT_LAN_PORT))
+        if peer.role != "peer" or not places:
             return
         old = self.links.pop(peer.node_id, None) if replace_existing else self.links.get(peer.node_id)
         if old is not None and not replace_existing:
@@ -162,17 +166,19 @@ class PeerNode:
         if old is not None:
             asyncio.get_running_loop().create_task(old.close())
 
+        urls = {f"https://{_host(address)}:{port}/hybridd/v1/link": (address, port) for address, port in places}
+
         def on_state(_: str, state: PeerLinkState) -> None:
             current = self.store.get(peer.node_id)
+            address, port = urls[link.url]
             if state.up and current is not None and (current.address, current.port) != (address, port):
                 log.info("peer %s answered with its pinned certificate at %s:%d; address updated", peer.name,
                          address, port)
                 self.store.update_address(peer.node_id, address, port)
 
-        url = f"https://{_host(address)}:{port}/hybridd/v1/link"
-        link = LinkClient(url, client_context(self.identity, peer.cert_pem), self.hello(), snapshot=self.capacity,
-                          inventory=self.inventory, expected_node_id=peer.node_id, on_state=on_state,
-                          on_message=self._message)
+        link = LinkClient(list(urls), client_context(self.identity, peer.cert_pem), self.hello(),
+                          snapshot=self.capacity, inventory=self.inventory, expected_node_id=peer.node_id,
+                          on_state=on_state, on_message=self._message)
         self.links[peer.node_id] = link
         asyncio.get_running_loop().create_task(link.start())
 

@@ -16,7 +16,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -306,12 +306,14 @@ def add_link_route(app: web.Application, hub: LinkHub) -> None:
 class LinkClient:
     """Client side: dials a peer's link, keeps it up, redials with backoff; `state` says how the peer is doing."""
 
-    def __init__(self, url: str, ssl_context: ssl.SSLContext, local_hello: Hello,
+    def __init__(self, url: str | Sequence[str], ssl_context: ssl.SSLContext, local_hello: Hello,
                  on_message: OnMessage | None = None, clock: Clock = time.monotonic, interval_s: float = 2.0, *,
                  snapshot: Snapshot = Capacity, inventory: InventorySource = Inventory,
                  expected_node_id: str | None = None, on_state: OnState | None = None, miss_limit: int = 3,
                  backoff_s: tuple[float, float] = (0.25, 15.0)) -> None:
-        self.url = url
+        # Where the peer may answer, tried in turn until one does: a failed dial moves on to the next.
+        self.urls = [url] if isinstance(url, str) else list(url)
+        self._at = 0
         self.ssl_context = ssl_context
         self.local_hello = local_hello
         self.interval_s = interval_s
@@ -324,6 +326,11 @@ class LinkClient:
         self._calls = _Callbacks(snapshot, inventory, on_message, clock)
         self._task: asyncio.Task[None] | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    @property
+    def url(self) -> str:
+        """The address being dialed (or that answered)."""
+        return self.urls[self._at]
 
     async def start(self) -> None:
         """Begin dialing in the background."""
@@ -357,6 +364,8 @@ class LinkClient:
                 if established:
                     self._notify()
                     backoff = self.backoff_s[0]
+                else:
+                    self._at = (self._at + 1) % len(self.urls)  # try the next address the peer may be at
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, self.backoff_s[1])
 

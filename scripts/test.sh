@@ -3,7 +3,7 @@
 # no test at all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh || exit 1
+scripts/setup.sh test || exit 1
 # Static checks first: a layering break, a lint or a type error fails the run before the suite starts.
 .venv/bin/ruff check hybridd tests bench || exit 1
 .venv/bin/mypy hybridd || exit 1

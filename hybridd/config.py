@@ -451,8 +451,12 @@ def _engine(table: Reader) -> EngineDefaults:
     )
 
 
+# Set by the fine-tuning registry, not by a config file.
+_MODEL_KEYS = tuple(name for name in field_names(ModelEntry) if name not in ("adapters", "adapter_of"))
+
+
 def _model(item: Reader, defaults: EngineDefaults, base_dir: Path) -> ModelEntry:
-    table = item.table(field_names(ModelEntry))
+    table = item.table(_MODEL_KEYS)
     name = table.at("name").of(str, None)
     if not name:
         raise table.at("name").fail("required: the model id clients ask for")

@@ -24,15 +24,15 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from hybridd.config import DEFAULT_LAN_PORT, MANAGED_KINDS, Config, config_path, lan_listen, load_config, state_dir
 from hybridd.engine import build
-from hybridd.engine.llamaserver import find_llama_server
 from hybridd.errors import ConfigError
 from hybridd.probe import engine_builds
-from hybridd.probe.gpus import GIB, GpuProbe, MachineSnapshot
-from hybridd.probe.host import HostProbe
+
+if TYPE_CHECKING:
+    from hybridd.probe.gpus import GpuInfo, MachineSnapshot
 
 EXIT_OK, EXIT_FAIL = 0, 1
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -45,6 +45,7 @@ HTTP_TIMEOUT_S = 3.0
 LOW_FREE_FRACTION = 0.25  # a GPU with less free than this is mostly taken by other programs
 SKEW_WARN_S = 5.0  # Date headers have 1 s resolution; beyond a few seconds the clock is really off
 ACCEPT, DROP, UNKNOWN = "accept", "drop", "unknown"
+GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ def render(checks: Sequence[Check]) -> str:
 
 def check_gpus(nvml: Any, env: Mapping[str, str]) -> tuple[list[Check], MachineSnapshot]:
     """nvidia-smi (the driver), NVML (what placement sees), and each GPU's free memory and display."""
+    # Imported here, as each subcommand does: `hybridd status` need not load psutil to start.
+    from hybridd.probe.gpus import GpuProbe
+    from hybridd.probe.host import HostProbe
+
     checks = []
     smi = shutil.which("nvidia-smi", path=env.get("PATH"))
     smi_gpus = 0
@@ -155,7 +160,7 @@ def check_gpus(nvml: Any, env: Mapping[str, str]) -> tuple[list[Check], MachineS
     return checks, snapshot
 
 
-def _gpu_check(gpu: Any) -> Check:
+def _gpu_check(gpu: GpuInfo) -> Check:
     name = f"gpu {gpu.index}"
     detail = f"{gpu.name}: {gpu.free_bytes / GIB:.1f} of {gpu.total_bytes / GIB:.1f} GiB free"
     if gpu.unified:
@@ -173,6 +178,8 @@ def _gpu_check(gpu: Any) -> Check:
 
 def check_engines(config: Config, gpu_count: int, env: Mapping[str, str]) -> list[Check]:
     """llama-cpp-python (in [engine] python) and llama-server (found or not): installed, and what they run on."""
+    from hybridd.engine.llamaserver import find_llama_server  # loads aiohttp: only when doctor runs
+
     in_use = {config.engine.kind, *(m.engine for m in config.models if m.path is not None)} & set(MANAGED_KINDS)
     python = config.engine.python or sys.executable
     nvcc = build.find_nvcc(env)

@@ -45,6 +45,7 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
     lan_listen: str = ""  # host:port of the mutual-TLS listener for paired nodes; "" = none (peer default: all:11436)
+    metrics_listen: str = ""  # host:port serving GET /metrics alone (a Prometheus on another machine); "" = none
 
     @property
     def listen(self) -> str:
@@ -353,9 +354,12 @@ def _server(table: Reader, source: str) -> ServerConfig:
         shutdown_grace_s=table.at("shutdown_grace_s").number(ServerConfig.shutdown_grace_s, above=0),
         log_level=table.at("log_level").choice(LOG_LEVELS, ServerConfig.log_level),
         lan_listen=table.at("lan_listen").of(str, ServerConfig.lan_listen),
+        metrics_listen=table.at("metrics_listen").of(str, ServerConfig.metrics_listen),
     )
     if server.lan_listen:
         parse_listen(server.lan_listen, "server.lan_listen", source)
+    if server.metrics_listen:
+        parse_listen(server.metrics_listen, "server.metrics_listen", source)
     _check_loopback(server, source)
     return server
 

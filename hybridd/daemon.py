@@ -13,11 +13,13 @@ from aiohttp import web
 
 from hybridd.api.app import make_app
 from hybridd.api.connections import Descriptors, Limits, share_descriptors
+from hybridd.api.envelope import envelope_middleware
 from hybridd.api.keys import PEER, POOL
 from hybridd.api.listener import Listener, descriptor_limit
+from hybridd.api.metrics import METRICS, scrape
 from hybridd.api.proxy import OPEN_STREAMS
 from hybridd.api.routes_peers import make_lan_app
-from hybridd.config import Config, lan_listen
+from hybridd.config import Config, lan_listen, parse_listen
 from hybridd.errors import StartupError
 from hybridd.node.catalog import Catalog
 from hybridd.node.peering import PeerNode
@@ -56,6 +58,13 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
     lan = await _start_lan(app, config, runner, api, shares)
     lan_url = lan[1].url if lan is not None else ""
     served = [(runner, api)] if lan is None else [(runner, api), lan]
+    if server.metrics_listen:
+        try:
+            served.append(await _start_metrics(app, server.metrics_listen, config.source, shares))
+        except StartupError:
+            await asyncio.gather(*(listener.stop() for _, listener in served))
+            await asyncio.gather(*(each.cleanup() for each, _ in served))
+            raise
     sd_notify(f"READY=1\nSTATUS=serving on {url}\nMAINPID={os.getpid()}\nX_HYBRIDD_LAN={lan_url}")
 
     stop = asyncio.Event()
@@ -133,6 +142,26 @@ async def _start_lan(app: web.Application, config: Config, runner: web.AppRunner
         log.info("paired nodes reach %s at %s (node id %s)", node.name, listener.url, node.identity.node_id[:16])
     await node.start(port)
     return lan
+
+
+async def _start_metrics(app: web.Application, where: str, source: str,
+                         shares: Descriptors) -> tuple[web.AppRunner, Listener]:
+    """server.metrics_listen: GET /metrics alone, on an address a Prometheus elsewhere can reach (nothing else is
+    served there: the API stays on loopback)."""
+    metrics_app = web.Application(middlewares=[envelope_middleware])
+    metrics_app[METRICS] = app[METRICS]
+    metrics_app.router.add_get("/metrics", scrape)
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    host, port = parse_listen(where, "server.metrics_listen", source)
+    listener = Listener(runner, Limits(max_untrusted=shares.lan), f"metrics on {where}")
+    try:
+        await listener.start(host, port)
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(f"cannot listen on {where} for metrics: {exc.strerror or exc}") from exc
+    log.info("Prometheus metrics at %s/metrics", listener.url)
+    return runner, listener
 
 
 def _paired_with(node: PeerNode) -> Callable[[asyncio.BaseTransport], bool]:

@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from hybridd.api import (
+    metrics,
     routes_anthropic,
     routes_files,
     routes_jobs,
@@ -24,6 +25,7 @@ from hybridd.api import (
 from hybridd.api.envelope import envelope_malformed_requests, envelope_middleware
 from hybridd.api.guards import body_deadline, make_guard
 from hybridd.api.keys import FILES, HTTP, NODE, PEER, POOL, ROUTER, TRAININGS, Node
+from hybridd.api.metrics import count_requests
 from hybridd.api.proxy import OPEN_STREAMS, OpenStreams
 from hybridd.config import Config, ModelEntry
 from hybridd.engine.base import Engine
@@ -117,8 +119,8 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
     without a state dir (config.state_dir, else peering's), there is no /v1/files."""
     server = config.server
     app = web.Application(
-        middlewares=[envelope_middleware, make_guard(server.extra_hosts, server.host, server.max_body_bytes),
-                     body_deadline],
+        middlewares=[count_requests, envelope_middleware,
+                     make_guard(server.extra_hosts, server.host, server.max_body_bytes), body_deadline],
         client_max_size=server.max_body_bytes,
     )
     envelope_malformed_requests(app)
@@ -168,4 +170,5 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
     routes_ollama.add_routes(app)
     routes_status.add_routes(app)
     routes_peers.add_routes(app)
+    metrics.add_routes(app)
     return app

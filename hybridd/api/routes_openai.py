@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from hybridd.api import keys
+from hybridd.api.metrics import MODEL
 from hybridd.api.proxy import Translator, forward
 from hybridd.api.translate.openai_fill import UsageFiller, for_llama_cpp_python, wants_usage
 from hybridd.config import ModelEntry
@@ -126,6 +127,7 @@ async def serve(request: web.Request, inference: InferenceRequest, raw: bytes,
     the `translator` of the answer and `native`, the request as it came (its path and body): a peer running hybridd
     gets that and translates itself; an engine gets the chat completion."""
     model = resolve_model(request, inference.model)
+    request[MODEL] = model.name  # a model this node knows: a bounded label for /metrics
     if model.adapter_of is not None:  # a fine-tune served by its base's llama-server, its adapter named per request
         model, inference = await _on_base_engine(request, model, inference)
     if inference.endpoint == "embedding" and model.managed and not model.embeddings:

@@ -7,6 +7,7 @@ from aiohttp import web
 from hybridd.api import keys, routes_anthropic, routes_jobs, routes_ollama, routes_openai, routes_responses
 from hybridd.api.envelope import Handler, envelope_middleware, error_response
 from hybridd.api.guards import body_deadline
+from hybridd.api.metrics import METRICS, count_requests
 from hybridd.api.proxy import OPEN_STREAMS
 from hybridd.errors import BadRequest, HybriddError
 from hybridd.node.peering import PeerNode
@@ -74,11 +75,12 @@ def make_lan_app(main: web.Application) -> web.Application:
             return await handler(request)
         return error_response(403, "this listener serves paired hybridd nodes only; pair first", code="not_paired")
 
-    app = web.Application(middlewares=[envelope_middleware, paired_only, body_deadline],
+    app = web.Application(middlewares=[count_requests, envelope_middleware, paired_only, body_deadline],
                           client_max_size=main[keys.NODE].config.server.max_body_bytes)
     # The same objects as the loopback app: one node, two listeners.
     app[keys.NODE], app[keys.POOL], app[keys.ROUTER] = main[keys.NODE], main[keys.POOL], main[keys.ROUTER]
     app[keys.HTTP], app[keys.PEER] = main[keys.HTTP], node
+    app[METRICS] = main[METRICS]  # what paired nodes ask of this one counts with the rest
     app[OPEN_STREAMS] = main[OPEN_STREAMS]  # a shutdown ends the streams of both listeners at its grace
     add_pairing_routes(app, node.pairing)
     add_link_route(app, node.hub)

@@ -1,0 +1,134 @@
+"""GET /metrics: the node in Prometheus' text format, through prometheus-client.
+
+Requests are counted as they end (by API, model, where they ran and status) with their duration; everything else
+is read from the node's own state at each scrape: memory per device, engines, queues, peers, fine-tuning jobs.
+Label sets stay bounded: a model label is a model this node serves (anything else is "unknown"), a placement is
+local, local-offload, peer or none, and no label carries a request id or a free-form reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from hybridd.api import keys
+from hybridd.api.envelope import Handler
+
+MODEL = web.RequestKey("hybridd_model", str)  # set by a route once it knows the model
+_APIS = (("/v1/chat/", "chat"), ("/v1/completions", "completion"), ("/v1/embeddings", "embedding"),
+         ("/v1/messages", "messages"), ("/v1/responses", "responses"), ("/api/", "ollama"),
+         ("/v1/fine_tuning/", "fine_tuning"), ("/v1/files", "files"), ("/v1/models", "models"))
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    """The registry of one app: request counters, and a collector that reads the node at scrape time."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("hybridd_requests", "Requests answered, by API, model, placement and status",
+                                ["api", "model", "placement", "status"], registry=self.registry)
+        self.duration = Histogram("hybridd_request_duration_seconds", "Seconds from a request to its answer's end",
+                                  ["api", "placement"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.registry.register(_NodeCollector(app))
+
+    def observe(self, request: web.Request, status: int, placement: str, seconds: float) -> None:
+        api = next((name for prefix, name in _APIS if request.path.startswith(prefix)), None)
+        if api is None:
+            return  # hybridd's own routes, pairing, unknown paths: not requests for a model
+        kind = placement.split(":", 1)[0] if placement else "none"
+        model = request.get(MODEL, "unknown")
+        self.requests.labels(api, model, kind, str(status)).inc()
+        self.duration.labels(api, kind).observe(seconds)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count each request once its answer has ended (outside the error envelope, so errors count too)."""
+    started = time.monotonic()
+    response = await handler(request)
+    request.app[METRICS].observe(request, response.status, response.headers.get("x-hybridd-placement", ""),
+                                 time.monotonic() - started)
+    return response
+
+
+async def scrape(request: web.Request) -> web.Response:
+    """GET /metrics."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    app[METRICS] = Metrics(app)
+    app.router.add_get("/metrics", scrape)
+
+
+class _NodeCollector(Collector):
+    """The node's state as gauges, read when Prometheus scrapes."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if keys.ROUTER not in self.app:  # before the engines are set up
+            return
+        router, pool = self.app[keys.ROUTER], self.app[keys.POOL]
+        ledger = router.state.ledger
+        memory = GaugeMetricFamily("hybridd_device_bytes", "Bytes per device: what engines may use, what placement "
+                                   "has reserved, what is free", labels=["device", "kind"])
+        for device in ledger.devices:
+            memory.add_metric([device, "capacity"], ledger.capacity(device))
+            memory.add_metric([device, "reserved"], ledger.used_bytes(device))
+            memory.add_metric([device, "free"], ledger.free_bytes(device))
+        yield memory
+        engines = GaugeMetricFamily("hybridd_engines", "Engines by state", labels=["state"])
+        queue = GaugeMetricFamily("hybridd_queue_depth", "Requests waiting for an engine of the model",
+                                  labels=["model"])
+        running = GaugeMetricFamily("hybridd_requests_in_flight", "Requests on an engine of the model now",
+                                    labels=["model"])
+        load = GaugeMetricFamily("hybridd_engine_load_seconds", "Seconds the model's engine took to load, last",
+                                 labels=["model"])
+        restarts = GaugeMetricFamily("hybridd_engine_restarts", "Times the model's engines died and were started "
+                                     "again", labels=["model"])
+        states: dict[str, int] = {}
+        for slot in pool.slots.values():
+            states[slot.state.value] = states.get(slot.state.value, 0) + 1
+            name = slot.model.name
+            queue.add_metric([name], slot.waiting)
+            running.add_metric([name], slot.in_flight)
+            restarts.add_metric([name], slot.restarts)
+            if slot.load_seconds is not None:
+                load.add_metric([name], slot.load_seconds)
+        for state, count in states.items():
+            engines.add_metric([state], count)
+        yield from (engines, queue, running, load, restarts)
+        up = GaugeMetricFamily("hybridd_peer_up", "1 while the peer can be placed on", labels=["peer"])
+        rtt = GaugeMetricFamily("hybridd_peer_rtt_seconds", "Round trip to the peer on its link", labels=["peer"])
+        free = GaugeMetricFamily("hybridd_peer_free_bytes", "Memory the peer reports free", labels=["peer"])
+        for name, target in router.peer_targets().items():
+            up.add_metric([name], 1.0 if target.state.up else 0.0)
+            rtt.add_metric([name], target.state.rtt_s)
+            free.add_metric([name], sum(d.usable_bytes for d in target.state.hardware.devices))
+        yield from (up, rtt, free)
+        if keys.TRAININGS in self.app:
+            jobs = GaugeMetricFamily("hybridd_fine_tuning_jobs", "Fine-tuning jobs not finished, by status and "
+                                     "where they train", labels=["status", "placement"])
+            progress = GaugeMetricFamily("hybridd_fine_tuning_progress", "Steps done over total steps of each "
+                                         "running job", labels=["job"])
+            counts: dict[tuple[str, str], int] = {}
+            for job in self.app[keys.TRAININGS].store.active():
+                where = (job.placement or "none").split(":", 1)[0]
+                counts[job.status, where] = counts.get((job.status, where), 0) + 1
+                if job.status == "running" and job.total_steps:
+                    progress.add_metric([job.id], job.step / job.total_steps)
+            for (status, where), count in counts.items():
+                jobs.add_metric([status, where], count)
+            yield from (jobs, progress)

@@ -32,6 +32,7 @@ async def status(request: web.Request) -> web.Response:
         "started_at": node.started_wall,
         "uptime_s": round(time.monotonic() - node.started_mono, 1),
         "node": request.app[keys.ROUTER].node_name,
+        "warnings": list(request.app[keys.ROUTER].state.hardware.notes),
         "models": request.app[keys.POOL].describe(node.catalog.models),
         "peers": _peers(request),
         "decisions": list(request.app[keys.ROUTER].decisions)[-10:],

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridd import __version__
+from hybridd.cli import doctor as doctor_cli
 from hybridd.cli import engines as engines_cli
 from hybridd.config import Config, config_path, is_loopback_host, load_config, state_dir, with_listen, with_role
 from hybridd.errors import ConfigError
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     engines = commands.add_parser("engines", help=engines_cli.HELP, description=engines_cli.DESCRIPTION)
     engines_cli.add_arguments(engines)
 
+    doctor = commands.add_parser("doctor", help=doctor_cli.HELP, description=doctor_cli.DESCRIPTION)
+    doctor_cli.add_arguments(doctor)
+
     models = commands.add_parser("models", help="list the models the running daemon serves")
     _url_flags(models)
     _flag(models, "--json", env="HYBRIDD_JSON", action="store_true", help="print the model list as JSON")
@@ -135,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
     handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan, "pair": cmd_pair,
-               "peers": cmd_peers, "demo": cmd_demo, "jobs": cmd_jobs, "engines": engines_cli.run}[args.command]
+               "peers": cmd_peers, "demo": cmd_demo, "jobs": cmd_jobs, "engines": engines_cli.run,
+               "doctor": doctor_cli.run}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -184,13 +189,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in catalog.models if m.path is not None and not m.path.exists()]
     for model in missing:
         log.warning("model %s: file %s does not exist; requests for it will fail", model.name, model.path)
-    from hybridd.node.resources import configured_peers, local_hardware
+    from hybridd.node.resources import configured_peers, engine_builds_in_use, local_hardware
 
     try:
-        hardware, peers = local_hardware(config), configured_peers(config)
+        hardware = local_hardware(config, lambda: engine_builds_in_use(config))
+        peers = configured_peers(config)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_STARTUP
+    for note in hardware.notes:
+        log.warning("%s: placement plans this node without them; 'hybridd doctor' says how to fix it", note)
     devices = ", ".join(f"{d.name} {d.usable_bytes / 2**30:.1f} GiB" for d in hardware.devices)
     log.info("node %s: %s; peers: %s", hardware.name, devices or "no devices",
              ", ".join(p.config.name for p in peers) or "none")

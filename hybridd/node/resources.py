@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from hybridd.config import Config, PeerConfig
+from hybridd.engine.llamaserver import find_llama_server
 from hybridd.place.devices import Device
 from hybridd.place.hardware import Hardware
+from hybridd.probe.engine_builds import EngineBuild, engine_warnings, plans_cpu_only, probe_builds
 from hybridd.probe.gpus import GpuProbe, MachineSnapshot, devices_from_snapshot
 from hybridd.probe.hardware_profiles import load_hardware_profile
 from hybridd.probe.host import HostProbe
@@ -30,8 +34,17 @@ def node_name(config: Config) -> str:
     return config.node.name or socket.gethostname().split(".")[0] or "local"
 
 
-def local_hardware(config: Config) -> Hardware:
-    """This node's hardware now; raises ConfigError for an unknown hardware profile."""
+def engine_builds_in_use(config: Config) -> tuple[EngineBuild, ...]:
+    """What the engine builds the config's models use can offload to (each asked in a child process: blocking)."""
+    kinds = {config.engine.kind, *(m.engine for m in config.models if m.path is not None)}
+    binary = find_llama_server(config.engine.llama_server) if "llama-server" in kinds else None
+    return tuple(probe_builds(kinds, config.engine.python or sys.executable, binary))
+
+
+def local_hardware(config: Config, builds: Callable[[], Sequence[EngineBuild]] | None = None) -> Hardware:
+    """This node's hardware now; raises ConfigError for an unknown hardware profile. `builds`: asks the engine
+    builds in use what they offload to (only when the probe finds GPUs), so that GPUs no build can use are not
+    planned on."""
     node = config.node
     name = node_name(config)
     if node.devices:
@@ -42,7 +55,8 @@ def local_hardware(config: Config) -> Hardware:
                         node.disk_read_bytes_s)
     if node.hardware:
         return load_hardware_profile(node.hardware).hardware(disk_read_bytes_s=node.disk_read_bytes_s)
-    return hardware_from_snapshot(config, probe_machine())
+    snapshot = probe_machine()
+    return hardware_from_snapshot(config, snapshot, builds() if builds is not None and snapshot.gpus else ())
 
 
 def probe_machine() -> MachineSnapshot:
@@ -57,18 +71,23 @@ def probe_machine() -> MachineSnapshot:
     return snapshot
 
 
-def hardware_from_snapshot(config: Config, snapshot: MachineSnapshot) -> Hardware:
-    """The probed machine as placement hardware; with no GPU, system RAM is the one pool."""
+def hardware_from_snapshot(config: Config, snapshot: MachineSnapshot, builds: Sequence[EngineBuild] = ()) -> Hardware:
+    """The probed machine as placement hardware; with no GPU, system RAM is the one pool. GPUs that no engine build
+    in use can offload to are left out (a CPU build plans as CPU-only), with a note saying so."""
     node = config.node
     name = node_name(config)
+    notes = tuple(engine_warnings(builds, len(snapshot.gpus)))
+    if plans_cpu_only(builds, len(snapshot.gpus)):
+        # No engine can use them: planning on the GPUs would promise speeds no engine delivers.
+        snapshot = replace(snapshot, gpus=(), unified=False)
     gpus = tuple(devices_from_snapshot(snapshot, display_reserve_bytes=node.display_reserve_bytes))
     if gpus:
         ram = 0 if snapshot.unified else snapshot.host_available_bytes
-        return Hardware(name, gpus, ram, node.ram_bandwidth_bytes_s, node.disk_read_bytes_s)
+        return Hardware(name, gpus, ram, node.ram_bandwidth_bytes_s, node.disk_read_bytes_s, notes=notes)
     # No GPU: llama.cpp runs on the CPU and the model lives in system RAM, which is then the one pool.
     cpu = Device("CPU (system RAM)", snapshot.host_total_bytes, snapshot.host_available_bytes, unified=True,
                  bandwidth_bytes_s=node.ram_bandwidth_bytes_s)
-    return Hardware(name, (cpu,), 0, node.ram_bandwidth_bytes_s, node.disk_read_bytes_s)
+    return Hardware(name, (cpu,), 0, node.ram_bandwidth_bytes_s, node.disk_read_bytes_s, notes=notes)
 
 
 def configured_peers(config: Config) -> list[Peer]:

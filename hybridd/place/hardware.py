@@ -37,6 +37,7 @@ class Hardware:
     ram_bandwidth_bytes_s: float
     disk_read_bytes_s: float = DEFAULT_DISK_READ_BYTES_S
     measured: tuple[SpeedPoint, ...] = ()
+    notes: tuple[str, ...] = ()  # why the node plans as it does, e.g. "engine ... is a CPU build: 2 GPUs unused"
 
     @property
     def unified(self) -> bool:

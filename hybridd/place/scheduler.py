@@ -451,7 +451,7 @@ def _describe(option: Option) -> str:
     return f"{where} predicted {option.predicted_tok_s:.0f} tok/s ({option.total_s:.1f} s)"
 
 
-def _reason(chosen: Option, others: Sequence[Option]) -> str:
+def _reason(chosen: Option, others: Sequence[Option], notes: Sequence[str] = ()) -> str:
     if chosen.engine is not None:
         state = f"loading ({chosen.load_s:.1f} s left)" if chosen.load_s else "loaded"
         head = (f"{chosen.placement}: engine {chosen.engine} {state} at {chosen.ctx} ctx, "
@@ -467,6 +467,8 @@ def _reason(chosen: Option, others: Sequence[Option]) -> str:
             head += f", evicts {', '.join(chosen.evict)}"
         if chosen.drain:
             head += f" once they finish ({chosen.wait_s:.1f} s)"
+    if chosen.local and notes:  # e.g. an engine that is a CPU build beside the GPUs
+        head += "; " + "; ".join(notes)
     head += f" ({chosen.total_s:.1f} s)"
     rest = [_describe(o) for o in others if o.feasible and o is not chosen and o.placement != chosen.placement]
     return head + ("; " + "; ".join(rest) if rest else "")
@@ -535,4 +537,5 @@ def decide(need: RequestNeed, local: LocalState, peers: Sequence[PeerState], now
     else:
         assert best_peer is not None
         chosen = best_peer
-    return Decision(chosen.placement, chosen, tuple(options), _reason(chosen, options), chosen.ctx)
+    return Decision(chosen.placement, chosen, tuple(options), _reason(chosen, options, local.hardware.notes),
+                    chosen.ctx)

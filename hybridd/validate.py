@@ -44,6 +44,19 @@ def field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+def json_kind(value: object) -> str:
+    """What a decoded JSON value is, as an error message names it: "an object", "an array", "null"..."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def shown(value: object) -> str:
+    """A value for an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _english(value: object, names: Mapping[type, str]) -> str:
     if isinstance(value, bool) and bool in names:
         return names[bool]

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
-import time
+from collections.abc import Mapping
 
 import aiohttp
 
 from hybridd.config import KV_CACHE_TYPES, ModelEntry
-from hybridd.engine.base import EngineState
-from hybridd.errors import EngineLoadFailed
-from hybridd.proc.process import ManagedProcess, free_loopback_port
+from hybridd.engine.managed import ManagedEngine
 
 HEALTH_PATH = "/v1/models"  # ready: the model is loaded and served
 # Alive: llama_cpp.server holds its model lock for a whole completion and /v1/models waits on that lock, so a long
@@ -68,89 +65,23 @@ def llama_cpp_argv(model: ModelEntry, port: int, python: str = "", has_amx: bool
     return argv
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(ManagedEngine):
     """One llama_cpp.server process on a free loopback port, health-checked before it gets traffic."""
 
     kind = "llama-cpp-python"
+    ready_path = HEALTH_PATH
+    alive_path = LIVENESS_PATH
 
     def __init__(self, model: ModelEntry, http: aiohttp.ClientSession, python: str = "") -> None:
-        self.model = model
-        self.http = http
+        super().__init__(model, http)
         self.python = python
-        self.state = EngineState.STOPPED
-        self.port: int | None = None
-        self.process = ManagedProcess(model.name)
-        self.load_seconds: float | None = None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
-    def is_alive(self) -> bool:
-        return self.state is EngineState.READY and self.process.is_running()
-
-    async def start(self) -> None:
-        """Spawn the server and wait until it answers, or fail with its last log lines."""
-        self.state = EngineState.STARTING
-        self.port = free_loopback_port()
-        started = time.monotonic()
+    async def command(self, port: int) -> tuple[list[str], Mapping[str, str]]:
         # llama_cpp.server reads HOST and PORT from the environment ahead of its flags: the engine must not inherit
         # them, or `HOST=0.0.0.0 hybridd serve` would put an unauthenticated engine on every interface.
         env = {k: v for k, v in os.environ.items() if k.upper() not in ENGINE_ENV_DROPPED}
         env["PYTHONUNBUFFERED"] = "1"
-        try:
-            argv = llama_cpp_argv(self.model, self.port, self.python, _HAS_AMX)
-            await self.process.spawn(argv, env)
-            await self._wait_healthy(started + self.model.load_timeout_s)
-        except BaseException:
-            self.state = EngineState.FAILED
-            await self.process.stop(grace_s=2.0)
-            raise
-        self.load_seconds = time.monotonic() - started
-        self.state = EngineState.READY
-
-    async def _wait_healthy(self, deadline: float) -> None:
-        delay = 0.02
-        while True:
-            if not self.process.is_running():
-                await self.process.wait_exit(1.0)
-                raise EngineLoadFailed(
-                    f"engine for model '{self.model.name}' exited with code {self.process.returncode} while "
-                    f"loading: {self.process.summary()}"
-                )
-            if await self._answers(HEALTH_PATH, 2.0):
-                return
-            if time.monotonic() > deadline:
-                raise EngineLoadFailed(
-                    f"engine for model '{self.model.name}' was not ready after {self.model.load_timeout_s:g} s "
-                    f"(engine.load_timeout_s): {self.process.summary()}"
-                )
-            await asyncio.sleep(delay)  # polling the engine's port: the backoff is the deadline's step
-            delay = min(delay * 1.5, 0.25)
-
-    async def healthy(self, timeout_s: float) -> bool:
-        return await self._answers(LIVENESS_PATH, timeout_s)
-
-    async def _answers(self, path: str, timeout_s: float) -> bool:
-        try:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self.http.get(self.base_url + path, timeout=timeout) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    async def stop(self) -> None:
-        self.state = EngineState.STOPPING
-        await self.process.stop()
-        self.state = EngineState.STOPPED
-
-    def kill_now(self) -> None:
-        self.process.kill_now()
-        self.state = EngineState.STOPPED
+        return llama_cpp_argv(self.model, port, self.python, _HAS_AMX), env
 
 
 _HAS_AMX = cpu_has_amx()

@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
 
 from hybridd.config import ModelEntry
 from hybridd.engine import build
-from hybridd.engine.base import EngineState
 from hybridd.engine.llamacpp import cpu_has_amx, repack_setting
+from hybridd.engine.managed import ManagedEngine
 from hybridd.errors import EngineLoadFailed
-from hybridd.proc.process import ManagedProcess, free_loopback_port
 
 # 200 once the model is loaded, 503 while loading. llama-server answers it on its HTTP threads without queueing a
 # task, so a busy engine still answers: it serves as both readiness and liveness.
@@ -125,91 +124,24 @@ def is_executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
-class LlamaServerEngine:
+class LlamaServerEngine(ManagedEngine):
     """One llama-server process on a free loopback port, health-checked before it gets traffic."""
 
     kind = "llama-server"
+    ready_path = alive_path = HEALTH_PATH
 
     def __init__(self, model: ModelEntry, http: aiohttp.ClientSession, binary: str | Path) -> None:
-        self.model = model
-        self.http = http
+        super().__init__(model, http)
         self.binary = Path(binary)
-        self.state = EngineState.STOPPED
-        self.port: int | None = None
-        self.process = ManagedProcess(model.name)
-        self.load_seconds: float | None = None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
-    def is_alive(self) -> bool:
-        return self.state is EngineState.READY and self.process.is_running()
-
-    async def start(self) -> None:
-        """Spawn llama-server and wait until /health says the model is loaded, or fail with its last log lines."""
-        self.state = EngineState.STARTING
-        self.port = free_loopback_port()
-        started = time.monotonic()
+    async def command(self, port: int) -> tuple[list[str], Mapping[str, str]]:
+        if not is_executable(self.binary):
+            raise EngineLoadFailed(f"engine for model '{self.model.name}': llama-server binary {self.binary} is "
+                                   "not an executable file (engine.llama_server, or `hybridd engines build`)")
         env = {k: v for k, v in os.environ.items()
                if k.upper() not in ENGINE_ENV_DROPPED and not k.upper().startswith(ENGINE_ENV_DROPPED_PREFIX)}
-        try:
-            if not is_executable(self.binary):
-                raise EngineLoadFailed(f"engine for model '{self.model.name}': llama-server binary {self.binary} is "
-                                       "not an executable file (engine.llama_server, or `hybridd engines build`)")
-            flags = await binary_flags(self.binary)
-            argv = llama_server_argv(self.model, self.port, self.binary, _HAS_AMX, flags)
-            await self.process.spawn(argv, env)
-            await self._wait_healthy(started + self.model.load_timeout_s)
-        except BaseException:
-            self.state = EngineState.FAILED
-            await self.process.stop(grace_s=2.0)
-            raise
-        self.load_seconds = time.monotonic() - started
-        self.state = EngineState.READY
-
-    async def _wait_healthy(self, deadline: float) -> None:
-        delay = 0.02
-        while True:
-            if not self.process.is_running():
-                await self.process.wait_exit(1.0)
-                raise EngineLoadFailed(
-                    f"engine for model '{self.model.name}' exited with code {self.process.returncode} while "
-                    f"loading: {self.process.summary()}"
-                )
-            if await self._answers(HEALTH_PATH, 2.0):
-                return
-            if time.monotonic() > deadline:
-                raise EngineLoadFailed(
-                    f"engine for model '{self.model.name}' was not ready after {self.model.load_timeout_s:g} s "
-                    f"(engine.load_timeout_s): {self.process.summary()}"
-                )
-            await asyncio.sleep(delay)  # polling the engine's port: the backoff is the deadline's step
-            delay = min(delay * 1.5, 0.25)
-
-    async def healthy(self, timeout_s: float) -> bool:
-        return await self._answers(HEALTH_PATH, timeout_s)
-
-    async def _answers(self, path: str, timeout_s: float) -> bool:
-        try:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self.http.get(self.base_url + path, timeout=timeout) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    async def stop(self) -> None:
-        self.state = EngineState.STOPPING
-        await self.process.stop()
-        self.state = EngineState.STOPPED
-
-    def kill_now(self) -> None:
-        self.process.kill_now()
-        self.state = EngineState.STOPPED
+        flags = await binary_flags(self.binary)
+        return llama_server_argv(self.model, port, self.binary, _HAS_AMX, flags), env
 
 
 _HAS_AMX = cpu_has_amx()

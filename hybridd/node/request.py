@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hybridd.errors import BadRequest
+from hybridd.validate import json_kind as _kind
+from hybridd.validate import shown as _shown
 
 Endpoint = Literal["chat", "completion", "embedding"]
 PATHS: dict[Endpoint, str] = {
@@ -314,13 +316,3 @@ def _optional_int(body: dict[str, Any], name: str, minimum: int | None) -> None:
 _CHECKS = {"chat": _check_chat, "completion": _check_completion, "embedding": _check_embedding}
 
 
-def _shown(value: Any) -> str:
-    """value for an error message: repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from hybridd.config import Config, ModelEntry
 from hybridd.engine.quantize import UNQUANTIZED, quantize
 from hybridd.errors import BadRequest, Conflict, HybriddError, ModelNotFound, PlacementRefused
 from hybridd.jobs.files import FileStore
-from hybridd.jobs.gguf_export import checkpoint_sha256
+from hybridd.jobs.gguf_export import checkpoint_sha256, file_sha256
 from hybridd.jobs.request import JobRequest, parse_job_request, trainer_spec
 from hybridd.jobs.store import FINISHED, FineTunedModel, Job, JobStore, new_id
 from hybridd.jobs.trainer import TrainerProcess, trainer_argv
@@ -364,7 +363,7 @@ class Trainings:
         if not await asyncio.to_thread(path.is_file):
             self.finish(job_id, "failed", _error("trainer_failed", f"the trainer's result {path} is not a file"))
             return
-        sha256 = await asyncio.to_thread(_sha256, path)
+        sha256 = await asyncio.to_thread(file_sha256, path)
         if result.get("sha256") not in (None, sha256):
             self.finish(job_id, "failed", _error("trainer_failed", f"{path} does not match the sha256 the trainer "
                                                   "reported"))
@@ -397,7 +396,7 @@ class Trainings:
             self.note(job_id, "warn", f"{exc}; the model is served at 16 bits")
             return path, sha256
         self.note(job_id, "info", f"Quantized the model as its base is (llama.cpp file type {file_type})")
-        return out, await asyncio.to_thread(_sha256, out)
+        return out, await asyncio.to_thread(file_sha256, out)
 
     async def adopt(self, job: Job, path: Path) -> None:
         """Serve what `job` made (at `path`) under its fine-tuned id, and finish the job."""
@@ -511,14 +510,6 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 def _newest_mtime(folder: Path) -> float:
     return max((p.stat().st_mtime for p in folder.iterdir()), default=0.0)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

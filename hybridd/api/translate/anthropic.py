@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridd.errors import BadRequest, EngineFailed
+from hybridd.validate import json_kind as _kind
+from hybridd.validate import shown as _shown
 
 BLOCK_TYPES = ("text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking")
 TOOL_CHOICES = ("auto", "any", "tool", "none")
@@ -547,12 +549,3 @@ class MessagesTranslator:
                     "delta": {"type": "input_json_delta", "partial_json": partial}})
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)

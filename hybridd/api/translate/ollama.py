@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from hybridd.errors import BadRequest
+from hybridd.validate import json_kind as _kind
+from hybridd.validate import shown as _shown
 
 ROLES = ("system", "user", "assistant", "tool")
 NUMBER_OPTIONS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty")
@@ -419,12 +421,3 @@ class OllamaTranslator:
         return json.dumps({"error": message}).encode() + b"\n"
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridd.errors import BadRequest
+from hybridd.validate import json_kind as _kind
+from hybridd.validate import shown as _shown
 
 # Fields of a Responses request that a chat completion has no use for; they are accepted and ignored.
 IGNORED = ("store", "metadata", "include", "user", "truncation", "service_tier", "prompt_cache_key",
@@ -511,12 +513,3 @@ def _string(obj: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)

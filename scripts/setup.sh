@@ -4,7 +4,7 @@
 #   scripts/setup.sh test   the test tools, the training extra and the llama-server engine (scripts/test.sh)
 # The tests train on the CPU, so their torch is pinned to the CPU build: a plain requirement would pull a CUDA build
 # of several GB (a user's `pip install 'hybridd[train]'` keeps the plain range). llama-server is compiled once from
-# the llama.cpp that llama-cpp-python vendors and cached under $XDG_CACHE_HOME/hybridd/engines (about 12 minutes on
+# the llama.cpp that llama-cpp-python vendors and cached under $XDG_CACHE_HOME/hybridd/engines (about 7 minutes on
 # 2 cores the first time, instant afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -31,9 +31,9 @@ from hybridd.errors import HybriddError
 DISTRIBUTION = "llama-cpp-python"
 BINARY = "llama-server"
 TARGETS = ("llama-server", "llama-cpp-python")
-# Core-seconds of compiling, measured: the CPU llama-server build of 0.3.36 on this project's 2-core CI machine took
+# Core-seconds of compiling, measured: the CPU llama-server build of 0.3.36 on this project's idle 2-core machine took
 # CPU_BUILD_CORE_S / 2 seconds. CUDA kernels cost far more, and again for every architecture.
-CPU_BUILD_CORE_S = 1300.0
+CPU_BUILD_CORE_S = 760.0
 CUDA_BUILD_CORE_S = 3000.0
 CUDA_ARCH_CORE_S = 5000.0
 _PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")

@@ -22,14 +22,21 @@ def test_requests_memory_and_engines_are_exported_with_bounded_labels(daemon_fac
                                                                       tiny_model: Path) -> None:
     daemon = daemon_factory(node_config(tiny_model, "desk", "desktop"))
     assert http("POST", daemon.url + "/v1/completions", {"model": "a", "prompt": "hi", "max_tokens": 2}).status == 200
+    streamed = {"model": "a", "prompt": "hi", "max_tokens": 16, "stream": True, "logit_bias": {"2": -100}}
+    assert http("POST", daemon.url + "/v1/completions", streamed).status == 200
     for name in ("nope", "also-nope"):  # a client's made-up names are one label value, not one each
         assert http("POST", daemon.url + "/v1/completions", {"model": name, "prompt": "hi"}).status == 404
     seen = samples(daemon.url)
     labels = (("api", "completion"), ("model", "a"), ("placement", "local"), ("status", "200"))
-    assert seen["hybridd_requests_total", labels] == 1.0
+    assert seen["hybridd_requests_total", labels] == 2.0
+    local = (("api", "completion"), ("placement", "local"))
+    assert seen["hybridd_time_to_first_token_seconds_count", local] == 1.0  # the streamed one
+    assert 0 < seen["hybridd_time_to_first_token_seconds_sum", local] < 30
+    assert seen["hybridd_completion_tokens_total", (("api", "completion"), ("model", "a"), ("placement", "local"))] \
+        >= 2 + 14  # the whole answer's usage, and the stream's events
     assert seen["hybridd_requests_total", (("api", "completion"), ("model", "unknown"), ("placement", "none"),
                                            ("status", "404"))] == 2.0
-    assert seen["hybridd_request_duration_seconds_count", (("api", "completion"), ("placement", "local"))] == 1.0
+    assert seen["hybridd_request_duration_seconds_count", (("api", "completion"), ("placement", "local"))] == 2.0
     reserved = seen["hybridd_device_bytes", (("device", "budget0"), ("kind", "reserved"))]
     capacity = seen["hybridd_device_bytes", (("device", "budget0"), ("kind", "capacity"))]
     assert 0 < reserved < capacity

@@ -18,12 +18,16 @@ from prometheus_client.registry import Collector
 
 from hybridd.api import keys
 from hybridd.api.envelope import Handler
+from hybridd.place.state import Observation
 
 MODEL = web.RequestKey("hybridd_model", str)  # set by a route once it knows the model
+OBSERVED = web.RequestKey("hybridd_observed", Observation)  # set once the answer has ended
 _APIS = (("/v1/chat/", "chat"), ("/v1/completions", "completion"), ("/v1/embeddings", "embedding"),
          ("/v1/messages", "messages"), ("/v1/responses", "responses"), ("/api/", "ollama"),
          ("/v1/fine_tuning/", "fine_tuning"), ("/v1/files", "files"), ("/v1/models", "models"))
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOK_S_BUCKETS = (5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 1000)
 
 
 class Metrics:
@@ -35,6 +39,13 @@ class Metrics:
                                 ["api", "model", "placement", "status"], registry=self.registry)
         self.duration = Histogram("hybridd_request_duration_seconds", "Seconds from a request to its answer's end",
                                   ["api", "placement"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.first_token = Histogram("hybridd_time_to_first_token_seconds", "Seconds from sending a streamed "
+                                     "request upstream to its first event", ["api", "placement"],
+                                     buckets=TTFT_BUCKETS, registry=self.registry)
+        self.tokens = Counter("hybridd_completion_tokens", "Completion tokens of the answers that came whole",
+                              ["api", "model", "placement"], registry=self.registry)
+        self.tok_s = Histogram("hybridd_decode_tokens_per_second", "Decode speed of each stream long enough to time",
+                               ["api", "placement"], buckets=TOK_S_BUCKETS, registry=self.registry)
         self.registry.register(_NodeCollector(app))
 
     def observe(self, request: web.Request, status: int, placement: str, seconds: float) -> None:
@@ -45,6 +56,15 @@ class Metrics:
         model = request.get(MODEL, "unknown")
         self.requests.labels(api, model, kind, str(status)).inc()
         self.duration.labels(api, kind).observe(seconds)
+        seen = request.get(OBSERVED)
+        if seen is None:
+            return
+        if seen.first_token_s is not None:
+            self.first_token.labels(api, kind).observe(seen.first_token_s)
+        if seen.complete and seen.completion_tokens:
+            self.tokens.labels(api, model, kind).inc(seen.completion_tokens)
+        if seen.decode_tok_s is not None:
+            self.tok_s.labels(api, kind).observe(seen.decode_tok_s)
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -43,6 +43,7 @@ class StreamTally:
 
     events: int = 0
     first_events: int = 0  # those that came in the first read: they mark when decoding was under way
+    sent_at: float = 0.0  # when the request went upstream
     first_at: float = 0.0
     last_at: float = 0.0
     done: bool = False  # the [DONE] event came
@@ -58,8 +59,9 @@ class StreamTally:
     def observation(self) -> Observation:
         """The stream as placement learns from it; its length is about, since llama.cpp servers send one event per
         token, then the finish reason and [DONE]."""
+        first = self.first_at - self.sent_at if self.events and self.sent_at else None
         return Observation(responded=True, complete=self.done, completion_tokens=max(0, self.events - 2),
-                           decode_tok_s=self.decode_tok_s())
+                           decode_tok_s=self.decode_tok_s(), first_token_s=first)
 
 
 class OpenStreams:
@@ -129,6 +131,7 @@ async def forward(http: aiohttp.ClientSession, route: Route, client: web.Request
     streams = client.app.get(OPEN_STREAMS)
     if streams is None:  # an app without a shutdown or engine watch to end its streams
         streams = OpenStreams()
+    sent_at = time.monotonic()
     try:
         async with asyncio.timeout(route.first_byte_timeout_s):
             try:
@@ -148,7 +151,7 @@ async def forward(http: aiohttp.ClientSession, route: Route, client: web.Request
         if not stream or upstream.status != 200:
             return await _whole(upstream, url, _reply_headers(route), translator)
         return await _stream(client, upstream, route.base_url, _reply_headers(route), route.idle_timeout_s,
-                             streams, translator, done_marker)
+                             streams, translator, done_marker, sent_at)
     finally:
         # Closing (not releasing) an unfinished response drops the connection: the engine sees the
         # disconnect and stops generating for a client that is gone.
@@ -207,13 +210,14 @@ def _usage_tokens(payload: bytes) -> int | None:
 
 async def _stream(client: web.Request, upstream: aiohttp.ClientResponse, base_url: str,
                   extra_headers: dict[str, str], idle_timeout_s: float | None, streams: OpenStreams,
-                  translator: Translator | None = None, done_marker: bool = True) -> Answer[web.StreamResponse]:
+                  translator: Translator | None = None, done_marker: bool = True,
+                  sent_at: float = 0.0) -> Answer[web.StreamResponse]:
     response = web.StreamResponse(status=200)
     response.content_type = translator.stream_content_type if translator is not None else "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     response.headers.update(extra_headers)
-    tally = StreamTally()
+    tally = StreamTally(sent_at=sent_at)
     streams.add(upstream, base_url)
     try:
         await response.prepare(client)

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from hybridd.api import keys
-from hybridd.api.metrics import MODEL
+from hybridd.api.metrics import MODEL, OBSERVED
 from hybridd.api.proxy import Translator, forward
 from hybridd.api.translate.openai_fill import UsageFiller, for_llama_cpp_python, wants_usage
 from hybridd.config import ModelEntry
@@ -199,6 +199,7 @@ async def _serve(request: web.Request, raw: bytes, inference: InferenceRequest, 
                              inference.stream, upstream_headers, through)
 
     answer = await request.app[keys.ROUTER].serve(inference, model, send, excluded)
+    request[OBSERVED] = answer.observation  # for /metrics: tokens, time to first token
     if answer.cancelled:
         raise asyncio.CancelledError
     return answer.response

@@ -177,6 +177,7 @@ class Observation:
     complete: bool = False  # a 200 read to its end, or a stream up to [DONE]
     completion_tokens: int = 0  # 0: unknown
     decode_tok_s: float | None = None  # measured over the stream; None: too short to time
+    first_token_s: float | None = None  # from sending the request to the stream's first event; None: not streamed
 
 
 NO_ANSWER = Observation()

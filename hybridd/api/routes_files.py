@@ -150,14 +150,19 @@ def _discard(staged: list[Upload]) -> None:
         item.discard()
 
 
+def read_limit(query: Reader, default: int, maximum: int) -> int:
+    """A list's `limit` query parameter: an integer from 1 to maximum; BadRequest naming it otherwise."""
+    text = query.at("limit").of(str, str(default))
+    if not text.isdecimal() or not 1 <= int(text) <= maximum:
+        raise BadRequest(f"'limit' must be an integer from 1 to {maximum}, got {text[:20]!r}", "limit")
+    return int(text)
+
+
 async def list_files(request: web.Request) -> web.Response:
     """The file objects, newest first unless order=asc; `purpose`, `after` and `limit` as OpenAI takes them."""
     query = Reader(dict(request.query), BadRequest, JSON).table()
     order = query.at("order").choice(("asc", "desc"), "desc")
-    limit_text = query.at("limit").of(str, str(MAX_LIST))
-    if not limit_text.isdecimal() or not 1 <= int(limit_text) <= MAX_LIST:
-        raise BadRequest(f"'limit' must be an integer from 1 to {MAX_LIST}, got {limit_text[:20]!r}", "limit")
-    limit = int(limit_text)
+    limit = read_limit(query, MAX_LIST, MAX_LIST)
     found = _store(request).list_files(query.at("purpose").of(str, None), newest_first=order == "desc",
                                        after=query.at("after").of(str, None), limit=limit + 1)
     page = found[:limit]

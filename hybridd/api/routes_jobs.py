@@ -10,6 +10,7 @@ from aiohttp import web
 
 from hybridd.api import keys
 from hybridd.api.guards import body_deadline_s, body_timed_out
+from hybridd.api.routes_files import read_limit
 from hybridd.errors import BadRequest, BodyTooLarge, FileNotFound, JobNotFound
 from hybridd.jobs.dataset import MAX_LINE_BYTES, check_chat_jsonl
 from hybridd.jobs.files import Upload
@@ -45,10 +46,7 @@ def _jobs(request: web.Request) -> Trainings:
 
 def _page(request: web.Request) -> tuple[str | None, int]:
     query = Reader(dict(request.query), BadRequest, JSON).table()
-    text = query.at("limit").of(str, str(DEFAULT_PAGE))
-    if not text.isdecimal() or not 1 <= int(text) <= MAX_PAGE:
-        raise BadRequest(f"'limit' must be an integer from 1 to {MAX_PAGE}, got {text[:20]!r}", "limit")
-    return query.at("after").of(str, None), int(text)
+    return query.at("after").of(str, None), read_limit(query, DEFAULT_PAGE, MAX_PAGE)
 
 
 def _listing(items: list[Any], limit: int, shape: Any) -> web.Response:

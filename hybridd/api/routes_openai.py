@@ -192,8 +192,7 @@ async def _serve(request: web.Request, raw: bytes, inference: InferenceRequest, 
         if not route.forwarded and model.engine == "llama-cpp-python" and inference.endpoint == "chat":
             body = for_llama_cpp_python(body)
             if inference.stream and through is None and wants_usage(body):
-                prompt = await request.app[keys.ROUTER].size(inference, model)
-                through = UsageFiller(prompt.tokens, inference.max_tokens)
+                through = UsageFiller(route.prompt_tokens or 0, inference.max_tokens)  # counted for placement
         payload = json.dumps(body).encode() if body != inference.body or inference.had_hints else raw
         return await forward(request.app[keys.HTTP], route, request, PATHS[inference.endpoint], payload,
                              inference.stream, upstream_headers, through)

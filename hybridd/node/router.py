@@ -79,6 +79,7 @@ class Route:
     cold_start_s: float | None = None
     ready_at: float = 0.0  # when the engine was ready for this request (monotonic clock)
     speaks_hybridd: bool = False  # the upstream is a paired hybridd: it takes every API hybridd serves
+    prompt_tokens: int | None = None  # the prompt as placement counted it (a local engine's request)
 
     @property
     def forwarded(self) -> bool:
@@ -240,6 +241,7 @@ class Router:
                 return await send(Route("local", f"local: '{model.name}' is served by the external server at "
                                         f"{lease.engine.base_url}", lease.engine.base_url, api_key=model.api_key))
         budget = inference.max_tokens or self.config.node.default_max_tokens
+        prompt_tokens: int | None = None
         if model.engine == "peer-only" and model.path is None and model.profile is None:
             # Only a peer knows this model (from its inventory): nothing to estimate here, it goes there.
             targets = self._report_peers()
@@ -247,6 +249,7 @@ class Router:
         else:
             spec = await self.spec(model)
             size = await self.size(inference, model)
+            prompt_tokens = size.tokens
             need = RequestNeed(
                 model=model.name, spec=spec, prompt_tokens=size.tokens, max_tokens=budget, type_k=model.type_k,
                 type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
@@ -258,10 +261,10 @@ class Router:
             step = self.feed(RequestArrived(need, exclude))
             assert step.decision is not None
             self._record(step.decision, need, size)
-        return await self._carry_out(step, model, targets, inference.stream, send)
+        return await self._carry_out(step, model, targets, inference.stream, send, prompt_tokens)
 
     async def _carry_out(self, step: Step, model: ModelEntry, targets: dict[str, PeerTarget], stream: bool,
-                         send: Send[R]) -> Answer[R]:
+                         send: Send[R], prompt_tokens: int | None = None) -> Answer[R]:
         slot: EngineSlot | None = None
         for effect in step.effects:
             match effect:
@@ -283,7 +286,7 @@ class Router:
                     predicted = first_token_s if stream else answer_s
                     first_byte_s = max(self.config.node.engine_first_byte_floor_s, FIRST_BYTE_SLACK * predicted)
                     return await self._on_engine(step.ticket, slot or self.pool.slots[key], reason, first_byte_s,
-                                                 send)
+                                                 send, prompt_tokens)
         raise AssertionError(f"a placement step with nothing to do: {step.effects}")
 
     async def _forward(self, ticket: Ticket, target: PeerTarget, reason: str, send: Send[R]) -> Answer[R]:
@@ -294,11 +297,11 @@ class Router:
         return await self._answered(route, send)
 
     async def _on_engine(self, ticket: Ticket, slot: EngineSlot, reason: str, first_byte_s: float,
-                         send: Send[R]) -> Answer[R]:
+                         send: Send[R], prompt_tokens: int | None = None) -> Answer[R]:
         async with self.pool.lease(slot) as lease:
             route = Route(slot.placement, reason, lease.engine.base_url, ticket, cold_start_s=lease.cold_start_s,
                           ready_at=self.clock(), first_byte_timeout_s=first_byte_s,
-                          idle_timeout_s=self.config.node.engine_idle_timeout_s)
+                          idle_timeout_s=self.config.node.engine_idle_timeout_s, prompt_tokens=prompt_tokens)
             return await self._answered(route, send)
 
     async def _answered(self, route: Route, send: Send[R]) -> Answer[R]:

@@ -27,9 +27,12 @@ class Translator(Protocol):
     """Turns an engine's chat-completions answer into another API's, as it passes (hybridd/api/translate/).
 
     `whole` takes a complete 200 answer; `chunk` one streamed chat.completion.chunk (already parsed); `end` is
-    called at the stream's [DONE], `failed` when it broke after its first byte. Each returns the bytes to send."""
+    called at the stream's [DONE], `failed` when it broke after its first byte. Each returns the bytes to send.
+    `prompt_tokens` is set to the prompt as placement counted it before the request goes out: a stream that carries
+    no usage (llama-cpp-python's) is answered with it, so the prompt is tokenized once per request."""
 
     stream_content_type: str
+    prompt_tokens: int
 
     def whole(self, payload: bytes) -> bytes: ...
     def chunk(self, event: dict[str, Any]) -> bytes: ...

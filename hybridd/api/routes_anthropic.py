@@ -30,13 +30,8 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     chat = to_chat(body)
     chat_raw = json.dumps(chat).encode()
     inference = parse_inference("chat", chat_raw, request.headers)
-    input_tokens = 0
-    if inference.stream:
-        # message_start goes out before the engine's usage (llama-cpp-python's streams carry none): it says what the
-        # prompt counts with the model's tokenizer and template, as placement counts it.
-        model = resolve_model(request, inference.model)
-        input_tokens = (await request.app[keys.ROUTER].size(inference, model)).tokens
-    translator = MessagesTranslator(chat["model"], input_tokens, stop_sequences=chat.get("stop", ()))
+    # message_start goes out before the engine's usage: it says what the prompt counts as placement counted it.
+    translator = MessagesTranslator(chat["model"], stop_sequences=chat.get("stop", ()))
     return await serve(request, inference, chat_raw, translator, native=(MESSAGES, raw))
 
 

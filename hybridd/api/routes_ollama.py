@@ -15,7 +15,6 @@ from aiohttp import web
 
 from hybridd.api import keys
 from hybridd.api.routes_openai import _peer_models, resolve_model, serve
-from hybridd.api.routes_responses import prompt_tokens
 from hybridd.api.translate.ollama import (
     Kind,
     OllamaMapping,
@@ -158,8 +157,7 @@ def _inference(kind: Kind, path: str) -> Callable[[web.Request], Awaitable[web.S
             openai_body["hybridd"] = hints
         openai_raw = json.dumps(openai_body).encode()
         inference = parse_inference(mapping.endpoint, openai_raw, request.headers)
-        translator = OllamaTranslator(mapping.body["model"], kind, time.time,
-                                      await prompt_tokens(request, inference, model), inference.max_tokens)
+        translator = OllamaTranslator(mapping.body["model"], kind, time.time, budget=inference.max_tokens)
         return await serve(request, inference, openai_raw, translator, native=(path, raw))
 
     handle.__name__ = f"ollama_{kind}_handler"

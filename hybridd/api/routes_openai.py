@@ -189,6 +189,8 @@ async def _serve(request: web.Request, raw: bytes, inference: InferenceRequest, 
         if model.upstream_model and not route.forwarded:
             body["model"] = model.upstream_model
         through = translator
+        if through is not None and route.prompt_tokens is not None:
+            through.prompt_tokens = route.prompt_tokens
         if not route.forwarded and model.engine == "llama-cpp-python" and inference.endpoint == "chat":
             body = for_llama_cpp_python(body)
             if inference.stream and through is None and wants_usage(body):

@@ -79,7 +79,7 @@ class Route:
     cold_start_s: float | None = None
     ready_at: float = 0.0  # when the engine was ready for this request (monotonic clock)
     speaks_hybridd: bool = False  # the upstream is a paired hybridd: it takes every API hybridd serves
-    prompt_tokens: int | None = None  # the prompt as placement counted it (a local engine's request)
+    prompt_tokens: int | None = None  # the prompt as placement counted it (None where it was not counted)
 
     @property
     def forwarded(self) -> bool:
@@ -236,10 +236,13 @@ class Router:
         """Place `inference`, hold what it needs while `send` answers it along its route, then fold in what the
         answer showed. Raises PlacementRefused when it cannot run, and what `send` raises."""
         if model.engine == "external":
+            # Not placed, so not counted, but for a stream: its translation may need the prompt's count.
+            counted = (await self.size(inference, model)).tokens if inference.stream else None
             slot = self.pool.slot(model.name, model)
             async with self.pool.lease(slot) as lease:
                 return await send(Route("local", f"local: '{model.name}' is served by the external server at "
-                                        f"{lease.engine.base_url}", lease.engine.base_url, api_key=model.api_key))
+                                        f"{lease.engine.base_url}", lease.engine.base_url, api_key=model.api_key,
+                                        prompt_tokens=counted))
         budget = inference.max_tokens or self.config.node.default_max_tokens
         prompt_tokens: int | None = None
         if model.engine == "peer-only" and model.path is None and model.profile is None:
@@ -272,7 +275,7 @@ class Router:
                     raise PlacementRefused(reason, status, code, retry_after_s)
                 case Forward(name, reason):
                     assert step.ticket is not None
-                    return await self._forward(step.ticket, targets[name], reason, send)
+                    return await self._forward(step.ticket, targets[name], reason, send, prompt_tokens)
                 case Load(key, _, ctx, gpu_layers, placement):
                     # ctx is each slot's: a llama-server divides its context among its slots
                     run = replace(model, ctx=ctx * model.slots, n_gpu_layers=model.n_gpu_layers if gpu_layers is None
@@ -289,11 +292,12 @@ class Router:
                                                  send, prompt_tokens)
         raise AssertionError(f"a placement step with nothing to do: {step.effects}")
 
-    async def _forward(self, ticket: Ticket, target: PeerTarget, reason: str, send: Send[R]) -> Answer[R]:
+    async def _forward(self, ticket: Ticket, target: PeerTarget, reason: str, send: Send[R],
+                       prompt_tokens: int | None = None) -> Answer[R]:
         route = Route(f"peer:{target.state.name}", reason, target.base_url, ticket, target.api_key,
                       peer=target.state.name, ssl=target.tls(), speaks_hybridd=target.hybridd,
                       first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
-                      idle_timeout_s=self.config.node.peer_idle_timeout_s)
+                      idle_timeout_s=self.config.node.peer_idle_timeout_s, prompt_tokens=prompt_tokens)
         return await self._answered(route, send)
 
     async def _on_engine(self, ticket: Ticket, slot: EngineSlot, reason: str, first_byte_s: float,

@@ -404,7 +404,7 @@ class MessagesTranslator:
     def __init__(self, model: str, input_tokens: int = 0, message_id: str | None = None,
                  stop_sequences: Sequence[str] = ()) -> None:
         self.model = model
-        self.input_tokens = input_tokens  # the prompt as counted here, for message_start (before any usage)
+        self.prompt_tokens = input_tokens  # the prompt as placement counted it, for message_start (before any usage)
         self.message_id = message_id or new_message_id()
         self.stop_sequences = tuple(stop_sequences)
         self._started = False
@@ -424,7 +424,7 @@ class MessagesTranslator:
             raise EngineFailed(f"the engine's answer is not JSON: {exc}") from exc
         if not isinstance(chat, dict):
             raise EngineFailed(f"the engine's answer is not a chat completion object but {_kind(chat)}")
-        message = message_from_chat(chat, self.model, message_id=self.message_id, input_tokens=self.input_tokens,
+        message = message_from_chat(chat, self.model, message_id=self.message_id, input_tokens=self.prompt_tokens,
                                     stop_sequences=self.stop_sequences)
         return json.dumps(message, ensure_ascii=False).encode()
 
@@ -465,7 +465,7 @@ class MessagesTranslator:
         reason, sequence = stop_reason(self._finish, bool(self._tools), self._matched, self.stop_sequences)
         usage: dict[str, Any] = {"output_tokens": _count(self._usage.get("completion_tokens"), self._pieces)}
         if isinstance(self._usage.get("prompt_tokens"), int):
-            usage["input_tokens"] = _count(self._usage["prompt_tokens"], self.input_tokens)
+            usage["input_tokens"] = _count(self._usage["prompt_tokens"], self.prompt_tokens)
         out += sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                     "usage": usage})
         out += sse({"type": "message_stop"})
@@ -485,7 +485,7 @@ class MessagesTranslator:
         self._started = True
         message: dict[str, Any] = {"id": self.message_id, "type": "message", "role": "assistant",
                                    "model": self.model, "content": [], "stop_reason": None, "stop_sequence": None,
-                                   "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}
+                                   "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0}}
         return sse({"type": "message_start", "message": message}) + sse({"type": "ping"})
 
     def _open_block(self, kind: str, block: dict[str, Any]) -> bytes:

@@ -61,6 +61,9 @@ class EngineDefaults:
     """Settings every model inherits unless its own entry overrides them."""
 
     kind: str = "llama-cpp-python"
+    # kind not named (or "auto"): `hybridd serve` chooses, llama-server where one is built (with_default_engine);
+    # until then the models it implies run on llama-cpp-python, the engine that needs no build step.
+    auto: bool = True
     python: str = ""
     llama_server: str = ""  # the llama-server binary; "" = PATH, else `hybridd engines build`'s cache
     load_timeout_s: float = 180.0
@@ -76,7 +79,7 @@ class EngineDefaults:
     def entry(self, name: str, path: Path, **overrides: Any) -> ModelEntry:
         """A model entry for path that takes every setting from these defaults (overrides win)."""
         settings = {key: getattr(self, key) for key in _INHERITED}
-        settings.update(engine=self.kind, options=dict(self.options))
+        settings.update(engine=self.kind, engine_implied=True, options=dict(self.options))
         return ModelEntry(name=name, path=path, **{**settings, **overrides})
 
 
@@ -114,6 +117,8 @@ class ModelEntry:
     # by their jobs); and on a fine-tune's own entry, the base whose engine serves it with its lora_path.
     adapters: tuple[Path, ...] = ()
     adapter_of: str | None = None
+    engine_implied: bool = False  # its engine is [engine]'s kind, not named by its own entry
+
 
     @property
     def managed(self) -> bool:
@@ -254,6 +259,15 @@ def load_config(path: Path) -> Config:
     return parse_config(text, source=str(path), base_dir=path.parent)
 
 
+def with_default_engine(config: Config, kind: str) -> Config:
+    """The config with [engine] kind set to `kind`, and with it the engine of every model that names none."""
+    if kind not in MANAGED_KINDS:
+        raise ConfigError(f'{config.source}: engine.kind: unknown value {quoted(kind)} '
+                          f'(valid: {", ".join(MANAGED_KINDS)})')
+    models = tuple(replace(m, engine=kind) if m.engine_implied else m for m in config.models)
+    return replace(config, engine=replace(config.engine, kind=kind, auto=False), models=models)
+
+
 def with_role(config: Config, role: str) -> Config:
     """The config with node.role replaced (the --role flag wins over the file)."""
     if role not in ROLES:
@@ -316,7 +330,7 @@ def _config(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise peer_items[i].at("name").fail(f'"{name}" is already used by peers[{names.index(name)}]')
-    engine = _engine(doc.at("engine").table(field_names(EngineDefaults), optional=True))
+    engine = _engine(doc.at("engine").table(_ENGINE_KEYS, optional=True))
     library = doc.at("library").table(("dirs",), optional=True)
     dirs = [item.of(str) for item in library.at("dirs").items(optional=True)]
     model_items = doc.at("models").items(optional=True)
@@ -447,8 +461,10 @@ def _train(table: Reader) -> TrainConfig:
 
 def _engine(table: Reader) -> EngineDefaults:
     base = EngineDefaults()
+    kind = table.at("kind").choice(("auto", *MANAGED_KINDS), "auto")
     return EngineDefaults(
-        kind=table.at("kind").choice(MANAGED_KINDS, base.kind),
+        kind=base.kind if kind == "auto" else kind,
+        auto=kind == "auto",
         python=table.at("python").of(str, base.python),
         llama_server=table.at("llama_server").of(str, base.llama_server),
         **_inherited(table, base),
@@ -456,7 +472,9 @@ def _engine(table: Reader) -> EngineDefaults:
 
 
 # Set by the fine-tuning registry, not by a config file.
-_MODEL_KEYS = tuple(name for name in field_names(ModelEntry) if name not in ("adapters", "adapter_of"))
+_MODEL_KEYS = tuple(name for name in field_names(ModelEntry) if name not in ("adapters", "adapter_of",
+                                                                            "engine_implied"))
+_ENGINE_KEYS = tuple(name for name in field_names(EngineDefaults) if name != "auto")  # kind = "auto" says it
 
 
 def _model(item: Reader, defaults: EngineDefaults, base_dir: Path) -> ModelEntry:
@@ -493,6 +511,7 @@ def _model(item: Reader, defaults: EngineDefaults, base_dir: Path) -> ModelEntry
         quant=table.at("quant").of(str, None),
         aliases=aliases,
         engine=engine,
+        engine_implied=not table.at("engine").present and engine == defaults.kind,
         embeddings=table.at("embeddings").of(bool, ModelEntry.embeddings),
         slots=table.at("slots").integer(ModelEntry.slots, low=1, high=256),
         train_path=_folder(table.at("train_path"), base_dir),

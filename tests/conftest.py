@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -20,6 +21,9 @@ from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
 from tests.hardening import Ledger
 
 REPO = Path(__file__).resolve().parent.parent
+# Test daemons run the engine that needs no build step unless their config names one: which engine a config that
+# names none gets (llama-server where one is built) is tested on its own, in test_default_engine.py.
+os.environ["HYBRIDD_ENGINE"] = "llama-cpp-python"
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]

@@ -65,7 +65,7 @@ def test_example_config_is_valid_and_pinned() -> None:
     ("[server]\nshutdown_grace_s = -1", "server.shutdown_grace_s: must be > 0"),
     ("[engine]\nctx = true", "engine.ctx: expected an integer, got a boolean"),
     ('[engine]\ntype_k = "q9"', 'engine.type_k: unknown value "q9" (valid: bf16, f16, f32, iq4_nl, q4_0, q4_1'),
-    ('[engine]\nkind = "vllm"', 'engine.kind: unknown value "vllm" (valid: llama-cpp-python, llama-server)'),
+    ('[engine]\nkind = "vllm"', 'engine.kind: unknown value "vllm" (valid: auto, llama-cpp-python, llama-server)'),
     ('[[models]]\npath = "/m.gguf"', "models[0].name: required"),
     ('[[models]]\nname = "a"', "models[0].path: required"),
     ('[[models]]\nname = "a"\npath = "/a.gguf"\ntype_v = "q8_0"', 'models[0].type_v: a quantized V cache ("q8_0") '

@@ -21,7 +21,17 @@ from typing import Any
 from hybridd import __version__
 from hybridd.cli import doctor as doctor_cli
 from hybridd.cli import engines as engines_cli
-from hybridd.config import Config, config_path, is_loopback_host, load_config, state_dir, with_listen, with_role
+from hybridd.config import (
+    MANAGED_KINDS,
+    Config,
+    config_path,
+    is_loopback_host,
+    load_config,
+    state_dir,
+    with_default_engine,
+    with_listen,
+    with_role,
+)
 from hybridd.errors import ConfigError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
@@ -53,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="override server.log_level")
     _flag(serve, "--role", env="HYBRIDD_ROLE", choices=("desktop", "peer"),
           help="override node.role (a peer serves paired desktops on its LAN listener, port 11436)")
+    _flag(serve, "--engine", env="HYBRIDD_ENGINE", choices=MANAGED_KINDS,
+          help="the engine of models whose config names none (default: llama-server where one is built, else "
+               "llama-cpp-python)")
 
     status = commands.add_parser("status", help="show the running daemon's models and engines")
     _url_flags(status)
@@ -162,6 +175,7 @@ def _load(args: argparse.Namespace) -> tuple[Config, bool]:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     from hybridd.daemon import StartupError, serve
+    from hybridd.engine.choice import default_engine
     from hybridd.node.catalog import build_catalog, scan_library, with_demo_model
 
     try:
@@ -170,6 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = with_listen(config, args.listen)
         if args.role:
             config = with_role(config, args.role)
+        engine, why = default_engine(config, args.engine)
+        config = with_default_engine(config, engine)
         state = _state_folder(config)
     except ConfigError as exc:
         print(f"hybridd: {exc}", file=sys.stderr)
@@ -178,10 +194,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, server=replace(config.server, log_level=args.log_level))
     _setup_logging(config.server.log_level)
     log = logging.getLogger("hybridd")
+    log.info("engine for models that name none: %s (%s)", engine, why)
     if not found:
         from hybridd.demo.model import demo_model
 
-        name, path, options = demo_model(state / "models")
+        name, path, options = demo_model(state / "models", engine)
         log.info("no config at %s: serving the demo model %s (write a config to serve your own models)",
                  config_path(), name)
         config = with_demo_model(config, path, name, options)

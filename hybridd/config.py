@@ -126,6 +126,12 @@ class ModelEntry:
         return self.engine in MANAGED_KINDS
 
     @property
+    def parses_tools(self) -> bool:
+        """Whether its engine returns the tool calls a model makes unforced (tool_choice "auto") as tool calls:
+        llama-server (--jinja) does, an external server is taken to, llama-cpp-python returns them as text."""
+        return self.engine != "llama-cpp-python"
+
+    @property
     def local(self) -> bool:
         """True when this node can serve the model itself (a GGUF here or an external URL)."""
         return self.engine != "peer-only"

@@ -104,3 +104,32 @@ def test_every_agent_api_through_a_paired_peer(daemon_factory, served: Path) -> 
     wait_for(lambda: "tiny" in {m["id"] for m in json.loads(cli("models", "--url", desk.url, "--json").stdout)
                                 ["data"]}, timeout=30, what="the peer's model on the desktop")
     every_api(desk, "peer:spark")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tools_called_at_will_go_to_the_peer_whose_engine_parses_them(daemon_factory,  # type: ignore[no-untyped-def]
+                                                                       served: Path) -> None:
+    peer = daemon_factory(node(served, "spark", "peer", serves=True))
+    text_only = node(served, "desk", "desktop", serves=True).replace('engine = "llama-server"\nslots = 2',
+                                                                      'engine = "llama-cpp-python"')
+    desk = daemon_factory(text_only)
+    pair(desk, peer)
+    chat = openai.OpenAI(base_url=desk.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "weather in Oslo?"}], "max_tokens": 4,
+           "logit_bias": NO_EOS}
+
+    def placed(**extra: object) -> str:
+        raw = chat.chat.completions.with_raw_response.create(**{**ask, **extra})  # type: ignore[call-overload]
+        return str(raw.headers["x-hybridd-placement"])
+
+    # Until the peer's inventory says its engine parses tool calls, the desktop's own engine serves them.
+    wait_for(lambda: placed(tools=[WEATHER]) == "peer:spark", timeout=30, what="tools placed on the peer")
+    raw = chat.chat.completions.with_raw_response.create(**ask, tools=[WEATHER])  # type: ignore[arg-type]
+    assert "tools: peer:spark parses tool calls, this node's engine of tiny does not" in raw.headers["x-hybridd-reason"]
+    assert placed() == "local"  # no tools: the desktop, as before
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    assert placed(tools=[WEATHER], tool_choice=forced) == "local"  # llama-cpp-python parses one forced function
+    assert placed(tools=[WEATHER], tool_choice="none") == "local"

@@ -49,6 +49,7 @@ def pack(body: object) -> bytes:
     Inventory(()),
     Inventory((ModelOffer("gpt-oss-120b", 131072, None), ModelOffer("glm-4.7-flash", 202752, 32768))),
     Inventory((ModelOffer("llama-3.1-8b", 131072, None, trainable=True),)),
+    Inventory((ModelOffer("glm-4.7-flash", 202752, None, tools=True),)),
     JobChanged("ftjob-0123456789abcdef01234567"),
     Capacity({"cuda:0": 20 << 30, "cuda:1": 0}, 3, {"glm-4.7-flash": 118.25}),
     Capacity({"gb10": 9 << 30}, 2, {}, {"gpt-oss-120b": 41.5}, (Busy(41.5, {"gb10": 70 << 30}), Busy(0.0, {}))),
@@ -73,6 +74,7 @@ def test_a_capacity_without_backlogs_from_an_older_node_is_accepted() -> None:
 def test_an_inventory_from_a_node_that_trains_nothing_offers_nothing_to_train() -> None:
     msg = decode(pack(INVENTORY))
     assert isinstance(msg, Inventory) and msg.models[0].trainable is False
+    assert msg.models[0].tools is False  # nor is it taken to parse tool calls
 
 
 def test_a_job_changed_frame_names_a_printable_bounded_id() -> None:

@@ -257,7 +257,9 @@ def test_two_requests_that_each_fit_but_not_together_never_both_reserve() -> Non
 
 def test_eviction_takes_the_lru_idle_engine_never_one_in_flight() -> None:
     node = Node()
-    for t, (model, quant) in enumerate((("llama-3.1-8b", None), ("gpt-oss-20b", None),
+    # three engines are three processes: each pays the CUDA runtime on both GPUs (6 x 736 MiB), so the 8B
+    # Llama that fitted beside the other two before the runtime was charged per GPU gives way to the 3B one
+    for t, (model, quant) in enumerate((("llama-3.2-3b", None), ("gpt-oss-20b", None),
                                         ("glm-4.7-flash", "Q4_K_M"))):
         node.now = float(t)
         d = node.decide(need(model, quant))
@@ -270,7 +272,7 @@ def test_eviction_takes_the_lru_idle_engine_never_one_in_flight() -> None:
     assert d.placement == "local" and d.chosen is not None
     assert d.chosen.evict == ("gpt-oss-20b@4096", "glm-4.7-flash@4096")
     assert node.commit(d, need("gemma-3-27b", "Q8_0")).ticket
-    assert "llama-3.1-8b@4096" in node.engines and not node.state.engines["llama-3.1-8b@4096"].leaving
+    assert "llama-3.2-3b@4096" in node.engines and not node.state.engines["llama-3.2-3b@4096"].leaving
     assert {k for k, r in node.state.engines.items() if r.leaving} == {"gpt-oss-20b@4096", "glm-4.7-flash@4096"}
 
 
@@ -288,6 +290,25 @@ def test_hints_are_honoured() -> None:
     assert Node().decide(need("gpt-oss-120b", hint=Hint.LOCAL), peers).placement == "local-offload"
     refused = Node().decide(need("glm-4.7-flash", "Q4_K_M", hint=Hint.PEER), ())
     assert (refused.placement, refused.status, refused.code) == ("none", 400, "placement_unavailable")
+
+
+def test_tools_called_at_will_go_to_an_engine_that_parses_them_even_when_it_is_slower() -> None:
+    glm = need("glm-4.7-flash", "Q4_K_M", prompt=100, max_tokens=500)
+    parsing = spark_peer("glm-4.7-flash", tools=frozenset({"glm-4.7-flash"}))
+    assert Node().decide(glm, (parsing,)).placement == "local"  # no tools: the faster desktop
+    tools_here_as_text = replace(glm, tools=True, local_parses_tools=False)
+    d = Node().decide(tools_here_as_text, (parsing,))
+    assert d.placement == "peer:spark"
+    assert option(d, "local").total_s < option(d, "peer:spark").total_s  # slower, but it returns tool calls
+    assert d.reason.endswith("tools: peer:spark parses tool calls, this node's engine of glm-4.7-flash does not")
+    # A llama-server here parses them too: the fastest wins again.
+    assert Node().decide(replace(glm, tools=True), (parsing,)).placement == "local"
+    # No engine anywhere parses them: served where it finishes first, and the reason says what to expect.
+    text_only = Node().decide(tools_here_as_text, (spark_peer("glm-4.7-flash"),))
+    assert text_only.placement == "local"
+    assert "its engine returns tool calls as text (no engine here or on a peer parses them)" in text_only.reason
+    # A hint still rules: local stays local.
+    assert Node().decide(replace(tools_here_as_text, hint=Hint.LOCAL), (parsing,)).placement == "local"
 
 
 def test_min_ctx_raises_the_context_and_can_force_the_peer() -> None:
@@ -353,7 +374,7 @@ def test_context_beyond_the_trained_context_is_400() -> None:
 def test_a_model_that_fits_nowhere_is_507_with_the_numbers() -> None:
     d = Node().decide(need("qwen3.5-397b-a17b", "Q4_1"), (spark_peer("qwen3.5-397b-a17b"),))
     assert (d.placement, d.status, d.code) == ("none", 507, "insufficient_memory")
-    assert "233.3 GiB" in d.reason
+    assert "233.6 GiB" in d.reason  # weights, KV, compute and one 736 MiB CUDA runtime
 
 
 def test_busy_now_but_not_forever_is_503() -> None:

@@ -78,7 +78,7 @@ class PeerNode:
             max_ctx = spec.n_ctx_train if spec is not None and spec.n_ctx_train else model.ctx
             live = [s.run.ctx for s in self.pool.for_model(model.name) if s.live]
             offers.append(ModelOffer(id=model.name, max_ctx=max_ctx, loaded_ctx=max(live) if live else None,
-                                     trainable=model.train_path is not None))
+                                     trainable=model.train_path is not None, tools=model.parses_tools))
         return Inventory(models=tuple(offers))
 
     def tell_job_changed(self, node_id: str, job_id: str) -> None:
@@ -231,6 +231,7 @@ class PeerNode:
                 backlog_s=state.capacity.backlog_s if state.capacity else {},
                 draining=tuple(Drain(b.backlog_s, b.held) for b in state.capacity.busy) if state.capacity else (),
                 trainable=frozenset(m.id for m in models if m.trainable),
+                tools=frozenset(m.id for m in models if m.tools),
             )
             base = link.url.removesuffix("/hybridd/v1/link")  # where the pinned link answers
             # Made only for the peer a request is forwarded to, not each time the targets are listed.

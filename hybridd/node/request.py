@@ -57,6 +57,13 @@ class InferenceRequest:
         value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         return int(value) if value else None
 
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model may call the request's tools as it sees fit (tool_choice "auto", the default, or
+        "required"): the engine must parse tool calls out of free output. One forced function, or "none", is not."""
+        tools = self.body.get("tools")
+        return bool(tools) and isinstance(tools, list) and self.body.get("tool_choice", "auto") in ("auto", "required")
+
     def engine_body(self) -> dict[str, Any]:
         """The body without hybridd's own hints."""
         return {k: v for k, v in self.body.items() if k != "hybridd"}

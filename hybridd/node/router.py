@@ -180,10 +180,11 @@ class Router:
         """Every peer now: configured ones and those the peer sources (paired, linked) report."""
         names = [m.name for m in self.catalog.models]
         targets = {
-            p.config.name: PeerTarget(PeerState(p.config.name, p.hardware,
-                                                frozenset(n for n in names if p.config.serves(n))),
+            # A configured peer is an OpenAI-compatible server (llama-server, vLLM): taken to parse tool calls.
+            p.config.name: PeerTarget(PeerState(p.config.name, p.hardware, served, tools=served),
                                       p.config.base_url, p.config.api_key)
             for p in self.peers.values()
+            for served in [frozenset(n for n in names if p.config.serves(n))]
         }
         for source in self.peer_sources:
             targets.update({t.state.name: t for t in source()})
@@ -258,6 +259,7 @@ class Router:
                 type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
                 min_ctx=max(inference.hints.min_ctx, model.ctx if model.local else 0),
                 expected_tokens=self.state.lengths.expect(model.name, budget), slots=model.slots,
+                tools=inference.calls_tools, local_parses_tools=model.parses_tools,
             )
             targets = self._report_peers()
             self.notice_engines()

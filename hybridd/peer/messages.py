@@ -62,6 +62,7 @@ class ModelOffer:
     max_ctx: int
     loaded_ctx: int | None = None
     trainable: bool = False  # the node has the model's checkpoint: it can fine-tune it
+    tools: bool = False  # its engine parses tool calls out of the model's output (tool_choice "auto")
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def encode(msg: Message) -> bytes:
             body["hardware"] = msg.hardware
     elif isinstance(msg, Inventory):
         body["models"] = [{"id": m.id, "max_ctx": m.max_ctx, "loaded_ctx": m.loaded_ctx,
-                           **({"trainable": True} if m.trainable else {})} for m in msg.models]
+                           **({"trainable": True} if m.trainable else {}), **({"tools": True} if m.tools else {})}
+                          for m in msg.models]
     elif isinstance(msg, Capacity):
         body.update(free_bytes=dict(msg.free_bytes), queue_depth=msg.queue_depth,
                     decode_tok_s={k: float(v) for k, v in msg.decode_tok_s.items()},
@@ -209,7 +211,8 @@ def _parse_inventory(f: Reader) -> Inventory:
         loaded = entry.at("loaded_ctx")  # required, but may be null
         loaded_ctx = None if loaded.value is None else loaded.integer(low=1, high=MAX_CTX)
         trainable = entry.at("trainable").of(bool, False)  # optional: a node that predates it trains nothing
-        models.append(ModelOffer(model_id, max_ctx, loaded_ctx, trainable))
+        tools = entry.at("tools").of(bool, False)  # optional: a node that predates it is not taken to parse them
+        models.append(ModelOffer(model_id, max_ctx, loaded_ctx, trainable, tools))
     return Inventory(tuple(models))
 
 

@@ -85,6 +85,10 @@ class RequestNeed:
     min_ctx: int = 0
     expected_tokens: int = 0  # completion tokens expected (place/lengths.py); 0: the whole max_tokens budget
     slots: int = 1  # requests a new engine of this model runs at once (llama-server); each gets the whole ctx
+    # Tools the model may call as it sees fit (tool_choice "auto"): an engine that parses tool calls out of the
+    # model's output is preferred to one that returns them as text (llama-cpp-python), whatever their speeds.
+    tools: bool = False
+    local_parses_tools: bool = True  # whether this node's engine of the model does
 
     @property
     def completion_tokens(self) -> int:
@@ -182,6 +186,7 @@ class PeerState:
     backlog_s: Mapping[str, float] = field(default_factory=dict)
     draining: tuple[Drain, ...] = ()  # its busy engines: when each finishes and what it then frees
     trainable: frozenset[str] = frozenset()  # models it can fine-tune (it has their checkpoints)
+    tools: frozenset[str] = frozenset()  # models its engines parse tool calls for (tool_choice "auto")
 
 
 
@@ -530,6 +535,14 @@ def decide(need: RequestNeed, local: LocalState, peers: Sequence[PeerState], now
     feasible = [o for o in options if o.feasible and _allowed(o, need.hint)]
     if not feasible:
         return _refusal(need, local, peers, options, ctx)
+    notes = local.hardware.notes
+    if need.tools and not need.local_parses_tools:
+        parsing = {f"{Placement.PEER}:{p.name}" for p in peers if need.model in p.tools}
+        preferred = [o for o in feasible if o.placement in parsing]
+        if preferred:
+            feasible = preferred
+        else:
+            notes = (*notes, "its engine returns tool calls as text (no engine here or on a peer parses them)")
     best_local = min((o for o in feasible if o.local), key=lambda o: o.total_s, default=None)
     best_peer = min((o for o in feasible if not o.local), key=lambda o: o.total_s, default=None)
     if best_local is not None and (best_peer is None or best_local.total_s <= best_peer.total_s * (1 + TIE_TOLERANCE)):
@@ -537,5 +550,7 @@ def decide(need: RequestNeed, local: LocalState, peers: Sequence[PeerState], now
     else:
         assert best_peer is not None
         chosen = best_peer
-    return Decision(chosen.placement, chosen, tuple(options), _reason(chosen, options, local.hardware.notes),
-                    chosen.ctx)
+    reason = _reason(chosen, options, notes)
+    if not chosen.local and need.tools and not need.local_parses_tools:
+        reason += f"; tools: {chosen.placement} parses tool calls, this node's engine of {need.model} does not"
+    return Decision(chosen.placement, chosen, tuple(options), reason, chosen.ctx)

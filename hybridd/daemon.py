@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from hybridd.api.listener import Listener, descriptor_limit
 from hybridd.api.metrics import METRICS, scrape
 from hybridd.api.proxy import OPEN_STREAMS
 from hybridd.api.routes_peers import make_lan_app
+from hybridd.api.status_line import status_line
 from hybridd.config import Config, lan_listen, parse_listen
 from hybridd.errors import StartupError
 from hybridd.node.catalog import Catalog
@@ -26,7 +28,8 @@ from hybridd.node.peering import PeerNode
 from hybridd.node.resources import Peer
 from hybridd.peer.tls import peer_fingerprint
 from hybridd.place.hardware import Hardware
-from hybridd.sdnotify import sd_notify
+from hybridd.systemd.notify import sd_notify
+from hybridd.systemd.watchdog import ping_watchdog, publish_status, under_notify_socket, watchdog_interval_s
 
 log = logging.getLogger("hybridd")
 
@@ -39,6 +42,20 @@ STREAM_END_S = 2.0
 async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = None,
                 peers: Sequence[Peer] = (), peering: tuple[Path, str] | None = None) -> int:
     """Run the node until SIGTERM or SIGINT; return the process exit code."""
+    # From the first moment to the last: systemd's watchdog runs from the start, through the drain.
+    interval = watchdog_interval_s(os.environ, os.getpid())
+    watchdog = asyncio.create_task(ping_watchdog(interval), name="watchdog") if interval else None
+    try:
+        return await _serve(config, catalog, hardware, peers, peering)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+
+
+async def _serve(config: Config, catalog: Catalog, hardware: Hardware | None, peers: Sequence[Peer],
+                 peering: tuple[Path, str] | None) -> int:
     app = make_app(config, catalog, hardware=hardware, peers=peers, peering=peering)
     server = config.server
     # handler_cancellation: a client that disconnects cancels its handler, which drops the engine request.
@@ -65,7 +82,10 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
             await asyncio.gather(*(listener.stop() for _, listener in served))
             await asyncio.gather(*(each.cleanup() for each, _ in served))
             raise
-    sd_notify(f"READY=1\nSTATUS=serving on {url}\nMAINPID={os.getpid()}\nX_HYBRIDD_LAN={lan_url}")
+    sd_notify(f"READY=1\nSTATUS={status_line(app, url)}\nMAINPID={os.getpid()}\nX_HYBRIDD_URL={url}\n"
+              f"X_HYBRIDD_LAN={lan_url}")
+    status = (asyncio.create_task(publish_status(lambda: status_line(app, url)), name="sd-status")
+              if under_notify_socket() else None)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,6 +109,8 @@ async def serve(config: Config, catalog: Catalog, hardware: Hardware | None = No
     try:
         await stop.wait()
     finally:
+        if status is not None:
+            status.cancel()  # its next line would hide the one below
         sd_notify("STOPPING=1\nSTATUS=draining requests and stopping engines")
         ending = loop.call_later(server.shutdown_grace_s, _end_streams, app, server.shutdown_grace_s)
         try:

@@ -78,5 +78,5 @@ def start_node(config_text: str | None, folder: Path, extra_env: dict[str, str] 
             continue
         fields = dict(line.split("=", 1) for line in message.splitlines() if "=" in line)
         if fields.get("READY") == "1":
-            return RunningNode(proc, fields["STATUS"].rsplit(" ", 1)[-1], fields.get("X_HYBRIDD_LAN", ""),
+            return RunningNode(proc, fields["X_HYBRIDD_URL"], fields.get("X_HYBRIDD_LAN", ""),
                                log_path, notify)

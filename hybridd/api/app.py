@@ -14,6 +14,7 @@ from aiohttp import web
 from hybridd.api import (
     metrics,
     routes_anthropic,
+    routes_engines,
     routes_files,
     routes_jobs,
     routes_ollama,
@@ -169,6 +170,7 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
     routes_responses.add_routes(app)
     routes_ollama.add_routes(app)
     routes_status.add_routes(app)
+    routes_engines.add_routes(app)
     routes_peers.add_routes(app)
     metrics.add_routes(app)
     return app

@@ -69,14 +69,15 @@ def _peers(request: web.Request) -> list[dict[str, object]]:
     if keys.PEER in request.app:
         links = {p["name"]: p for p in request.app[keys.PEER].describe()["paired"]}
     rows = []
+    forwarding = request.app[keys.ROUTER].forwarding  # requests on each peer now
     for name, target in request.app[keys.ROUTER].peer_targets().items():
         link = links.pop(name, {})
         rows.append({"name": name, "base_url": target.base_url, "hardware": target.state.hardware.name,
                      "up": target.state.up, "models": sorted(target.state.models), "rtt_ms": link.get("rtt_ms"),
                      "free_bytes": sum(d.usable_bytes for d in target.state.hardware.devices),
-                     "queue_depth": target.state.queue_depth})
+                     "queue_depth": target.state.queue_depth, "in_flight": forwarding[name]})
     for name, link in links.items():  # paired but not linked yet: down
         rows.append({"name": name, "base_url": f"https://{link['address']}:{link['port']}",
                      "hardware": link["hardware"], "up": False, "models": link["models"], "rtt_ms": None,
-                     "free_bytes": None, "queue_depth": None, "down_reason": link["down_reason"]})
+                     "free_bytes": None, "queue_depth": None, "down_reason": link["down_reason"], "in_flight": 0})
     return rows

@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 startup failure.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -21,7 +20,8 @@ from typing import Any
 from hybridd import __version__
 from hybridd.cli import doctor as doctor_cli
 from hybridd.cli import engines as engines_cli
-from hybridd.cli import install_service as install_service_cli
+from hybridd.cli import unload as unload_cli
+from hybridd.cli import watch as watch_cli
 from hybridd.config import (
     MANAGED_KINDS,
     Config,
@@ -34,7 +34,6 @@ from hybridd.config import (
     with_role,
 )
 from hybridd.errors import ConfigError
-from hybridd.systemd.journal import log_formatter
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 _TRUE = {"1", "true", "yes", "on"}
@@ -72,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the running daemon's models and engines")
     _url_flags(status)
     _flag(status, "--json", env="HYBRIDD_JSON", action="store_true", help="print the status object as JSON")
+    watch_cli.add_arguments(status, _flag)
 
     plan = commands.add_parser("plan", help="what a model needs at a context, and whether it fits")
     _flag(plan, "model", env="HYBRIDD_MODEL", nargs="?", metavar="MODEL",
@@ -134,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help=doctor_cli.HELP, description=doctor_cli.DESCRIPTION)
     doctor_cli.add_arguments(doctor)
 
-    install_service = commands.add_parser("install-service", help=install_service_cli.HELP,
-                                          description=install_service_cli.DESCRIPTION)
-    install_service_cli.add_arguments(install_service)
+    unload = commands.add_parser("unload", help=unload_cli.HELP)
+    _url_flags(unload)
+    _flag(unload, "--json", env="HYBRIDD_JSON", action="store_true", help="print the result as JSON")
 
     models = commands.add_parser("models", help="list the models the running daemon serves")
     _url_flags(models)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan, "pair": cmd_pair,
                "peers": cmd_peers, "demo": cmd_demo, "jobs": cmd_jobs, "engines": engines_cli.run,
-               "doctor": doctor_cli.run, "install-service": install_service_cli.run}[args.command]
+               "doctor": doctor_cli.run, "unload": cmd_unload}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -252,14 +252,17 @@ def _run(main: Any) -> Any:
     try:
         import uvloop
     except ImportError:
+        import asyncio  # here, not at the top: `hybridd status --format` runs every few seconds in a status bar
+
         return asyncio.run(main)
     return uvloop.run(main)
 
 
 def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(log_formatter(os.environ, sys.stderr))  # under systemd, the journal stamps each line
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+    # Under systemd the journal stamps each line; elsewhere we do.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=level.upper(), format=stamp + "%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
@@ -307,6 +310,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print what the running daemon is doing."""
     from hybridd.cli.views import render_status
 
+    if args.watch or args.format:
+        return watch_cli.run(args, _daemon_url)
     status = _ask(args, "/hybridd/v1/status")
     print(json.dumps(status, indent=2) if args.json else render_status(status))
     return EXIT_OK
@@ -448,6 +453,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.follow:
         return jobs.follow_job(ask, sys.stdout, args.job_id, args.json, tty=sys.stdout.isatty())
     return jobs.show_job(ask, sys.stdout, args.job_id, args.json)
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    """Stop the running daemon's idle engines."""
+    result = _ask(args, unload_cli.UNLOAD_IDLE_PATH, {})
+    print(json.dumps(result, indent=2) if args.json else unload_cli.render_unloaded(result))
+    return EXIT_OK
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -18,6 +19,31 @@ def duration(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def load_fraction(load: dict[str, Any]) -> float | None:
+    """How much of its model file a loading engine has read, 0..1, or None where that is not known."""
+    done, total = load.get("bytes_read"), load.get("bytes_total")
+    if not isinstance(done, int | float) or not isinstance(total, int | float) or not 0 < total < math.inf:
+        return None
+    fraction = done / total
+    return max(0.0, min(1.0, fraction)) if math.isfinite(fraction) else None
+
+
+def load_progress(load: dict[str, Any]) -> str:
+    """'loading model, 42% of 1.2 GiB, 3s' — the phase, how far, for how long."""
+    parts = [str(load.get("phase") or "loading")]
+    fraction = load_fraction(load)
+    if fraction is not None:
+        parts.append(f"{fraction:.0%} of {_gib(load['bytes_total'])}")
+    elapsed = load.get("elapsed_s")
+    if isinstance(elapsed, int | float) and math.isfinite(elapsed):
+        parts.append(f"{elapsed:.0f}s")
+    return ", ".join(parts)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -37,6 +63,9 @@ def render_status(status: dict[str, Any]) -> str:
     rows = []
     for m in models:
         state = m["state"] + (f" ({m['last_error'][:60]}…)" if m.get("last_error") else "")
+        loads = [e["load"] for e in m.get("engines") or [] if e.get("load")]
+        if loads:
+            state = f"{m['state']} ({load_progress(loads[0])})"
         rows.append([
             m["name"], state, m["engine"], str(m["ctx"]), f"{m['type_k']}/{m['type_v']}",
             duration(m.get("idle_s")) if m.get("loaded") else "-", str(m["in_flight"]), str(m["requests"]),
@@ -78,16 +107,18 @@ def render_options(plan: dict[str, Any]) -> str:
     """The placement part of `hybridd plan`: each option with its predicted speed, and the choice."""
     rows = []
     for option in plan.get("options", []):
-        speed = f"{option['predicted_tok_s']:.0f} tok/s" if option["feasible"] else "-"
+        start, mean = option.get("decode_tok_s_start"), option.get("decode_tok_s_mean")
+        first = f"{start:.0f} tok/s" if option["feasible"] and start is not None else "-"
+        speed = f"{mean if mean is not None else option['predicted_tok_s']:.0f} tok/s" if option["feasible"] else "-"
         total = f"{option['total_s']:.1f} s" if option.get("total_s") is not None else "-"
-        rows.append([option["placement"], str(option["ctx"]), speed, total,
+        rows.append([option["placement"], str(option["ctx"]), first, speed, total,
                      "" if option["feasible"] else option["why_not"][:70]])
     if not rows:
         return ""
     ref = plan.get("reference_request", {})
     head = (f"\n  placement: {plan.get('placement')} (reference request: {ref.get('prompt_tokens')} prompt + "
             f"{ref.get('max_tokens')} completion tokens)")
-    body = table(["OPTION", "CTX", "DECODE", "TOTAL", "WHY NOT"], rows)
+    body = table(["OPTION", "CTX", "DECODE AT START", "DECODE MEAN", "TOTAL", "WHY NOT"], rows)
     return head + "\n" + "\n".join("  " + line for line in body.splitlines())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -14,6 +15,15 @@ class EngineState(enum.StrEnum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """How far an engine's load has got: its phase and, where the engine can tell, bytes of its model read."""
+
+    phase: str
+    bytes_read: int | None = None
+    bytes_total: int | None = None
 
 
 class Engine(Protocol):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridd.config import ModelEntry
-from hybridd.engine.base import Engine, EngineState
+from hybridd.engine.base import Engine, EngineState, LoadProgress
 from hybridd.errors import EngineLoadFailed
 from hybridd.place.idle import LoadedEngine, idle_expired, next_expiry
 
@@ -44,11 +44,15 @@ class EngineSlot:
     load_seconds: float | None = None
     restarts: int = 0
     last_error: str | None = None
+    loading: Engine | None = None  # the engine being started, until it is ready or failed
+    load_started: float | None = None
 
     @property
     def state(self) -> EngineState:
         if self.stopping:
             return EngineState.STOPPING
+        if self.engine is None and self.loading is not None:
+            return EngineState.STARTING
         if self.engine is None:
             return EngineState.FAILED if self.last_error else EngineState.STOPPED
         if self.engine.state is EngineState.READY and not self.engine.is_alive():
@@ -151,6 +155,7 @@ class EnginePool:
                 await self._stop(slot)
             engine = self.factory(slot.run)
             started = self.clock()
+            slot.loading, slot.load_started = engine, started
             try:
                 await engine.start()
             except Exception as exc:
@@ -158,6 +163,8 @@ class EnginePool:
                 log.error("%s", exc)
                 self.on_stopped(slot.key)
                 raise
+            finally:
+                slot.loading = slot.load_started = None
             slot.engine = engine
             slot.last_error = None
             slot.loaded_at = slot.last_used = self.clock()
@@ -177,6 +184,20 @@ class EnginePool:
             log.info("unloading %s: %s", key, reason)
             await self._stop(slot)
             return True
+
+    async def unload_idle(self, reason: str) -> tuple[list[str], list[str]]:
+        """Stop every engine hybridd runs that no request holds or waits for; (keys stopped, keys kept busy)."""
+        stopped, busy = [], []
+        for key, slot in list(self.slots.items()):
+            if slot.engine is None or slot.engine.kind == "external":
+                continue
+            if slot.in_flight or slot.waiting or slot.stopping:
+                busy.append(key)
+            elif await self.unload(key, reason):
+                stopped.append(key)
+            elif slot.engine is not None:  # a request took it while another engine was being stopped
+                busy.append(key)
+        return stopped, busy
 
     async def _stop(self, slot: EngineSlot) -> None:
         """Stop slot's engine (the caller holds slot.lock). on_stopped runs once its process is gone, and only if
@@ -263,7 +284,7 @@ class EnginePool:
     def describe_engine(self, slot: EngineSlot, now: float) -> dict[str, Any]:
         """One engine for status."""
         loaded = slot.state is EngineState.READY
-        engine = slot.engine
+        engine = slot.engine if slot.engine is not None else slot.loading
         return {
             "key": slot.key,
             "placement": slot.placement,
@@ -279,7 +300,19 @@ class EnginePool:
             "load_seconds": round(slot.load_seconds, 2) if slot.load_seconds is not None else None,
             "restarts": slot.restarts,
             "last_error": slot.last_error,
+            "load": self._load_progress(slot, now),
         }
+
+    @staticmethod
+    def _load_progress(slot: EngineSlot, now: float) -> dict[str, Any] | None:
+        """A loading engine's phase, seconds so far and bytes of its model read (where its engine can tell);
+        None when no load is under way."""
+        if slot.loading is None or slot.load_started is None:
+            return None
+        report = getattr(slot.loading, "load_progress", None)  # engines that cannot tell have no such method
+        progress = report() if callable(report) else LoadProgress("starting")
+        return {"phase": progress.phase, "elapsed_s": round(now - slot.load_started, 1),
+                "bytes_read": progress.bytes_read, "bytes_total": progress.bytes_total}
 
     def describe(self, models: tuple[ModelEntry, ...]) -> list[dict[str, Any]]:
         """Per model: its state, the most recently used engine's figures, and every engine, for status."""

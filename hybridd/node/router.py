@@ -133,6 +133,7 @@ class Router:
         self.clock = clock
         self.state = PlacementState.empty(hardware or NO_HARDWARE, self.node_name, config.node.queue_limit)
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_DECISIONS)
+        self.forwarding: collections.Counter[str] = collections.Counter()  # requests on each peer now, for status
         self.tokenizers = Tokenizers()
         self.specs: dict[str, ModelSpec] = {}
         self._no_tokenizer: set[Path] = set()
@@ -300,7 +301,11 @@ class Router:
                       peer=target.state.name, ssl=target.tls(), speaks_hybridd=target.hybridd,
                       first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
                       idle_timeout_s=self.config.node.peer_idle_timeout_s, prompt_tokens=prompt_tokens)
-        return await self._answered(route, send)
+        self.forwarding[target.state.name] += 1
+        try:
+            return await self._answered(route, send)
+        finally:
+            self.forwarding[target.state.name] -= 1
 
     async def _on_engine(self, ticket: Ticket, slot: EngineSlot, reason: str, first_byte_s: float,
                          send: Send[R], prompt_tokens: int | None = None) -> Answer[R]:

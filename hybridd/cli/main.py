@@ -20,6 +20,7 @@ from typing import Any
 from hybridd import __version__
 from hybridd.cli import doctor as doctor_cli
 from hybridd.cli import engines as engines_cli
+from hybridd.cli import install_service as install_service_cli
 from hybridd.cli import unload as unload_cli
 from hybridd.cli import watch as watch_cli
 from hybridd.config import (
@@ -34,6 +35,7 @@ from hybridd.config import (
     with_role,
 )
 from hybridd.errors import ConfigError
+from hybridd.systemd.journal import log_formatter
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 _TRUE = {"1", "true", "yes", "on"}
@@ -134,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help=doctor_cli.HELP, description=doctor_cli.DESCRIPTION)
     doctor_cli.add_arguments(doctor)
 
+    install_service = commands.add_parser("install-service", help=install_service_cli.HELP,
+                                          description=install_service_cli.DESCRIPTION)
+    install_service_cli.add_arguments(install_service)
+
     unload = commands.add_parser("unload", help=unload_cli.HELP)
     _url_flags(unload)
     _flag(unload, "--json", env="HYBRIDD_JSON", action="store_true", help="print the result as JSON")
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan, "pair": cmd_pair,
                "peers": cmd_peers, "demo": cmd_demo, "jobs": cmd_jobs, "engines": engines_cli.run,
-               "doctor": doctor_cli.run, "unload": cmd_unload}[args.command]
+               "doctor": doctor_cli.run, "install-service": install_service_cli.run, "unload": cmd_unload}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -259,10 +265,9 @@ def _run(main: Any) -> Any:
 
 
 def _setup_logging(level: str) -> None:
-    # Under systemd the journal stamps each line; elsewhere we do.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(level=level.upper(), format=stamp + "%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(os.environ, sys.stderr))  # under systemd, the journal stamps each line
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

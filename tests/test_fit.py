@@ -114,3 +114,39 @@ def test_table_is_readable() -> None:
     assert "\n  fits: " in fits
     nothing = render_plan_table(plan(_profile("qwen3.5-397b-a17b", "Q8_0"), RunSettings(), DESKTOP, GIB))
     assert "does not fit" in nothing
+
+
+def test_a_layer_split_gives_each_gpu_its_own_compute_buffer_as_llama_cpp_sizes_it() -> None:
+    # GLM-4.7-Flash Q8_0 at 64k with a q8_0 cache on the two desktop GPUs: every layer offloaded over two GPUs turns
+    # on pipeline parallelism, so each GPU keeps four copies of the 64 MiB f16 KQ mask; only the GPU with the
+    # output layer holds the logits (154880 x 512 f32 = 302.5 MiB); each holds the F16 copy flash attention makes of
+    # the q8_0 K cache (576 x 65536 x 2 bytes = 72 MiB, MLA's V being a view of K)
+    est = estimate_memory(_profile("glm-4.7-flash", "Q8_0"),
+                          RunSettings(ctx=65536, type_k="q8_0", type_v="q8_0"))
+    mib = 1024**2
+    assert est.graph_input_bytes == 65536 * 512 * 2  # the f16 KQ mask
+    assert est.fa_copy_bytes == 576 * 65536 * 2
+    assert est.logits_bytes == (154880 + 2048) * 512 * 4
+    fit = fit_model(est, DESKTOP, 64 * GIB)
+    first, last = fit.devices
+    assert fit.fits and first.layers and last.layers
+    assert first.compute_bytes == est.device_compute_bytes(4, holds_output=False)
+    assert last.compute_bytes == est.device_compute_bytes(4, holds_output=True)
+    assert first.compute_bytes >= 4 * 64 * mib + 72 * mib
+    assert last.compute_bytes >= 4 * 64 * mib + est.logits_bytes
+    assert first.runtime_bytes == last.runtime_bytes == est.runtime_reserve_bytes
+    assert first.display_bytes == GIB // 2 and last.display_bytes == 0
+    for d in fit.devices:
+        assert d.bytes_placed == d.weights_bytes + d.kv_bytes + d.recurrent_bytes + d.compute_bytes + d.runtime_bytes
+    # one GPU, or layers left in RAM: no pipeline parallelism, one copy of the inputs
+    single = fit_model(est, [Device("RTX PRO 6000", 96 * GIB, 95 * GIB)], 64 * GIB)
+    assert single.devices[0].compute_bytes == est.device_compute_bytes(1, holds_output=True)
+
+
+def test_the_reason_counts_what_the_gpus_really_hold() -> None:
+    est = estimate_memory(_profile("glm-4.7-flash", "Q8_0"), RunSettings(ctx=65536, type_k="q8_0", type_v="q8_0"))
+    fit = fit_model(est, DESKTOP, 64 * GIB)
+    placed = sum(d.bytes_placed for d in fit.devices)
+    spare = sum(d.bytes_free for d in fit.devices)
+    assert fit.reason == (f"fits: needs {placed / GIB:.1f} GiB at 65536 ctx; GPUs have {(placed + spare) / GIB:.1f} "
+                          f"GiB usable ({spare / GIB:.1f} GiB to spare)")

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from hybridd.model.ggml_types import BY_NAME, row_bytes
-from hybridd.model.memory import RunSettings, context_geometry, estimate_memory
+from hybridd.model.memory import SCHED_MAX_COPIES, RunSettings, context_geometry, estimate_memory, pipeline_copies
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.model.synth import synth_tensors
 from hybridd.probe.model_profiles import load_profile, profile_header
@@ -179,3 +179,19 @@ def test_profiles_dir_env_and_errors(tmp_path, monkeypatch) -> None:  # type: ig
         load_profile("nope")
     with pytest.raises(ProfileError, match="unknown quant"):
         profile_header(load_profile("tiny"), "Q9")
+
+
+def test_pipeline_parallelism_only_with_every_layer_on_several_gpus() -> None:
+    assert pipeline_copies(2, True) == SCHED_MAX_COPIES == 4
+    assert pipeline_copies(1, True) == 1
+    assert pipeline_copies(2, False) == 1
+    assert pipeline_copies(2, True, tensor_overrides=True) == 1  # --n-cpu-moe is a tensor override
+
+
+def test_one_backend_compute_buffer_is_the_single_device_case() -> None:
+    est = estimate_memory(_spec(llama_gqa_twin()), RunSettings(ctx=8192, backend="cpu"))
+    assert est.fa_copy_bytes == 0
+    # the CPU backend makes its own inputs: no copy of the hidden state, the same graph otherwise
+    assert est.compute_bytes == est.device_compute_bytes(1, holds_output=True) - est.hidden_bytes
+    assert est.device_compute_bytes(4, holds_output=False) < est.device_compute_bytes(4, holds_output=True) or (
+        est.layer_peak_bytes >= est.logits_bytes)

@@ -126,10 +126,12 @@ def test_a_30b_moe_that_fits_stays_local_even_with_the_spark_idle(model: str, qu
     short = Node().decide(need(model, quant, prompt=100, max_tokens=500), (spark_peer(model),))
     ratio = option(short, "local").predicted_tok_s / option(short, "peer:spark").predicted_tok_s
     assert 1.4 <= ratio <= 3.2
-    if model == "glm-4.7-flash":  # the measured model: 109-133 vs 40-46 tok/s, 2.5-3x
-        assert 109 <= option(short, "local").predicted_tok_s <= 133
-        assert 40 <= option(short, "peer:spark").predicted_tok_s <= 46
-        assert 2.5 <= ratio <= 3.0
+    if model == "glm-4.7-flash":  # the measured model: Q4_K_M 133 tok/s on the desktop; Q8_0 109 vs 40-46
+        assert option(short, "local").predicted_tok_s == pytest.approx(133, rel=0.1)
+        q8 = Node().decide(need(model, "Q8_0", prompt=100, max_tokens=500), (spark_peer(model),))
+        assert option(q8, "local").predicted_tok_s == pytest.approx(109, rel=0.1)
+        assert 40 * 0.9 <= option(q8, "peer:spark").predicted_tok_s <= 46 * 1.1
+        assert 2.2 <= option(q8, "local").predicted_tok_s / option(q8, "peer:spark").predicted_tok_s <= 3.0
     assert "local: needs" in d.reason and "spark predicted" in d.reason and "tok/s" in d.reason
 
 
@@ -219,7 +221,9 @@ def test_gpt_oss_120b_goes_to_the_spark() -> None:
     d = Node().decide(need("gpt-oss-120b", prompt=8000, max_tokens=2000), (spark_peer("gpt-oss-120b"),))
     assert d.placement == "peer:spark"
     assert 30 <= option(d, "peer:spark").predicted_tok_s <= 55
-    assert option(d, "local-offload").predicted_tok_s < option(d, "peer:spark").predicted_tok_s / 2
+    # the desktop with the routed experts in DDR5 runs about half the Spark's speed (llama.cpp's Spark sweep: 59 tok/s
+    # at d0, 52 at d8192; the desktop's RAM tier is calibrated from the Ollama offload point)
+    assert option(d, "local-offload").predicted_tok_s < option(d, "peer:spark").predicted_tok_s * 0.6
 
 
 def test_context_tiering_short_local_long_forwarded() -> None:

@@ -3,12 +3,15 @@
 llama.cpp under test: the copy vendored by llama-cpp-python 0.3.36, llama.cpp commit
 0c1e57098bba43ac29e6e3b677cdceebdd22334f (2026-10-01, version 0.5.0-dev). Each twin (tests/twins.py) keeps a
 family's real attention geometry; llama.cpp loads it on the CPU, creates contexts at several sizes and cache
-types, and logs `llama_kv_cache: size = ... MiB`, `llama_memory_recurrent: size = ... MiB` and
-`sched_reserve: CPU compute buffer size = ... MiB`. KV and recurrent state must agree within 1%, the compute
-buffer within 15%. Every family loads in this version (MLA's attn_k_b/attn_v_b are written as f32: the CPU
-backend has no f16 kernel for those 3-D products): llama (GQA), gemma3 (sliding window), deepseek2 (MLA),
-qwen3next and qwen35moe (hybrid Gated DeltaNet; the qwen35moe twin also carries its MTP block), gpt-oss (SWA),
-qwen3moe, qwen3 and qwen2 (GQA; qwen2 keeps its real n_embd, see tests/twins.py).
+types, and logs `llama_kv_cache: size = ... MiB`, `llama_memory_recurrent: size = ... MiB`,
+`llama_context: CPU output buffer size = ... MiB` and `sched_reserve: CPU compute buffer size = ... MiB`. KV and
+recurrent state must agree within 1% (they are exact sums of tensor sizes; the log rounds to 0.01 MiB), the output
+buffer within 0.01 MiB (n_vocab x n_seq f32, exact but for the log's rounding), the compute buffer within 15%
+(ggml-alloc's reuse of freed tensors is modelled as a sum of live sets, not replayed node by node). Every family
+loads in this version (MLA's attn_k_b/attn_v_b are written as f32: the CPU backend has no f16 kernel for those 3-D
+products): llama (GQA), gemma3 (sliding window), deepseek2 (MLA), qwen3next and qwen35moe (hybrid Gated DeltaNet;
+the qwen35moe twin also carries its MTP block), gpt-oss (SWA), qwen3moe, qwen3 and qwen2 (GQA; qwen2 keeps its
+real n_embd, see tests/twins.py).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ _SIZE = {
     "kv": re.compile(r"llama_kv_cache: size = +([\d.]+) MiB"),
     "recurrent": re.compile(r"llama_memory_recurrent: size = +([\d.]+) MiB"),
     "compute": re.compile(r"sched_reserve: +\S+ compute buffer size = +([\d.]+) MiB"),
+    "output": re.compile(r"llama_context: +\S+ +output buffer size = +([\d.]+) MiB"),
 }
 
 
@@ -114,6 +118,7 @@ def test_estimate_matches_llama_cpp(llama_allocations: dict[str, dict[str, Any]]
     assert estimate.kv_bytes == pytest.approx(measured["kv"], rel=0.01)
     assert estimate.recurrent_bytes == pytest.approx(measured["recurrent"], rel=0.01, abs=0.01 * MIB)
     assert estimate.compute_bytes == pytest.approx(measured["compute"], rel=0.15)
+    assert estimate.output_buffer_bytes == pytest.approx(measured["output"], abs=0.01 * MIB)
 
 
 @pytest.mark.parametrize("name", ["qwen3next-hybrid", "qwen35moe-hybrid"])

@@ -13,6 +13,25 @@ Sizes follow llama.cpp (commit 0c1e570, vendored by llama-cpp-python 0.3.36):
   live for the whole graph (KQ masks, residual stream) plus the largest per-layer working set: attention
   scores n_kv x n_tokens x n_head f32 without flash attention, the FFN/MoE activations, or the logits.
   Checked against llama.cpp's reported sizes on architecture twins (tests/test_twins.py) within 15%.
+- compute buffer per GPU of a layer split (device_compute_bytes): llama_context::sched_reserve reserves the
+  pp graph once per backend; each GPU's buffer holds the split inputs it copies from other backends (the KQ
+  masks and positions made on the CPU, the hidden state from the CPU's embedding lookup or the previous GPU),
+  its layers' working set, and on the GPU with the output layer the logits (n_vocab x n_ubatch f32, since
+  n_outputs_max = n_batch). With more than one GPU, every layer offloaded, -sm layer, offload_kqv and no tensor
+  overrides (-ot / --n-cpu-moe), llama_context turns on pipeline parallelism and ggml_backend_sched keeps
+  GGML_SCHED_MAX_COPIES = 4 copies of every split input (ggml-backend.cpp, pass 5: "create a copy of the input
+  in the split's backend", flagged input+output so ggml-alloc never reuses them): the masks count four times on
+  each GPU. CUDA flash attention that cannot read a quantized cache directly (the MMA/tile kernels, MLA's 576/512
+  heads) converts K (and V unless it is a view of K) to F16 inside the FA node's own allocation
+  (fattn.cu ggml_cuda_flash_attn_ext_get_alloc_size), so that copy is part of each GPU's compute buffer.
+- CUDA runtime per GPU (cuda_runtime_bytes): what a process holds on a GPU beyond ggml's buffers. The primary
+  context scales with the SM count: 107 MiB on an RTX 4060 Ti (34 SMs) and 555 MiB on an RTX PRO 6000 (188 SMs),
+  measured with cudaMemGetInfo in llama.cpp PR #23604, so about 2.9 MiB per SM, 384 MiB for a 128-SM RTX 4090;
+  llama.cpp PR #20595 gives 120-550 MB over GPUs. On top: the ggml-cuda and cuBLAS/cuBLASLt kernels loaded
+  lazily on first use, the cuBLAS workspace (4 MiB before Hopper, 32 MiB from sm_90, cuBLAS docs
+  cublasSetWorkspace) and the CUDA memory pool's high-water mark (VMM pool, 2 MiB granularity: MMQ's q8_1
+  activations and MoE id buffers, a few MiB at n_ubatch 512). Issue #21692 puts a llama-server process's own
+  context at more than 700 MB. We charge the big-GPU figure to every GPU: conservative on small ones.
 """
 
 from __future__ import annotations
@@ -27,8 +46,15 @@ MIB = 1024 * 1024
 # llama.cpp pads n_ctx, n_ctx_seq and the SWA cache to 256 cells.
 CTX_PAD = 256
 F32 = 4
-# CUDA context + cuBLAS handles + the memory pool's slack; measured 300-600 MiB on recent drivers.
-DEFAULT_RUNTIME_RESERVE = 512 * MIB
+# CUDA runtime per GPU (see the module docstring for the sources): primary context of a 128-SM GPU, the lazily
+# loaded ggml-cuda and cuBLAS kernels, the cuBLAS workspace and the memory pool's high-water mark.
+CUDA_CONTEXT_BYTES = 384 * MIB
+CUDA_KERNEL_MODULES_BYTES = 256 * MIB
+CUBLAS_WORKSPACE_BYTES = 32 * MIB
+CUDA_POOL_BYTES = 64 * MIB
+DEFAULT_RUNTIME_RESERVE = CUDA_CONTEXT_BYTES + CUDA_KERNEL_MODULES_BYTES + CUBLAS_WORKSPACE_BYTES + CUDA_POOL_BYTES
+# ggml-backend.cpp GGML_SCHED_MAX_COPIES: split inputs kept per backend when pipeline parallelism is on
+SCHED_MAX_COPIES = 4
 DEFAULT_CTX = 4096
 # Gated-DeltaNet architectures whose graph runs llama.cpp's fused GDN op on V heads tiled in the file (no repeat of
 # q/k to the value heads): their recurrent block peaks differently from qwen3next's.
@@ -102,10 +128,15 @@ class MemoryEstimate:
     layers: tuple[LayerMemory, ...]
     token_embd_bytes: int  # host memory: llama.cpp keeps the input layer on the CPU
     output_weight_bytes: int  # output matrix + output norm, placed on the last GPU
-    compute_bytes: int  # graph scratch on the main GPU
-    fa_copy_bytes: int  # CUDA pool: F16 copies of a quantized cache made by flash attention
+    compute_bytes: int  # graph scratch of one backend running every layer (llama.cpp's CPU compute buffer)
+    fa_copy_bytes: int  # CUDA: F16 copies of a quantized cache made inside a flash-attention node
     output_buffer_bytes: int  # host logits buffer (n_vocab x n_seq f32)
-    runtime_reserve_bytes: int
+    runtime_reserve_bytes: int  # per GPU: CUDA context, kernels, cuBLAS workspace, pool
+    graph_input_bytes: int = 0  # KQ masks and positions: made on the CPU, copied to every GPU
+    hidden_bytes: int = 0  # the hidden state a GPU receives (n_embd x n_ubatch f32)
+    graph_base_bytes: int = 0  # residual stream, its normalised copy, the block output
+    layer_peak_bytes: int = 0  # largest working set of one layer (attention, FFN/MoE or recurrent block)
+    logits_bytes: int = 0  # output layer's working set: logits + last hidden state
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -132,6 +163,14 @@ class MemoryEstimate:
     def total_compute_bytes(self) -> int:
         """Compute buffer plus the flash-attention cache copies."""
         return self.compute_bytes + self.fa_copy_bytes
+
+    def device_compute_bytes(self, n_copies: int = 1, holds_output: bool = True) -> int:
+        """One GPU's compute buffer in a layer split: its copies of the split inputs, the residual stream, and the
+        larger of its layers' working set (with the flash-attention F16 copy) and, on the GPU with the output
+        layer, the logits."""
+        inputs = n_copies * (self.graph_input_bytes + self.hidden_bytes)
+        return inputs + self.graph_base_bytes + max(self.layer_peak_bytes + self.fa_copy_bytes,
+                                                    self.logits_bytes if holds_output else 0)
 
     @property
     def total_bytes(self) -> int:
@@ -240,8 +279,19 @@ def _recurrent_peak(spec: ModelSpec, geo: ContextGeometry, settings: RunSettings
     return peak
 
 
-def _compute_bytes(spec: ModelSpec, shapes: list[tuple[LayerSpec, int]], settings: RunSettings,
-                   geo: ContextGeometry) -> int:
+class _GraphParts(NamedTuple):
+    inputs: int
+    base: int
+    layer_peak: int
+    logits: int
+
+    @property
+    def single_backend(self) -> int:
+        return self.inputs + self.base + max(self.layer_peak, self.logits)
+
+
+def _graph_parts(spec: ModelSpec, shapes: list[tuple[LayerSpec, int]], settings: RunSettings,
+                 geo: ContextGeometry) -> _GraphParts:
     t = geo.n_ubatch
     fa = settings.flash_attn
     mask_elem = 2 if fa else F32  # flash attention takes an f16 mask
@@ -255,7 +305,7 @@ def _compute_bytes(spec: ModelSpec, shapes: list[tuple[LayerSpec, int]], setting
     base = 3 * spec.n_embd * t * F32
     attn = max((_attention_peak(spec, ly, cells, geo, fa) for ly, cells in shapes if cells), default=0)
     logits = (spec.n_vocab + spec.n_embd) * t * F32
-    return masks + base + max(attn, _ffn_peak(spec, geo), logits, _recurrent_peak(spec, geo, settings))
+    return _GraphParts(masks, base, max(attn, _ffn_peak(spec, geo), _recurrent_peak(spec, geo, settings)), logits)
 
 
 def _fa_copy_bytes(shapes: list[tuple[LayerSpec, int]], settings: RunSettings, geo: ContextGeometry,
@@ -275,6 +325,12 @@ def _fa_copy_bytes(shapes: list[tuple[LayerSpec, int]], settings: RunSettings, g
             size += row_bytes(f16, ly.v_values_per_token) * cells * geo.n_stream
         worst = max(worst, size)
     return worst
+
+
+def pipeline_copies(n_gpus: int, all_layers_on_gpus: bool, tensor_overrides: bool = False) -> int:
+    """Copies of each split input ggml_backend_sched keeps: llama_context enables pipeline parallelism with more
+    than one GPU, every layer offloaded (-sm layer, offload_kqv) and no tensor overrides (--n-cpu-moe is one)."""
+    return SCHED_MAX_COPIES if n_gpus > 1 and all_layers_on_gpus and not tensor_overrides else 1
 
 
 def estimate_memory(spec: ModelSpec, settings: RunSettings) -> MemoryEstimate:
@@ -302,15 +358,21 @@ def estimate_memory(spec: ModelSpec, settings: RunSettings) -> MemoryEstimate:
                      + (" (MLA's V is a view of K)" if spec.is_mla else ""))
     if settings.ctx > spec.n_ctx_train > 0:
         notes.append(f"ctx {settings.ctx} exceeds the trained context {spec.n_ctx_train}")
+    graph = _graph_parts(spec, shapes, settings, geo)
     return MemoryEstimate(
         settings=settings,
         geometry=geo,
         layers=tuple(layers),
         token_embd_bytes=spec.token_embd_bytes,
         output_weight_bytes=spec.output_bytes + spec.other_bytes,
-        compute_bytes=_compute_bytes(spec, shapes, settings, geo),
+        compute_bytes=graph.single_backend,
         fa_copy_bytes=_fa_copy_bytes(shapes, settings, geo, type_k, type_v),
         output_buffer_bytes=spec.n_vocab * max(1, settings.n_seq) * F32,
         runtime_reserve_bytes=settings.runtime_reserve_bytes if settings.backend == "cuda" else 0,
+        graph_input_bytes=graph.inputs,
+        hidden_bytes=spec.n_embd * geo.n_ubatch * F32,
+        graph_base_bytes=graph.base,
+        layer_peak_bytes=graph.layer_peak,
+        logits_bytes=graph.logits,
         notes=tuple(notes),
     )

@@ -3,9 +3,11 @@
 llama.cpp (-sm layer) splits the offloaded layers over devices in proportion to tensor_split (default: each
 device's free memory), in order, and puts the output layer with the last layer when every layer is offloaded.
 With -ngl N it offloads the *last* N layers; with --n-cpu-moe N the routed experts of the *first* N layers
-stay in RAM. Each GPU also holds a compute buffer and a runtime reserve (CUDA context). The token embeddings
-always stay in host memory. Here: first everything on the GPUs; else, for MoE, the fewest layers whose experts
-go to RAM; else the fewest layers in RAM; else it does not fit.
+stay in RAM. Each GPU holding layers also holds its own compute buffer, sized as llama.cpp's scheduler sizes it
+for that GPU (MemoryEstimate.device_compute_bytes: four copies of the split inputs when pipeline parallelism is on,
+the logits only on the GPU with the output layer), and the CUDA runtime (context, kernels, cuBLAS workspace,
+pool). The token embeddings always stay in host memory. Here: first everything on the GPUs; else, for MoE, the
+fewest layers whose experts go to RAM; else the fewest layers in RAM; else it does not fit.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from hybridd.model.memory import MemoryEstimate
+from hybridd.model.memory import MemoryEstimate, pipeline_copies
 from hybridd.place.devices import Device
 
 GIB = 1024**3
@@ -24,9 +26,21 @@ class DevicePlacement:
     """What one device holds under a fit."""
 
     name: str
-    bytes_placed: int
+    bytes_placed: int  # everything the engine holds here: the parts below
     bytes_free: int  # usable bytes left after placement (negative never: a fit that overflows is rejected)
     layers: tuple[int, ...]
+    weights_bytes: int = 0  # layer weights (and the output layer on the last GPU)
+    kv_bytes: int = 0
+    recurrent_bytes: int = 0
+    compute_bytes: int = 0  # this GPU's compute buffer
+    runtime_bytes: int = 0  # CUDA context, kernels, cuBLAS workspace, pool
+    host_side_bytes: int = 0  # unified memory only: the host buffers (token embeddings, output buffer) live here
+    display_bytes: int = 0  # kept back for the display / OS (Device.reserve_bytes), not the engine's
+
+    @property
+    def in_use_bytes(self) -> int:
+        """What the device holds with the engine running: the engine's bytes plus the display's share."""
+        return self.bytes_placed + self.display_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,18 +131,25 @@ def _fewest(split: Callable[[int], list[list[int]] | None], n: int) -> tuple[int
 def fit_model(est: MemoryEstimate, devices: Sequence[Device], host_ram_free: int) -> Fit:
     """Place `est` on `devices` (+ host RAM); fewest bytes in RAM wins, MoE experts before whole layers."""
     gpus = list(devices)
-    # every GPU holding layers gets a whole compute buffer: conservative, llama.cpp's per-device graphs are smaller
     unified = any(d.unified for d in gpus)
-    per_gpu_fixed = est.total_compute_bytes + est.runtime_reserve_bytes
+    runtime = est.runtime_reserve_bytes
     host_fixed = est.token_embd_bytes + est.output_buffer_bytes
     if unified:
         # GB10: host memory is the same pool as the device; charge host-side buffers to it, not twice
         host_ram_free = 0
-    capacities = [d.usable_bytes - per_gpu_fixed - (host_fixed if d.unified else 0) for d in gpus]
-    capacities = [max(c, 0) for c in capacities]
     host_need_fixed = 0 if unified else host_fixed
     n_layer = len(est.layers)
     has_experts = any(ly.expert_bytes for ly in est.layers)
+
+    def fixed(dev: Device, n_copies: int, holds_output: bool) -> int:
+        return (est.device_compute_bytes(n_copies, holds_output) + runtime
+                + (host_fixed if dev.unified else 0))
+
+    def capacities(n_copies: int) -> list[int]:
+        # the output layer (and its logits) goes with the last layer: charge the logits to the last GPU only;
+        # result() checks the exact loads of whatever assignment comes back
+        last = len(gpus) - 1
+        return [max(d.usable_bytes - fixed(d, n_copies, i == last), 0) for i, d in enumerate(gpus)]
 
     def result(assign: list[list[int]], first_gpu: int, n_cpu_moe: int) -> Fit | None:
         costs = _layer_costs(est, n_cpu_moe)
@@ -138,30 +159,45 @@ def fit_model(est: MemoryEstimate, devices: Sequence[Device], host_ram_free: int
             host += est.output_weight_bytes  # the output layer follows the last layer only when all are offloaded
         if host > host_ram_free:
             return None
+        holders = [d for d, layers in enumerate(assign) if layers]
+        last = holders[-1] if holders else -1
+        n_copies = pipeline_copies(len(gpus), first_gpu == 0, n_cpu_moe > 0)
         placed = []
         for d, (dev, layers) in enumerate(zip(gpus, assign, strict=True)):
-            load = sum(costs[i] for i in layers)
-            if first_gpu == 0 and layers and d == max(k for k, ly in enumerate(assign) if ly):
-                load += est.output_weight_bytes
-            if layers:
-                load += per_gpu_fixed + (host_fixed if dev.unified else 0)
-            placed.append(DevicePlacement(dev.name, load, dev.usable_bytes - load, tuple(layers)))
+            if not layers:
+                placed.append(DevicePlacement(dev.name, 0, dev.usable_bytes, ()))
+                continue
+            holds_output = first_gpu == 0 and d == last
+            weights = sum(est.layers[i].weight_bytes - (est.layers[i].expert_bytes if i < n_cpu_moe else 0)
+                          for i in layers) + (est.output_weight_bytes if holds_output else 0)
+            kv = sum(est.layers[i].kv_bytes for i in layers)
+            recurrent = sum(est.layers[i].recurrent_bytes for i in layers)
+            compute = est.device_compute_bytes(n_copies, holds_output)
+            host_side = host_fixed if dev.unified else 0
+            load = weights + kv + recurrent + compute + runtime + host_side
+            if load > dev.usable_bytes:
+                return None
+            placed.append(DevicePlacement(dev.name, load, dev.usable_bytes - load, tuple(layers), weights, kv,
+                                          recurrent, compute, runtime, host_side, dev.reserve_bytes))
         fits = first_gpu == 0 and n_cpu_moe == 0
         return Fit(fits, True, tuple(placed), first_gpu, n_cpu_moe, host, host_ram_free,
-                   _reason(est, gpus, fits, first_gpu, n_cpu_moe))
+                   _reason(placed, fits, first_gpu, n_cpu_moe, est.geometry.n_ctx))
 
     if gpus:
-        assign = _split(_layer_costs(est, 0), 0, capacities, est.output_weight_bytes)
+        full = capacities(pipeline_copies(len(gpus), True))
+        assign = _split(_layer_costs(est, 0), 0, full, est.output_weight_bytes)
         if assign is not None and (r := result(assign, 0, 0)):
             return r
+        # Without every layer (or every expert) on a GPU there is no pipeline parallelism: one copy of the inputs.
         # More layers off the GPUs only lowers what they hold and raises what RAM holds, so the fewest that fit
         # on the GPUs is found by bisection, and if RAM cannot take that many it cannot take more either.
+        single = capacities(1)
         if has_experts:
-            k = _fewest(lambda k: _split(_layer_costs(est, k), 0, capacities, est.output_weight_bytes), n_layer)
+            k = _fewest(lambda k: _split(_layer_costs(est, k), 0, single, est.output_weight_bytes), n_layer)
             if k is not None and (r := result(k[1], 0, k[0])):
                 return r
         costs = _layer_costs(est, 0)
-        first = _fewest(lambda first: _split(costs, first, capacities, est.output_weight_bytes), n_layer)
+        first = _fewest(lambda first: _split(costs, first, single, est.output_weight_bytes), n_layer)
         if first is not None and (r := result(first[1], first[0], 0)):
             return r
     # nothing on a GPU: all in host RAM
@@ -178,13 +214,12 @@ def fit_model(est: MemoryEstimate, devices: Sequence[Device], host_ram_free: int
                n_layer if runs else 0, 0, cpu_only if runs else 0, host_ram_free, reason)
 
 
-def _reason(est: MemoryEstimate, gpus: Sequence[Device], fits: bool, offload: int, n_cpu_moe: int) -> str:
-    need = est.total_bytes - est.token_embd_bytes - est.output_buffer_bytes
-    have = sum(d.usable_bytes for d in gpus)
-    ctx = est.geometry.n_ctx
+def _reason(placed: Sequence[DevicePlacement], fits: bool, offload: int, n_cpu_moe: int, ctx: int) -> str:
+    need = sum(d.bytes_placed for d in placed)
+    have = sum(d.bytes_placed + d.bytes_free for d in placed)
+    tail = f"needs {_gib(need)} at {ctx} ctx; GPUs have {_gib(have)} usable"
     if fits:
-        return f"fits: needs {_gib(need)} at {ctx} ctx; GPUs have {_gib(have)} usable"
+        return f"fits: {tail} ({_gib(have - need)} to spare)"
     if n_cpu_moe:
-        return (f"experts of {n_cpu_moe} layers in RAM: needs {_gib(need)} at {ctx} ctx; "
-                f"GPUs have {_gib(have)} usable")
-    return f"{offload} layers in RAM: needs {_gib(need)} at {ctx} ctx; GPUs have {_gib(have)} usable"
+        return f"experts of {n_cpu_moe} layers in RAM: {tail}"
+    return f"{offload} layers in RAM: {tail}"

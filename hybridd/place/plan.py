@@ -15,9 +15,28 @@ MIB = 1024**2
 
 
 def plan(spec: ModelSpec, settings: RunSettings, devices: Sequence[Device], host_ram_free: int) -> dict[str, Any]:
-    """JSON-ready plan: totals per part, per-layer detail, fit per device and a one-line reason."""
+    """JSON-ready plan: totals per part, per-layer detail, fit per device and a one-line reason.
+
+    Where the model sits on GPUs the parts are summed over the devices as placed (each GPU's compute buffer and
+    CUDA runtime, the display's share on a GPU that drives one); otherwise they are the single-backend estimate.
+    total_bytes is everything the running engine holds plus the display's share; gpu_bytes the part on the GPUs.
+    """
     est = estimate_memory(spec, settings)
     fit = fit_model(est, devices, host_ram_free)
+    used = [d for d in fit.devices if d.bytes_placed]
+    host_side = est.token_embd_bytes + est.output_buffer_bytes
+    if used:
+        compute = sum(d.compute_bytes for d in used)
+        runtime = sum(d.runtime_bytes for d in used)
+        display = sum(d.display_bytes for d in used)
+        gpu_bytes = sum(d.in_use_bytes for d in used)
+        host_bytes = fit.host_bytes
+        if any(d.host_side_bytes for d in used):
+            host_bytes = fit.host_bytes + sum(d.host_side_bytes for d in used) - host_side
+        total = gpu_bytes + host_bytes
+    else:
+        compute, runtime, display, gpu_bytes = est.total_compute_bytes, est.runtime_reserve_bytes, 0, 0
+        total = est.total_bytes
     return {
         "model": spec.name,
         "architecture": spec.architecture,
@@ -30,10 +49,13 @@ def plan(spec: ModelSpec, settings: RunSettings, devices: Sequence[Device], host
         "weights_bytes": est.weights_bytes,
         "kv_bytes": est.kv_bytes,
         "recurrent_bytes": est.recurrent_bytes,
-        "compute_bytes": est.total_compute_bytes,
+        "compute_bytes": compute,
         "output_buffer_bytes": est.output_buffer_bytes,
-        "reserve_bytes": est.runtime_reserve_bytes,
-        "total_bytes": est.total_bytes,
+        "runtime_bytes": runtime,
+        "reserve_bytes": runtime,  # the name before runtime_bytes
+        "display_bytes": display,
+        "gpu_bytes": gpu_bytes,
+        "total_bytes": total,
         "active_bytes_per_token": spec.active_bytes_per_token,
         "fits": fit.fits,
         "runs": fit.runs,
@@ -42,7 +64,10 @@ def plan(spec: ModelSpec, settings: RunSettings, devices: Sequence[Device], host
         "host_bytes": fit.host_bytes,
         "reason": fit.reason,
         "devices": [{"name": d.name, "bytes_placed": d.bytes_placed, "bytes_free": d.bytes_free,
-                     "layers": len(d.layers)} for d in fit.devices],
+                     "layers": len(d.layers), "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
+                     "recurrent_bytes": d.recurrent_bytes, "compute_bytes": d.compute_bytes,
+                     "runtime_bytes": d.runtime_bytes, "display_bytes": d.display_bytes,
+                     "in_use_bytes": d.in_use_bytes if d.bytes_placed else 0} for d in fit.devices],
         "parts": _parts(spec, est),
         "warnings": list(est.notes),
     }
@@ -56,6 +81,8 @@ def _parts(spec: ModelSpec, est: MemoryEstimate) -> dict[str, Any]:
         "layer_weight_bytes": est.layer_weight_bytes,
         "compute_buffer_bytes": est.compute_bytes,
         "flash_attn_copy_bytes": est.fa_copy_bytes,
+        "graph_input_bytes": est.graph_input_bytes,
+        "logits_bytes": est.logits_bytes,
         "n_ctx_seq": geo.n_ctx_seq,
         "n_stream": geo.n_stream,
         "swa_cells": geo.swa_cells,
@@ -89,16 +116,21 @@ def render_plan_table(plan_dict: dict[str, Any]) -> str:
         ("recurrent state", p["recurrent_bytes"]),
         ("compute", p["compute_bytes"]),
         ("output buffer", p["output_buffer_bytes"]),
-        ("reserve", p["reserve_bytes"]),
+        ("CUDA runtime", p.get("runtime_bytes", p["reserve_bytes"])),
+        ("display", p.get("display_bytes", 0)),
         ("total", p["total_bytes"]),
     ]
     lines = [title, ""]
     lines += [f"  {label:<16}{_gib(value)}" for label, value in rows]
     if p["devices"]:
         width = max(len("device"), *(len(d["name"]) for d in p["devices"])) + 2
-        lines += ["", f"  {'device':<{width}}{'placed':>12}{'free':>12}  layers"]
+        cols = [("weights", "weights_bytes"), ("KV", "kv_bytes"), ("compute", "compute_bytes"),
+                ("runtime", "runtime_bytes"), ("display", "display_bytes"), ("in use", "in_use_bytes"),
+                ("free", "bytes_free")]
+        lines += ["", f"  {'device':<{width}}" + "".join(f"{c:>12}" for c, _ in cols) + "  layers"]
         for d in p["devices"]:
-            lines.append(f"  {d['name']:<{width}}{_gib(d['bytes_placed'])}{_gib(d['bytes_free'])}  {d['layers']:>6}")
+            lines.append(f"  {d['name']:<{width}}" + "".join(_gib(d.get(k, 0)) for _, k in cols)
+                         + f"  {d['layers']:>6}")
     reason = p["reason"]
     lines += ["", f"  {reason}" if verdict in reason else f"  {verdict}: {reason}"]
     lines += [f"  warning: {w}" for w in p["warnings"]]

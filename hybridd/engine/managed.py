@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import aiohttp
 
 from hybridd.config import ModelEntry
-from hybridd.engine.base import EngineState
+from hybridd.engine.base import EngineState, LoadProgress
 from hybridd.errors import EngineLoadFailed
+from hybridd.proc.mapped import mapped_bytes
 from hybridd.proc.process import ManagedProcess, free_loopback_port
 
 
@@ -61,6 +63,21 @@ class ManagedEngine:
         self.load_seconds = time.monotonic() - started
         self.state = EngineState.READY
 
+    def load_progress(self) -> LoadProgress:
+        """The load's phase and how much of the model file the process has brought into memory (mapped loads only:
+        a load that reads the file into its own buffers, as with a LoRA adapter, tells its phase alone)."""
+        path = self.model.path
+        total = _size(path)
+        pid = self.process.pid
+        if pid is None or not self.process.is_running():
+            return LoadProgress("starting", None, total)
+        maps = self.model.lora_path is None and str(self.model.options.get("use_mmap", True)).lower() not in (
+            "false", "0", "no", "off")
+        done = mapped_bytes(pid, path) if path is not None and maps else None
+        if done is not None and total is not None:
+            done = min(done, total)
+        return LoadProgress("loading model", done, total)
+
     async def _wait_ready(self, deadline: float) -> None:
         delay = 0.02
         while True:
@@ -99,3 +116,10 @@ class ManagedEngine:
     def kill_now(self) -> None:
         self.process.kill_now()
         self.state = EngineState.STOPPED
+
+
+def _size(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_size if path is not None else None
+    except OSError:
+        return None

@@ -138,16 +138,21 @@ async def test_api_bad_plan_requests(api: str, body: dict, status: int, fragment
         assert fragment in (await response.json())["error"]["message"]
 
 
-@pytest.mark.parametrize(("model", "quant", "ctx", "placement"), [
-    ("glm-4.7-flash", "Q4_K_M", 32768, "local"),  # a 30B MoE that fits stays local even with an idle Spark
-    ("qwen3-coder-30b-a3b", "Q4_K_M", 8192, "local"),  # context tiering: short context local ...
-    ("qwen3-coder-30b-a3b", "Q4_K_M", 262144, "peer:dgx-spark"),  # ... 256k forwarded
-    ("gpt-oss-120b", None, 32768, "peer:dgx-spark"),  # 59 GiB of MXFP4 belongs on the Spark
-    ("llama-3.1-70b", "Q4_K_M", 8192, "peer:dgx-spark"),  # fits only with layers in RAM: the Spark is faster
+@pytest.mark.parametrize(("model", "quant", "ctx", "prompt", "placement"), [
+    ("glm-4.7-flash", "Q4_K_M", 32768, None, "local"),  # a 30B MoE that fits stays local even with an idle Spark
+    ("qwen3-coder-30b-a3b", "Q4_K_M", 8192, None, "local"),  # context tiering: short context local ...
+    ("qwen3-coder-30b-a3b", "Q4_K_M", 262144, 4096, "peer:dgx-spark"),  # ... a 256k engine forwarded
+    # ... unless the prompt is already deep: llama.cpp's GB10 sweep falls from 61 tok/s at d0 to 31 at d32768
+    # (Qwen3-Coder-30B-A3B Q8_0), so at a 128k-token prompt the desktop's partial offload finishes first
+    ("qwen3-coder-30b-a3b", "Q4_K_M", 262144, None, "local-offload"),
+    ("gpt-oss-120b", None, 32768, None, "peer:dgx-spark"),  # 59 GiB of MXFP4 belongs on the Spark
+    ("llama-3.1-70b", "Q4_K_M", 8192, None, "peer:dgx-spark"),  # fits only with layers in RAM: the Spark is faster
 ])
-def test_plan_with_a_peer_gives_the_placements(model: str, quant: str | None, ctx: int, placement: str) -> None:
+def test_plan_with_a_peer_gives_the_placements(model: str, quant: str | None, ctx: int, prompt: int | None,
+                                               placement: str) -> None:
     args = [model, "--ctx", str(ctx), "--hardware", "desktop-4090-5070ti", "--peer", "dgx-spark", "--json"]
-    result = run_plan(*args, *(["--quant", quant] if quant else []))
+    args += ["--quant", quant] if quant else []
+    result = run_plan(*args, *(["--prompt-tokens", str(prompt)] if prompt else []))
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["placement"] == placement
@@ -207,3 +212,17 @@ async def test_api_plans_training_as_the_cli_does(api: str) -> None:
         assert response.status == 200
         assert await response.json() == cli
     assert cli["placement"] == "peer:dgx-spark"
+
+
+def test_prompt_and_max_tokens_set_the_reference_request() -> None:
+    args = ["glm-4.7-flash", "--quant", "Q8_0", "--ctx", "65536", "--kv-type", "q8_0", "--hardware",
+            "desktop-4090-5070ti", "--json"]
+    short = json.loads(run_plan(*args, "--prompt-tokens", "49", "--max-tokens", "512").stdout)
+    assert short["reference_request"] == {"prompt_tokens": 49, "max_tokens": 512}
+    local = next(o for o in short["options"] if o["placement"] == "local")
+    assert local["decode_tok_s_start"] == pytest.approx(109, rel=0.1)  # issue 15's measurement
+    deep = json.loads(run_plan(*args, "--prompt-tokens", "60000", "--max-tokens", "4096").stdout)
+    far = next(o for o in deep["options"] if o["placement"] == "local")
+    assert far["decode_tok_s_mean"] < far["decode_tok_s_start"] < local["decode_tok_s_start"]
+    too_long = run_plan(*args, "--prompt-tokens", "65000", "--max-tokens", "1024")
+    assert too_long.returncode != 0 and "prompt_tokens + max_tokens" in too_long.stderr

@@ -21,7 +21,7 @@ from hybridd.probe.hardware_profiles import (
 GIB = 1024**3
 REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
-HARDWARE_PROFILES = ["asus-ascent-gx10", "cpu-only", "desktop-4090-5070ti", "dgx-spark", "rtx-pro-6000"]
+HARDWARE_PROFILES = ["asus-ascent-gx10", "cpu-only", "desktop-4090-5070ti", "dgx-spark", "rtx-4090", "rtx-pro-6000"]
 MODEL_PROFILES = [
     "glm-4.7-flash",
     "gpt-oss-120b",
@@ -36,6 +36,8 @@ MODEL_PROFILES = [
     "llama-3.3-70b",
     "gemma-3-27b",
     "qwen3-32b",
+    "qwen2.5-3b",  # the RTX 4090 depth sweep's model
+    "qwen2.5-coder-7b",  # the DGX Spark depth sweep's dense model
 ]
 # llama.cpp's architecture string for each model (src/llama-arch.cpp LLM_ARCH_NAMES).
 MODEL_ARCHITECTURES = {
@@ -52,6 +54,8 @@ MODEL_ARCHITECTURES = {
     "llama-3.3-70b": "llama",
     "gemma-3-27b": "gemma3",
     "qwen3-32b": "qwen3",
+    "qwen2.5-3b": "qwen2",
+    "qwen2.5-coder-7b": "qwen2",
 }
 
 # Published memory sizes and bandwidths (vendor spec pages cited in each profile).
@@ -124,13 +128,15 @@ def test_cpu_only_has_no_devices() -> None:
 
 def test_measured_points_carry_the_design_facts_with_sources() -> None:
     desktop = {
-        (p.model, p.engine, p.cpu_layers): p for p in load_hardware_profile("desktop-4090-5070ti").measured
+        (p.model, p.engine, p.quant, p.cpu_layers): p for p in load_hardware_profile("desktop-4090-5070ti").measured
     }
     spark = load_hardware_profile("dgx-spark").measured
 
-    assert desktop[("glm-4.7-flash", "llama.cpp", 0)].decode_tok_s == 109.0
-    assert desktop[("glm-4.7-flash", "llama.cpp", 0)].decode_tok_s_high == 133.0
-    assert desktop[("glm-4.7-flash", "ollama", 4)].decode_tok_s == 31.7
+    q8 = desktop[("glm-4.7-flash", "llama.cpp", "Q8_0", 0)]  # issue 15: Q8_0, 64k, q8_0 cache, 49-token prompt
+    assert (q8.decode_tok_s, q8.ctx, q8.kv_type, q8.prompt_tokens) == (109.0, 65536, "q8_0", 49)
+    q4 = desktop[("glm-4.7-flash", "llama.cpp", "Q4_K_M", 0)]
+    assert (q4.decode_tok_s, q4.ctx) == (133.0, 202752)
+    assert desktop[("glm-4.7-flash", "ollama", "Q8_0", 4)].decode_tok_s == 31.7
     glm_spark = next(p for p in spark if p.model == "glm-4.7-flash")
     assert (glm_spark.decode_tok_s, glm_spark.decode_tok_s_high) == (40.0, 46.0)
     dense_70b = [p.decode_tok_s for p in spark if p.model == "llama-3.1-70b"]

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(plan, "--rank", env="HYBRIDD_RANK", type=int, help="LoRA rank (default 16)")
     _flag(plan, "--dataset-tokens", env="HYBRIDD_DATASET_TOKENS", type=int,
           help="tokens in the training set: each option predicts its time for one pass")
+    _flag(plan, "--prompt-tokens", env="HYBRIDD_PROMPT_TOKENS", type=int, metavar="N",
+          help="the reference request's prompt (default: half the context)")
+    _flag(plan, "--max-tokens", env="HYBRIDD_MAX_TOKENS", type=int, metavar="N",
+          help="the reference request's completion (default: 1024, at most a quarter of the context)")
     _flag(plan, "--json", env="HYBRIDD_JSON", action="store_true", help="print the plan as one JSON object")
     _config_flag(plan)
 
@@ -343,6 +347,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             type_v=args.type_v or args.kv_type, slots=int(args.slots), flash_attn=False if args.no_flash_attn else None,
             hardware=args.hardware, peers=tuple(_peer_list(args.peer)), train=args.train, seq=args.seq,
             batch=args.batch, rank=args.rank, dataset_tokens=args.dataset_tokens,
+            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
         )
         result = make_plan(request, catalog)
     except (HybriddError, ValueError, OSError) as exc:

@@ -80,6 +80,7 @@ class LayerSpec:
     n_expert_used: int
     weight_bytes: int
     expert_bytes: int  # routed-expert tensors (the part --n-cpu-moe moves to RAM)
+    n_tensors: int = 0  # weight tensors in the block: each is one op of a decode step, with a fixed cost (speed.py)
 
     @property
     def k_values_per_token(self) -> int:
@@ -255,6 +256,15 @@ def _recurrent_sizes(keys: _Keys, n_embd: int) -> tuple[int, int]:
     return conv, d_state * d_inner
 
 
+def _layer_tensor_counts(tensors: Sequence[TensorInfo], n_layer_all: int) -> list[int]:
+    counts = [0] * n_layer_all
+    for t in tensors:
+        m = _BLOCK_RE.match(t.name)
+        if m and int(m.group(1)) < n_layer_all:
+            counts[int(m.group(1))] += 1
+    return counts
+
+
 def _layer_weights(tensors: Sequence[TensorInfo], n_layer_all: int) -> tuple[list[int], list[int], dict[str, int]]:
     weights = [0] * n_layer_all
     experts = [0] * n_layer_all
@@ -331,6 +341,7 @@ def model_spec(metadata: Mapping[str, Any], tensors: Sequence[TensorInfo]) -> Mo
     hybrid = arch in INTERVAL_HYBRID_ARCHS or arch in OTHER_HYBRID_ARCHS
 
     weights, expert_bytes, other = _layer_weights(tensors, n_layer_all)
+    tensor_counts = _layer_tensor_counts(tensors, n_layer_all)
     token_embd = other.pop("token_embd.weight", 0)
     tied = "output.weight" not in other
     output = other.pop("output.weight", token_embd)
@@ -364,6 +375,7 @@ def model_spec(metadata: Mapping[str, Any], tensors: Sequence[TensorInfo]) -> Mo
             n_expert_used=n_expert_used[il] if il >= n_dense_lead else 0,
             weight_bytes=weights[il],
             expert_bytes=expert_bytes[il],
+            n_tensors=tensor_counts[il],
         ))
 
     mtp_bytes = sum(weights[n_layer:])

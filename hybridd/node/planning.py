@@ -28,7 +28,7 @@ from hybridd.node.catalog import Catalog, entry_header
 from hybridd.node.resources import hardware_from_snapshot, probe_machine
 from hybridd.place.devices import Device
 from hybridd.place.hardware import Hardware
-from hybridd.place.options import plan_options
+from hybridd.place.options import plan_options, reference_request
 from hybridd.place.plan import plan
 from hybridd.place.train import place_training, train_plan
 from hybridd.probe.gguf_file import read_gguf_header
@@ -56,6 +56,8 @@ class PlanRequest:
     batch: int | None = None
     rank: int | None = None
     dataset_tokens: int | None = None
+    prompt_tokens: int | None = None  # the reference request placement is judged on (default: half the ctx)
+    max_tokens: int | None = None  # its completion (default: 1024, at most a quarter of the ctx)
 
 
 def plan_request_from_json(body: Mapping[str, Any]) -> PlanRequest:
@@ -73,6 +75,7 @@ def plan_request_from_json(body: Mapping[str, Any]) -> PlanRequest:
         train=fields.at("train").of(str, None), seq=fields.at("seq").of(int, None),
         batch=fields.at("batch").of(int, None), rank=fields.at("rank").of(int, None),
         dataset_tokens=fields.at("dataset_tokens").of(int, None),
+        prompt_tokens=fields.at("prompt_tokens").of(int, None), max_tokens=fields.at("max_tokens").of(int, None),
     )
     check_request(request)
     return request
@@ -94,12 +97,18 @@ def check_request(request: PlanRequest) -> None:
     settings.at("batch").integer(None, low=1, high=4096)
     settings.at("rank").integer(None, low=1, high=4096)
     settings.at("dataset_tokens").integer(None, low=1, high=10**15)
+    settings.at("prompt_tokens").integer(None, low=0, high=16 * 1024 * 1024)
+    settings.at("max_tokens").integer(None, low=1, high=16 * 1024 * 1024)
     if request.train is None:
         for name in ("seq", "batch", "rank", "dataset_tokens"):
             if getattr(request, name) is not None:
                 raise BadRequest(f"{name}: only with train (lora, qlora or full)")
     elif request.ctx is not None:
         raise BadRequest("ctx: not with train; a fine-tune's length is seq")
+    if request.train is not None:
+        for name in ("prompt_tokens", "max_tokens"):
+            if getattr(request, name) is not None:
+                raise BadRequest(f"{name}: not with train; a fine-tune has no reference request")
 
 
 def find_header(name: str, quant: str | None, catalog: Catalog | None) -> tuple[GgufHeader, dict[str, Any]]:
@@ -160,7 +169,11 @@ def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str,
     result["model"] = result.get("model") or request.model
     result["hardware"] = source
     result["file_bytes"] = header.file_bytes
-    result.update(placement_options(spec, settings, node, request.peers))
+    prompt, completion = reference_request(ctx, request.prompt_tokens, request.max_tokens)
+    if prompt + completion > ctx:
+        raise BadRequest(f"prompt_tokens + max_tokens: {prompt} + {completion} tokens do not fit the context "
+                         f"({ctx}); raise ctx or ask for fewer tokens")
+    result.update(placement_options(spec, settings, node, request.peers, prompt, completion))
     return result
 
 
@@ -178,6 +191,8 @@ def training_plan(request: PlanRequest, method: TrainMethod, spec: ModelSpec, he
     return result
 
 
-def placement_options(spec: ModelSpec, settings: RunSettings, node: Hardware, peers: Sequence[str]) -> dict[str, Any]:
+def placement_options(spec: ModelSpec, settings: RunSettings, node: Hardware, peers: Sequence[str],
+                      prompt_tokens: int | None = None, max_tokens: int | None = None) -> dict[str, Any]:
     """Where a reference request would run (this node or the --peer profiles) and each option's speed."""
-    return plan_options(spec, settings, node, [load_hardware_profile(name).hardware() for name in peers])
+    return plan_options(spec, settings, node, [load_hardware_profile(name).hardware() for name in peers],
+                        prompt_tokens=prompt_tokens, max_tokens=max_tokens)

@@ -15,16 +15,33 @@ DEFAULT_DISK_READ_BYTES_S = 3.5e9
 
 @dataclass(frozen=True, slots=True)
 class SpeedPoint:
-    """A measured single-stream speed of a model on this hardware, with the model resolved for calibration."""
+    """A measured single-stream speed of a model on this hardware, with the request it was measured at and the
+    model resolved for calibration."""
 
     model: str
     engine: str
     decode_tok_s: float  # representative figure: the midpoint when a range was published
     spec: ModelSpec | None  # None when the model (or its quant) has no profile: kept, but cannot calibrate
     prefill_tok_s: float | None = None
-    context_tokens: int = 0  # 0: measured at an empty context (llama-bench tg128 convention)
+    prompt_tokens: int = 0  # tokens in the cache when decoding starts (llama-bench -d depth; a request's prompt)
+    completion_tokens: int = 128  # tokens the decode speed is averaged over (llama-bench tg128 by default)
+    ctx: int = 0  # the context the engine was started with; 0: prompt + completion (llama-bench)
+    kv_type: str = "f16"  # K and V cache type
     cpu_layers: int = 0  # whole layers left in system RAM during the measurement
     nodes: int = 1
+    quant: str | None = None
+    decode_low: float = 0.0  # the published range, (decode_tok_s, decode_tok_s) without one
+    decode_high: float = 0.0
+
+    @property
+    def mean_depth(self) -> float:
+        """Tokens in the cache on average over the measured completion."""
+        return self.prompt_tokens + self.completion_tokens / 2
+
+    @property
+    def run_ctx(self) -> int:
+        """The context the engine ran with."""
+        return self.ctx or self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True, slots=True)

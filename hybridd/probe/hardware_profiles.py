@@ -47,7 +47,10 @@ class MeasuredPoint:
     decode_tok_s_high: float | None = None
     prefill_tok_s: float | None = None
     quant: str | None = None
-    context_tokens: int | None = None
+    ctx: int | None = None  # the engine's context (-c); None: prompt + completion, as llama-bench sizes it
+    prompt_tokens: int = 0  # tokens cached when decoding starts: llama-bench -d, or the request's prompt
+    completion_tokens: int = 128  # tokens generated (tg128, tg32)
+    kv_type: str = "f16"
     cpu_layers: int = 0
     nodes: int = 1
     note: str = ""
@@ -102,9 +105,12 @@ def _speed_point(point: MeasuredPoint, spec: ModelSpec | None) -> SpeedPoint:
     # a published range stands for its midpoint: runs and quants spread over it
     decode = point.decode_tok_s if point.decode_tok_s_high is None else (point.decode_tok_s +
                                                                           point.decode_tok_s_high) / 2
+    high = point.decode_tok_s_high or point.decode_tok_s
     return SpeedPoint(model=point.model, engine=point.engine, decode_tok_s=decode, spec=spec,
-                      prefill_tok_s=point.prefill_tok_s, context_tokens=point.context_tokens or 0,
-                      cpu_layers=point.cpu_layers, nodes=point.nodes)
+                      prefill_tok_s=point.prefill_tok_s, prompt_tokens=point.prompt_tokens,
+                      completion_tokens=point.completion_tokens, ctx=point.ctx or 0, kv_type=point.kv_type,
+                      cpu_layers=point.cpu_layers, nodes=point.nodes, quant=point.quant,
+                      decode_low=point.decode_tok_s, decode_high=high)
 
 
 _SPEC_CACHE: dict[tuple[str, str, str | None], ModelSpec | None] = {}
@@ -208,7 +214,10 @@ def _measured(item: Reader) -> MeasuredPoint:
         decode_tok_s_high=table.at("decode_tok_s_high").number(None, above=0),
         prefill_tok_s=table.at("prefill_tok_s").number(None, above=0),
         quant=_text(table.at("quant")) if table.at("quant").present else None,
-        context_tokens=table.at("context_tokens").integer(None, above=0),
+        ctx=table.at("ctx").integer(None, above=0),
+        prompt_tokens=table.at("prompt_tokens").integer(0, low=0),
+        completion_tokens=table.at("completion_tokens").integer(128, above=0),
+        kv_type=_text(table.at("kv_type")) if table.at("kv_type").present else "f16",
         cpu_layers=table.at("cpu_layers").integer(0, low=0),
         nodes=table.at("nodes").integer(1, above=0),
         note=_text(note) if note.present else "",

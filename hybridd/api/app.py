@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from hybridd.api import (
+    dashboard,
     metrics,
     routes_anthropic,
     routes_engines,
@@ -173,4 +174,5 @@ def make_app(config: Config, catalog: Catalog, engine_maker: EngineMaker | None 
     routes_engines.add_routes(app)
     routes_peers.add_routes(app)
     metrics.add_routes(app)
+    dashboard.add_routes(app)
     return app

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from hybridd.api import keys
 from hybridd.api.envelope import Handler
+from hybridd.api.recent import RECENT, Served, reason_of
 from hybridd.place.state import Observation
 
 MODEL = web.RequestKey("hybridd_model", str)  # set by a route once it knows the model
@@ -48,23 +49,25 @@ class Metrics:
                                ["api", "placement"], buckets=TOK_S_BUCKETS, registry=self.registry)
         self.registry.register(_NodeCollector(app))
 
-    def observe(self, request: web.Request, status: int, placement: str, seconds: float) -> None:
+    def observe(self, request: web.Request, status: int, placement: str, seconds: float) -> str | None:
+        """Count one answered request; returns its API, None for a request that is not for a model."""
         api = next((name for prefix, name in _APIS if request.path.startswith(prefix)), None)
         if api is None:
-            return  # hybridd's own routes, pairing, unknown paths: not requests for a model
+            return None  # hybridd's own routes, pairing, unknown paths: not requests for a model
         kind = placement.split(":", 1)[0] if placement else "none"
         model = request.get(MODEL, "unknown")
         self.requests.labels(api, model, kind, str(status)).inc()
         self.duration.labels(api, kind).observe(seconds)
         seen = request.get(OBSERVED)
         if seen is None:
-            return
+            return api
         if seen.first_token_s is not None:
             self.first_token.labels(api, kind).observe(seen.first_token_s)
         if seen.complete and seen.completion_tokens:
             self.tokens.labels(api, model, kind).inc(seen.completion_tokens)
         if seen.decode_tok_s is not None:
             self.tok_s.labels(api, kind).observe(seen.decode_tok_s)
+        return api
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -72,11 +75,16 @@ METRICS = web.AppKey("metrics", Metrics)
 
 @web.middleware
 async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count each request once its answer has ended (outside the error envelope, so errors count too)."""
+    """Count each request once its answer has ended (outside the error envelope, so errors count too); the recent
+    requests (status, dashboard) are fed here too, so both see the same ones."""
     started = time.monotonic()
     response = await handler(request)
-    request.app[METRICS].observe(request, response.status, response.headers.get("x-hybridd-placement", ""),
-                                 time.monotonic() - started)
+    seconds = time.monotonic() - started
+    placement = response.headers.get("x-hybridd-placement", "")
+    api = request.app[METRICS].observe(request, response.status, placement, seconds)
+    if api is not None and RECENT in request.app:
+        request.app[RECENT].add(Served(time.time(), api, request.get(MODEL, "unknown"), placement,
+                                       reason_of(response), response.status, seconds, request.get(OBSERVED)))
     return response
 
 

@@ -10,9 +10,12 @@ from aiohttp import web
 
 from hybridd import __version__
 from hybridd.api import keys
+from hybridd.api.recent import RECENT
 from hybridd.errors import BadRequest
 from hybridd.node.planning import make_plan, plan_request_from_json
 from hybridd.node.request import read_json
+from hybridd.place.ledger import HOST
+from hybridd.place.scheduler import TRAINING_PREFIX
 
 
 def add_routes(app: web.Application) -> None:
@@ -23,24 +26,31 @@ def add_routes(app: web.Application) -> None:
 
 async def status(request: web.Request) -> web.Response:
     """The node at a glance: version, uptime, listen address, every model's engine state."""
-    node = request.app[keys.NODE]
-    return web.json_response({
+    return web.json_response(status_of(request.app))
+
+
+def status_of(app: web.Application) -> dict[str, object]:
+    """GET /hybridd/v1/status's object (the dashboard's events push the same one)."""
+    node = app[keys.NODE]
+    router = app[keys.ROUTER]
+    return {
         "version": __version__,
         "pid": os.getpid(),
         "listen": node.config.server.listen,
         "config": node.config.source,
         "started_at": node.started_wall,
         "uptime_s": round(time.monotonic() - node.started_mono, 1),
-        "node": request.app[keys.ROUTER].node_name,
-        "warnings": list(request.app[keys.ROUTER].state.hardware.notes),
-        "models": request.app[keys.POOL].describe(node.catalog.models),
-        "peers": _peers(request),
-        "decisions": list(request.app[keys.ROUTER].decisions)[-10:],
-        "calibration": {f"{node}/{model}": round(f, 3)
-                        for (node, model), f in request.app[keys.ROUTER].state.calibration.ratios.items()},
-        "completion_tokens": {model: round(n) for model, n in request.app[keys.ROUTER].state.lengths.tokens.items()},
-        "fine_tuning_jobs": _training(request),
-    })
+        "node": router.node_name,
+        "warnings": list(router.state.hardware.notes),
+        "models": app[keys.POOL].describe(node.catalog.models),
+        "devices": _devices(app),
+        "peers": _peers(app),
+        "decisions": list(router.decisions)[-10:],
+        "recent": app[RECENT].to_json() if RECENT in app else [],
+        "calibration": {f"{node}/{model}": round(f, 3) for (node, model), f in router.state.calibration.ratios.items()},
+        "completion_tokens": {model: round(n) for model, n in router.state.lengths.tokens.items()},
+        "fine_tuning_jobs": _training(app),
+    }
 
 
 async def plan(request: web.Request) -> web.Response:
@@ -54,23 +64,53 @@ async def plan(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
-def _training(request: web.Request) -> list[dict[str, object]]:
+def _devices(app: web.Application) -> list[dict[str, object]]:
+    """Each device's memory as placement sees it: the bytes of other programs and the display reserve (kept back at
+    start), and, of what hybridd's engines may use, what each engine (or fine-tune) holds and what is free."""
+    router, pool = app[keys.ROUTER], app[keys.POOL]
+    ledger = router.state.ledger
+    devices = {d.name: d for d in router.state.hardware.devices}
+    rows: list[dict[str, object]] = []
+    for name in ledger.devices:
+        capacity = ledger.capacity(name)
+        device = devices.get(name)
+        held = []
+        for key in ledger.keys:
+            on_device = ledger.held(key).get(name, 0)
+            if not on_device:
+                continue
+            slot = pool.slots.get(key)
+            training = key.startswith(TRAINING_PREFIX)
+            held.append({"key": key, "bytes": on_device,
+                         "model": slot.model.name if slot is not None else key.removeprefix(TRAINING_PREFIX),
+                         "kind": "training" if training else "engine",
+                         "state": slot.state.value if slot is not None else ("training" if training else None)})
+        reserve = device.reserve_bytes if device is not None else 0
+        total = device.total_bytes if device is not None else capacity
+        rows.append({"name": name, "host": name == HOST, "unified": device.unified if device is not None else False,
+                     "total_bytes": total, "display_reserve_bytes": min(reserve, total),
+                     "other_bytes": max(0, total - capacity - reserve), "capacity_bytes": capacity,
+                     "reserved_bytes": ledger.used_bytes(name), "free_bytes": ledger.free_bytes(name), "held": held})
+    return rows
+
+
+def _training(app: web.Application) -> list[dict[str, object]]:
     """Fine-tuning jobs not finished, oldest first: where each runs, how far it got, and why it is where it is."""
-    if keys.TRAININGS not in request.app:
+    if keys.TRAININGS not in app:
         return []
     return [{"id": job.id, "model": job.model, "status": job.status, "placement": job.placement, "step": job.step,
              "total_steps": job.total_steps, "reason": job.reason, "estimated_finish": job.estimated_finish}
-            for job in request.app[keys.TRAININGS].store.active()]
+            for job in app[keys.TRAININGS].store.active()]
 
 
-def _peers(request: web.Request) -> list[dict[str, object]]:
+def _peers(app: web.Application) -> list[dict[str, object]]:
     """Every peer the scheduler may use, with its link's figures where it is a paired peer."""
     links = {}
-    if keys.PEER in request.app:
-        links = {p["name"]: p for p in request.app[keys.PEER].describe()["paired"]}
+    if keys.PEER in app:
+        links = {p["name"]: p for p in app[keys.PEER].describe()["paired"]}
     rows = []
-    forwarding = request.app[keys.ROUTER].forwarding  # requests on each peer now
-    for name, target in request.app[keys.ROUTER].peer_targets().items():
+    forwarding = app[keys.ROUTER].forwarding  # requests on each peer now
+    for name, target in app[keys.ROUTER].peer_targets().items():
         link = links.pop(name, {})
         rows.append({"name": name, "base_url": target.base_url, "hardware": target.state.hardware.name,
                      "up": target.state.up, "models": sorted(target.state.models), "rtt_ms": link.get("rtt_ms"),

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from hybridd.api import keys
 from hybridd.api.envelope import Handler
 from hybridd.api.recent import RECENT, Served, reason_of
+from hybridd.api.request_log import log_served
 from hybridd.place.state import Observation
 
 MODEL = web.RequestKey("hybridd_model", str)  # set by a route once it knows the model
@@ -76,15 +77,20 @@ METRICS = web.AppKey("metrics", Metrics)
 @web.middleware
 async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count each request once its answer has ended (outside the error envelope, so errors count too); the recent
-    requests (status, dashboard) are fed here too, so both see the same ones."""
+    requests (status, dashboard) and the request's log line come from the same record, so all see the same ones."""
     started = time.monotonic()
     response = await handler(request)
     seconds = time.monotonic() - started
     placement = response.headers.get("x-hybridd-placement", "")
     api = request.app[METRICS].observe(request, response.status, placement, seconds)
-    if api is not None and RECENT in request.app:
-        request.app[RECENT].add(Served(time.time(), api, request.get(MODEL, "unknown"), placement,
-                                       reason_of(response), response.status, seconds, request.get(OBSERVED)))
+    if api is None:
+        return response
+    served = Served(time.time(), api, request.get(MODEL, "unknown"), placement, reason_of(response),
+                    response.status, seconds, request.get(OBSERVED))
+    if placement or MODEL in request:  # a request for a model, not a listing (clients poll those)
+        log_served(served)
+    if RECENT in request.app:
+        request.app[RECENT].add(served)
     return response
 
 

@@ -19,9 +19,11 @@ from hybridd.probe.hardware_profiles import (
 )
 
 GIB = 1024**3
+MIB = 1024**2
 REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
-HARDWARE_PROFILES = ["asus-ascent-gx10", "cpu-only", "desktop-4090-5070ti", "dgx-spark", "rtx-4090", "rtx-pro-6000"]
+HARDWARE_PROFILES = ["asus-ascent-gx10", "cpu-only", "desktop-4090-5070ti", "dgx-spark", "h100-sxm", "h200-sxm",
+                     "rtx-4090", "rtx-pro-6000"]
 MODEL_PROFILES = [
     "glm-4.7-flash",
     "gpt-oss-120b",
@@ -64,6 +66,9 @@ PUBLISHED_DEVICES = {
     "NVIDIA GeForce RTX 5070 Ti": (16 * GIB, 896e9, False),
     "NVIDIA GB10": (128_000_000_000, 273e9, True),
     "NVIDIA RTX PRO 6000 Blackwell": (96 * GIB, 1792e9, False),
+    # The device tool's lent GPUs (bench/gpu_check.sh): memory as nvidia-smi reports it there, datasheet bandwidth.
+    "NVIDIA H100 80GB HBM3": (81559 * MIB, 3.35e12, False),
+    "NVIDIA H200": (143771 * MIB, 4.8e12, False),
 }
 
 

@@ -5,6 +5,7 @@ request, busy ones stay."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ class Controlled:
     def __init__(self, started: asyncio.Event, release: asyncio.Event, fail: bool = False) -> None:
         self.state = EngineState.STOPPED
         self.started, self.release, self.fail = started, release, fail
-        self.progress = LoadProgress("loading model", 512 * MiB, 2048 * MiB)
+        self.progress = LoadProgress("reading weights", 512 * MiB, 2048 * MiB)
 
     def load_progress(self) -> LoadProgress:
         return self.progress
@@ -89,7 +90,7 @@ async def test_a_load_in_progress_shows_in_status_with_phase_seconds_and_bytes()
     clock.now += 2.5
     row = pool.describe((model,))[0]
     assert row["state"] == "starting" and not row["loaded"] and row["pid"] == 4242
-    assert row["engines"][0]["load"] == {"phase": "loading model", "elapsed_s": 2.5, "bytes_read": 512 * MiB,
+    assert row["engines"][0]["load"] == {"phase": "reading weights", "elapsed_s": 2.5, "bytes_read": 512 * MiB,
                                          "bytes_total": 2048 * MiB}
     release.set()
     await asyncio.wait_for(task, 10)
@@ -191,7 +192,7 @@ def test_mapped_bytes_counts_the_pages_of_the_file_a_process_touched(tmp_path: P
         read = mapped_bytes(proc.pid, weights)
         # The pages touched are resident; the kernel may map a few neighbours with them (fault-around), never all.
         assert read is not None and 2 * MiB <= read < 8 * MiB
-        assert mapped_bytes(proc.pid, other) == 0
+        assert mapped_bytes(proc.pid, other) is None  # not mapped
     finally:
         proc.kill()
         proc.wait()
@@ -221,7 +222,7 @@ async def test_a_managed_engine_reports_how_much_of_its_model_its_process_has_re
                 return progress if (progress.bytes_read or 0) >= 4 * MiB else None
 
             progress = await asyncio.to_thread(wait_for, halfway, 30, 0.05, "the engine to read half its model")
-            assert progress.phase == "loading model" and progress.bytes_total == 8 * MiB
+            assert progress.phase == "reading weights" and progress.bytes_total == 8 * MiB
             assert progress.bytes_read is not None and progress.bytes_read < 8 * MiB
         finally:
             start.cancel()
@@ -240,3 +241,38 @@ async def test_a_lora_load_reads_into_its_own_buffers_so_no_bytes_are_claimed(tm
         finally:
             start.cancel()
             await asyncio.gather(start, return_exceptions=True)
+
+
+# --- a real daemon loading a real engine ---------------------------------------------------------------------
+
+
+def test_a_real_engine_load_shows_in_status_while_it_runs(daemon_factory, tiny_model: Path) -> None:
+    from hybridd.cli.statusbar import bar_view
+    from tests.conftest import http
+
+    daemon = daemon_factory(f'[server]\nlisten = "127.0.0.1:0"\n[[models]]\nname = "tiny"\npath = "{tiny_model}"\n'
+                            'ctx = 512\n')
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(http, "POST", daemon.url + "/v1/completions",
+                            {"model": "tiny", "prompt": "x", "max_tokens": 1})
+
+        def loading() -> dict | None:  # type: ignore[type-arg]
+            status = daemon.status()
+            engines = status["models"][0]["engines"]
+            if engines and engines[0]["load"] is not None:
+                return status
+            assert not reply.done(), "the request was answered before a status read saw its engine load"
+            return None
+
+        # The engine's process takes a second or more to import llama_cpp and map the model: a poll sees it.
+        status = wait_for(loading, timeout=60, interval=0.01, what="a status showing the load")
+        assert reply.result(timeout=60).status == 200
+    model = status["models"][0]
+    load = model["engines"][0]["load"]
+    assert model["state"] == "starting" and not model["loaded"]
+    assert load["phase"] in ("starting", "starting engine", "reading weights") and load["elapsed_s"] >= 0
+    assert load["bytes_total"] == tiny_model.stat().st_size
+    assert load["bytes_read"] is None or 0 <= load["bytes_read"] <= load["bytes_total"]
+    assert bar_view(status).cls == "loading" and bar_view(status).text.startswith("hybridd loading tiny ")
+    after = wait_for(lambda: (m := daemon.model_status("tiny"))["in_flight"] == 0 and m, what="the request to end")
+    assert after["state"] == "ready" and after["engines"][0]["load"] is None

@@ -34,7 +34,7 @@ def status(models: list[dict[str, Any]] | None = None, peers: list[dict[str, Any
             "fine_tuning_jobs": jobs or [], "decisions": decisions or []}
 
 
-LOADING = {"phase": "loading model", "elapsed_s": 3.4, "bytes_read": 3 * 2**29, "bytes_total": 2**31}
+LOADING = {"phase": "reading weights", "elapsed_s": 3.4, "bytes_read": 3 * 2**29, "bytes_total": 2**31}
 
 
 # --- the class -------------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_serving_and_forwarding_readings_name_what_and_how_many() -> None:
 def test_loading_reading_shows_how_far_the_load_got() -> None:
     view = bar_view(status([model("big", state="starting", load=LOADING)]))
     assert (view.text, view.percentage) == ("hybridd loading big 75%", 75)
-    assert "big: starting (loading model, 75% of 2.0 GiB, 3s)" in view.tooltip.splitlines()
+    assert "big: starting (reading weights, 75% of 2.0 GiB, 3s)" in view.tooltip.splitlines()
     unknown = {"phase": "starting", "elapsed_s": 1.6, "bytes_read": None, "bytes_total": None}
     view = bar_view(status([model("big", state="starting", load=unknown)]))
     assert (view.text, view.percentage) == ("hybridd loading big 2s", 0)

@@ -31,7 +31,7 @@ def load_fraction(load: dict[str, Any]) -> float | None:
 
 
 def load_progress(load: dict[str, Any]) -> str:
-    """'loading model, 42% of 1.2 GiB, 3s' — the phase, how far, for how long."""
+    """'reading weights, 42% of 1.2 GiB, 3s' — the phase, how far, for how long."""
     parts = [str(load.get("phase") or "loading")]
     fraction = load_fraction(load)
     if fraction is not None:

@@ -73,10 +73,12 @@ class ManagedEngine:
             return LoadProgress("starting", None, total)
         maps = self.model.lora_path is None and str(self.model.options.get("use_mmap", True)).lower() not in (
             "false", "0", "no", "off")
-        done = mapped_bytes(pid, path) if path is not None and maps else None
-        if done is not None and total is not None:
-            done = min(done, total)
-        return LoadProgress("loading model", done, total)
+        if path is None or not maps:
+            return LoadProgress("loading model", None, total)
+        done = mapped_bytes(pid, path)
+        if done is None:  # the engine's own start-up (a Python server imports for a second or two)
+            return LoadProgress("starting engine", 0, total)
+        return LoadProgress("reading weights", done if total is None else min(done, total), total)
 
     async def _wait_ready(self, deadline: float) -> None:
         delay = 0.02

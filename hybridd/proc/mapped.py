@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def mapped_bytes(pid: int, path: Path) -> int | None:
-    """Resident bytes of path's mappings in process pid; 0 when it has not mapped path (yet), None when the
+    """Resident bytes of path's mappings in process pid; None when it has not mapped path (yet), or when the
     process cannot be read (gone, or not ours)."""
     try:
         with open(f"/proc/{pid}/smaps", "rb") as f:
@@ -17,8 +17,10 @@ def mapped_bytes(pid: int, path: Path) -> int | None:
     except OSError:
         return None
     name = b" " + str(path.resolve()).encode() + b"\n"
-    total = 0
     at = smaps.find(name)
+    if at == -1:
+        return None
+    total = 0
     while at != -1:
         # The mapping's header line ends with the path; its "Rss:" line follows within the block.
         rss = smaps.find(b"\nRss:", at)

@@ -139,11 +139,18 @@ def test_both_classes_are_checked_on_dense_and_moe_depth_sweeps() -> None:
 
 
 def test_the_kv_read_alone_underestimates_the_fall_with_depth() -> None:
-    # the same constants without the per-layer attention cost: every deep point comes out over 5% too fast
-    deep = [c for c in CHECKED if c.point.prompt_tokens >= 32768]
-    assert deep
-    for c in deep:
-        full = CLASS_CONSTANTS[device_class(c.hardware)]
+    # the same constants without the per-layer attention cost: the deep points come out too fast, by far on the
+    # RTX 4090 (Qwen2.5 3B's two KV heads: few bytes, yet the attention kernel's time grows with the depth)
+    for cls in (DeviceClass.DISCRETE, DeviceClass.UNIFIED):
+        full = CLASS_CONSTANTS[cls]
         bare = ClassConstants(full.efficiency, full.tensor_s, 1.0, 0.0, full.split_s)
-        predicted = predict_point(c.point, c.hardware, bare)
-        assert predicted is not None and predicted > c.point.decode_tok_s * 1.05, c.point
+        deep = [c for c in CHECKED if device_class(c.hardware) is cls and c.point.prompt_tokens >= 32768]
+        assert deep
+        ratios = []
+        for c in deep:
+            kv_only, fitted = predict_point(c.point, c.hardware, bare), predict_point(c.point, c.hardware)
+            assert kv_only is not None and fitted is not None
+            ratios.append((kv_only / c.point.decode_tok_s, fitted / c.point.decode_tok_s))
+        kv_mean = sum(r[0] for r in ratios) / len(ratios)
+        fit_mean = sum(r[1] for r in ratios) / len(ratios)
+        assert kv_mean > 1.05 and abs(fit_mean - 1) < 0.05 and kv_mean - fit_mean > 0.03, (cls, ratios)

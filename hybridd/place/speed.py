@@ -88,10 +88,10 @@ CLASS_CONSTANTS: Mapping[DeviceClass, ClassConstants] = {
     # RTX 4090 sweep (Qwen2.5 3B) and the desktop's GLM-4.7-Flash Q8_0/Q4_K_M pair: rated bandwidth, 4.4 us per
     # tensor, 1.5 ms for the desktop's 4090 -> 5070 Ti boundary, 1.6 ns per attention layer per cached token
     DeviceClass.DISCRETE: ClassConstants(efficiency=1.0, tensor_s=4.35e-6, attention=1.0, attend_s=1.59e-9,
-                                         split_s=1.53e-3),
-    # DGX Spark sweeps (gpt-oss-20b/120b, Qwen2.5-Coder 7B) and GLM-4.7-Flash Q8_0: 91% of 273 GB/s, 9.8 us per
-    # tensor, 3.8 ns per attention layer per cached token
-    DeviceClass.UNIFIED: ClassConstants(efficiency=0.909, tensor_s=9.83e-6, attention=1.0, attend_s=3.82e-9),
+                                         split_s=1.52e-3),
+    # DGX Spark sweeps (gpt-oss-20b/120b, Qwen3-Coder-30B-A3B, Qwen2.5-Coder 7B) and GLM-4.7-Flash Q8_0: 89% of
+    # 273 GB/s, 9.5 us per tensor, 1.3 ns per attention layer per cached token
+    DeviceClass.UNIFIED: ClassConstants(efficiency=0.892, tensor_s=9.49e-6, attention=1.0, attend_s=1.28e-9),
     DeviceClass.CPU: ClassConstants(efficiency=FALLBACK_EFFICIENCY, tensor_s=0.0, attention=1.0),
 }
 

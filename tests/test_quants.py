@@ -29,7 +29,7 @@ def test_common_quants_are_listed_with_a_source(model: str) -> None:
     if model not in NATIVE_ONLY and not model.startswith("qwen2.5"):
         assert set(GGUF_QUANTS) <= set(quants)
     for quant in quants.values():
-        assert quant.source.startswith(("http", "computed", "published")), (model, quant.name, quant.source)
+        assert quant.source.startswith(("https://", "computed")), (model, quant.name, quant.source)
 
 
 def test_the_quants_the_measured_facts_name_are_there() -> None:

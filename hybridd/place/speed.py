@@ -1,18 +1,20 @@
 """Predicted decode and prefill speed from bytes read per token and memory bandwidth, calibrated (pure).
 
-Decode is memory bound, with a fixed cost per operation. Each token reads the active weights (MoE: the shared
-part and the used experts only) and the KV cache filled so far; layers split over devices run one after the other:
+Decode is memory bound, with fixed costs per operation. Each token reads the active weights (MoE: the shared part
+and the used experts only) and the KV cache filled so far; layers split over devices run one after the other:
 
     seconds per token = sum over places of weight bytes there / (bandwidth there x efficiency)
-                      + weight tensors x tensor_s                      (each op's launch and tail, per token)
-                      + attention x sum over places of KV bytes to depth there / (bandwidth there x efficiency)
+                      + weight tensors x tensor_s                   (each op's launch and tail)
+                      + GPU boundaries of a layer split x split_s   (the hand-over between devices)
+                      + per attention layer and cached token: attention x KV bytes / (bandwidth x efficiency)
+                                                              + attend_s (the attention kernel's own time)
 
 where a place is a GPU (its layers, their KV, the output matrix on the last GPU) or system RAM (offloaded layers,
 their KV, and the routed experts that --n-cpu-moe keeps there). The fixed cost per tensor is why a small model is
 slower than its bytes say (GLM-4.7-Flash's 47 MLA+MoE blocks hold 18 tensors each: Q8_0 runs 109 tok/s on the
-desktop, Q4_K_M only 1.2x faster at 0.58x the bytes). `attention` >= 1 is the flash-attention decode kernel
-reading the KV cache slower than a matrix-vector product reads weights (published llama-bench -d sweeps fall
-faster with depth than the KV bytes alone say).
+desktop, Q4_K_M only 1.2x faster at 0.58x the bytes). attend_s is why decode falls with depth faster than the KV
+bytes say (published llama-bench -d sweeps: Qwen2.5 3B on an RTX 4090 loses 47% by 32k tokens, where its two KV heads'
+bytes alone would cost 25%).
 
 Calibration rule: one set of constants per device class (discrete GPU, unified memory GB10, CPU only), fitted by
 least squares on relative error over the `[[measured]]` points of every hardware profile of that class

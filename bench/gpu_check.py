@@ -95,6 +95,26 @@ DRY_LAYERS, DRY_VOCAB = 2, 32000
 # ---- the results file -------------------------------------------------------------------------------------------
 
 
+class _Tail:
+    """A stream that writes through to stdout and keeps the last lines, for a failed build's record."""
+
+    def __init__(self, keep: int = 25) -> None:
+        self.keep = keep
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        sys.stdout.write(text)
+        self.lines.extend(line for line in text.splitlines() if line.strip())
+        del self.lines[:-self.keep]
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
 class Results:
     """The JSON being built, written again after every change."""
 
@@ -300,7 +320,18 @@ def cuda_build(version: str, source: Path, cache: Path, work: Path, archs: tuple
     binary = build.binary_path(cache, target)
     if binary.is_file():
         return {"binary": str(binary), "already_built": True, "build_s": 0.0}
-    reporter = build.Reporter(sys.stdout, tty=False)
+    tail = _Tail()
+    reporter = build.Reporter(tail, tty=False)  # type: ignore[arg-type]  # a TextIO in all the Reporter uses
+    try:
+        return _cuda_build(version, source, cache, work, archs, jobs, target, binary, reporter)
+    except build.BuildFailed as exc:
+        raise build.BuildFailed(f"{exc}\n" + "\n".join(tail.lines)) from exc
+
+
+def _cuda_build(version: str, source: Path, cache: Path, work: Path, archs: tuple[str, ...], jobs: int,
+                target: Any, binary: Path, reporter: Any) -> dict[str, Any]:
+    from hybridd.engine import build
+
     cmake, ninja = build.ensure_build_tools(sys.executable, reporter)
     nvcc = build.find_nvcc(dict(os.environ))
     if nvcc is None:
@@ -622,7 +653,8 @@ def measure_twin(twin: Twin, args: argparse.Namespace, binary: Path, profile: st
             log = work / "logs" / f"{path.stem}-ctx{ctx}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             try:
-                with serving(binary, path, ctx, log) as (proc, base, load_s):
+                load_limit = max(10.0, min(LOAD_TIMEOUT_S, deadline - time.monotonic() - 5))
+                with serving(binary, path, ctx, log, timeout_s=load_limit) as (proc, base, load_s):
                     run["load_s"] = round(load_s, 1)
                     decode_at(base, 0, 4, written.n_vocab, seed=99)  # warm-up: CUDA graphs, first-use allocations
                     loaded = gpu_memory(proc.pid)

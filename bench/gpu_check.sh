@@ -52,8 +52,9 @@ else
     rm -f "$work/build.json"
     timeout --kill-after=10 "$build_s" "$PYTHON" bench/gpu_check.py build --work "$work" --cuda --archs "$archs" \
         --jobs "$(nproc)" 2>&1 | tee "$work/build.log"
-    if [ ! -f "$work/build.json" ] || ! grep -q '"binary"' "$work/build.json"; then
-        echo "{\"error\": \"the CUDA build did not finish in $build_s s; call again while the machine is warm\"}" \
+    if [ ! -f "$work/build.json" ]; then  # ended by timeout: the build step wrote nothing
+        echo "{\"error\": \"the CUDA build did not finish in $build_s s; call again while the machine is warm\"," \
+             "\"log_tail\": $(tail -n 15 "$work/build.log" | "$PYTHON" -c 'import json,sys; print(json.dumps(sys.stdin.read().splitlines()))')}" \
             >"$work/build.json"
     fi
 fi

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 from tests.conftest import engine_processes, http, wait_for
@@ -166,3 +170,50 @@ def test_unload_stops_idle_engines_and_a_cross_origin_post_is_refused(daemon_fac
     # A page on loopback (the dashboard) may press the button
     same = http("POST", daemon.url + "/hybridd/v1/unload-idle", {}, headers={"Origin": daemon.url})
     assert same.status == 200 and same.json() == {"unloaded": [key], "busy": []}
+
+
+def test_the_bar_path_takes_the_same_status_flags_as_the_full_cli() -> None:
+    from hybridd.cli.main import build_parser
+    from hybridd.cli.watch import bar_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    full = {s for a in commands.choices["status"]._actions for s in a.option_strings}
+    assert {s for a in bar_parser()._actions for s in a.option_strings} == full
+
+
+def test_a_bar_reading_is_told_apart_from_every_other_command() -> None:
+    from hybridd.cli.watch import is_bar_reading
+
+    assert is_bar_reading(["status", "--format", "waybar"], {})
+    assert is_bar_reading(["status", "--url", "http://127.0.0.1:1", "--format=i3bar"], {})
+    assert is_bar_reading(["status"], {"HYBRIDD_FORMAT": "oneline"})
+    assert not is_bar_reading(["status"], {})
+    assert not is_bar_reading(["status", "--watch"], {})
+    assert not is_bar_reading(["status", "--format", "waybar", "--help"], {})
+    assert not is_bar_reading(["plan", "--format", "waybar"], {})
+    assert not is_bar_reading([], {"HYBRIDD_FORMAT": "waybar"})
+
+
+def test_a_bar_reading_from_the_environment_and_a_bad_format_is_a_usage_error() -> None:
+    env = {**os.environ, "HYBRIDD_FORMAT": "oneline", "HYBRIDD_URL": f"http://127.0.0.1:{closed_port()}"}
+    reading = subprocess.run([sys.executable, "-m", "hybridd", "status"], capture_output=True, text=True, env=env,
+                             timeout=60)
+    assert (reading.returncode, reading.stdout) == (0, "hybridd down\n")
+    bad = hybridd("status", "--format", "xmobar")
+    assert bad.returncode == 2 and "invalid choice: 'xmobar'" in bad.stderr
+
+
+def test_a_server_that_is_not_hybridd_reads_as_down_with_what_it_answered() -> None:
+    server = HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)  # answers 501 to everything
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        from hybridd.cli.watch import fetch_status
+
+        url = f"http://127.0.0.1:{server.server_port}"
+        status, why = fetch_status(url)
+        assert status is None and why.startswith(f"{url}/hybridd/v1/status answered \"HTTP/1.0 501 ")
+        assert fetch_status("https://127.0.0.1:1") == (None, "--url must be http://HOST:PORT, not 'https://127.0.0.1:1'")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from hybridd.cli.views import duration, load_fraction, load_progress
 
@@ -30,8 +29,7 @@ I3_COLORS: dict[str, str | None] = {
 }
 
 
-@dataclass(frozen=True)
-class BarView:
+class BarView(NamedTuple):
     """One status-bar reading: the class, the text on the bar, the tooltip, and a 0-100 progress."""
 
     cls: str

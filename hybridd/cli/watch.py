@@ -2,18 +2,21 @@
 --interval seconds until Ctrl-C) and print it for a person or a status bar.
 
 A bar format never fails: a daemon that is down, or a config that cannot be read, prints the `down` reading and
-exits 0, so the bar shows it. This path runs every few seconds, so it imports only the standard library's small
-parts (http.client, json) and hybridd.cli's pure views.
+exits 0, so the bar shows it. A bar runs `hybridd status --format ...` every few seconds, so the console script
+sends it here (`bar_main`) before the full CLI is imported: this path loads the standard library's small parts
+(argparse, http.client, json), hybridd.cli's pure views, and hybridd.config only to find the daemon without --url.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
+import os
+import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
@@ -31,21 +34,19 @@ def fetch_status(base_url: str, timeout_s: float = TIMEOUT_S) -> tuple[dict[str,
     """(the status object, "") or (None, why it could not be read)."""
     try:
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            return None, f"--url must be http://HOST:PORT, not {base_url!r}"
-        connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout_s)
+        host, port = parts.hostname, parts.port or 80
     except ValueError as exc:
         return None, f"bad --url {base_url!r}: {exc}"
+    if parts.scheme != "http" or not host:
+        return None, f"--url must be http://HOST:PORT, not {base_url!r}"
     try:
-        connection.request("GET", STATUS_PATH, headers={"Accept": "application/json"})
-        response = connection.getresponse()
-        body = response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        return None, f"the daemon is not running at {base_url} ({exc})"
-    finally:
-        connection.close()
-    if response.status != 200:
-        return None, f"{base_url}{STATUS_PATH} answered HTTP {response.status}"
+        reply = _get(host, port, STATUS_PATH, timeout_s)
+    except OSError as exc:
+        return None, f"the daemon is not running at {base_url} ({exc.strerror or exc})"
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if status_line.split(" ")[1:2] != ["200"]:
+        return None, f"{base_url}{STATUS_PATH} answered {status_line or 'nothing'!r}"
     try:
         status = json.loads(body)
     except ValueError:
@@ -53,6 +54,18 @@ def fetch_status(base_url: str, timeout_s: float = TIMEOUT_S) -> tuple[dict[str,
     if not isinstance(status, dict):
         return None, f"{base_url}{STATUS_PATH} did not answer a JSON object"
     return status, ""
+
+
+def _get(host: str, port: int, path: str, timeout_s: float) -> bytes:
+    """One HTTP/1.0 GET, the whole reply (the server closes after it). By hand, not http.client: that imports ssl
+    and the email package, more than the rest of a bar reading together."""
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        name = f"[{host}]" if ":" in host else host
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {name}:{port}\r\nAccept: application/json\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def add_arguments(status: argparse.ArgumentParser, flag: Callable[..., None]) -> None:
@@ -66,6 +79,62 @@ def add_arguments(status: argparse.ArgumentParser, flag: Callable[..., None]) ->
          help="one status-bar reading: waybar (custom-module JSON), i3bar (an i3bar JSON block, as i3blocks reads "
          "with format=json; with --watch the whole i3bar protocol, for status_command), oneline (tmux, polybar); "
          "a daemon that is down prints the 'down' reading and exits 0")
+
+
+def is_bar_reading(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> bool:
+    """True for `hybridd status` with a bar format (--format or HYBRIDD_FORMAT) and no --help: bar_main answers it."""
+    if not argv or argv[0] != "status" or any(a in ("-h", "--help") for a in argv):
+        return False
+    return bool(environ.get("HYBRIDD_FORMAT")) or any(a == "--format" or a.startswith("--format=") for a in argv)
+
+
+def bar_parser() -> argparse.ArgumentParser:
+    """`hybridd status`'s flags, for the bar path (the full CLI's status parser has the same ones)."""
+    parser = argparse.ArgumentParser(prog="hybridd status")
+    _flag(parser, "--url", env="HYBRIDD_URL", help="the daemon's URL (default: from the config's server.listen)")
+    _flag(parser, "--config", env="HYBRIDD_CONFIG", metavar="PATH", help="config file")
+    _flag(parser, "--json", env="HYBRIDD_JSON", action="store_true", help="print the status object as JSON")
+    add_arguments(parser, _flag)
+    return parser
+
+
+def bar_main(argv: Sequence[str]) -> int:
+    """`hybridd status --format ...` without the rest of the CLI: argv starts with "status"."""
+    try:
+        return run(bar_parser().parse_args(argv[1:]), daemon_url)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the bar closed its end (waybar reloading)
+        return 0
+
+
+def daemon_url(args: argparse.Namespace) -> str:
+    """--url, else the loopback address of the config's server.listen (ConfigError if the config is bad)."""
+    if args.url:
+        return str(args.url).rstrip("/")
+    from hybridd.config import Config, config_path, is_loopback_host, load_config  # only without --url
+
+    if args.config:
+        config = load_config(Path(args.config))
+    else:
+        path = config_path()
+        config = load_config(path) if path.exists() else Config()
+    host = config.server.host
+    if host in ("0.0.0.0", "::") or (not is_loopback_host(host) and config.server.allow_non_loopback):
+        host = "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{config.server.port}"
+
+
+def _flag(parser: argparse.ArgumentParser, *names: str, env: str, **kwargs: Any) -> None:
+    """Add a flag whose default comes from the environment variable env (as the full CLI's flags do)."""
+    value = os.environ.get(env)
+    if kwargs.get("action") == "store_true":
+        kwargs["default"] = value is not None and value.strip().lower() in ("1", "true", "yes", "on")
+    elif value is not None:
+        kwargs["default"] = value
+    kwargs["help"] = f"{kwargs.get('help', '')} [env {env}]".strip()
+    parser.add_argument(*names, **kwargs)
 
 
 def _interval(text: str) -> float:

@@ -61,3 +61,19 @@ def test_agents_get_stream_usage_json_schema_and_max_completion_tokens(daemon_fa
         assert text.lstrip().startswith("{")  # cut at max_tokens, but still the schema's shape
     models = {m.id: m.model_extra["hybridd"]["capabilities"] for m in api.models.list().data}
     assert models["tiny"]["tool_choice_auto"] is False and models["tiny"]["parallel_slots"] == 1
+
+
+def test_a_budget_beyond_the_trained_context_is_capped_not_refused(daemon_factory,  # type: ignore[no-untyped-def]
+                                                                    tiny_model: Path) -> None:
+    # Claude Code asks for max_tokens 32000 beside a 20k-token prompt whatever the model's context: a ceiling.
+    daemon = daemon_factory(tiny_config(tiny_model))
+    api = client(daemon)
+    raw = api.chat.completions.with_raw_response.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                        max_tokens=100_000,
+                                                        logit_bias={"2": 100})  # EOS at once
+    reason = raw.headers["x-hybridd-reason"]
+    assert "max_tokens 100000 capped at " in reason and "tiny was trained for 4096 tokens of context" in reason
+    cap = int(reason.split("capped at ")[1].split(":")[0])
+    reply = raw.parse()
+    assert reply.usage is not None and 4096 - 64 < cap < 4096 and reply.usage.completion_tokens <= cap
+    assert reply.usage.prompt_tokens + cap == 4096

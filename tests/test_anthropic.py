@@ -202,10 +202,25 @@ async def test_errors_come_in_anthropics_envelope(client: anthropic.AsyncAnthrop
 # -- the mapping alone
 
 
+def test_a_system_message_among_the_messages_stays_where_it_stands() -> None:
+    # What Claude Code sends: its reminders as system messages between turns, with adaptive thinking and effort.
+    body = {"model": "m", "max_tokens": 32000, "system": [{"type": "text", "text": "You are Claude Code."}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                         {"role": "system", "content": "Available agent types: claude, Explore"},
+                         {"role": "system", "content": [{"type": "text", "text": ""}]}],
+            "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}}
+    assert to_chat(body)["messages"] == [{"role": "system", "content": "You are Claude Code."},
+                                         {"role": "user", "content": "hi"},
+                                         {"role": "system", "content": "Available agent types: claude, Explore"}]
+
+
 @pytest.mark.parametrize(("body", "fragment"), [
     ({"model": "m", "messages": HI}, "'max_tokens' is required"),
-    ({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]},
-     "'messages[0].role': unknown value 'system' (valid: user, assistant)"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "tool", "content": "x"}]},
+     "'messages[0].role': unknown value 'tool' (valid: user, assistant, system)"),
+    ({"model": "m", "max_tokens": 5, "messages": [*HI, {"role": "system", "content": [{"type": "tool_use"}]}]},
+     "'messages[1].content[0].type': unknown value 'tool_use' (valid: text)"),
     ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "video"}]}]},
      "'messages[0].content[0].type': unknown value 'video'"),
     ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [

@@ -186,6 +186,9 @@ async def _serve(request: web.Request, raw: bytes, inference: InferenceRequest, 
                                  inference.stream, upstream_headers, done_marker=native_path.startswith(
                                      ("/v1/chat/", "/v1/completions", "/v1/embeddings")))
         body = inference.engine_body()
+        if route.max_tokens is not None:  # capped to what the model's context holds beside the prompt
+            names = [key for key in ("max_tokens", "max_completion_tokens") if key in body] or ["max_tokens"]
+            body.update(dict.fromkeys(names, route.max_tokens))
         if model.upstream_model and not route.forwarded:
             body["model"] = model.upstream_model
         through = translator

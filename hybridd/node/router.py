@@ -80,6 +80,7 @@ class Route:
     ready_at: float = 0.0  # when the engine was ready for this request (monotonic clock)
     speaks_hybridd: bool = False  # the upstream is a paired hybridd: it takes every API hybridd serves
     prompt_tokens: int | None = None  # the prompt as placement counted it (None where it was not counted)
+    max_tokens: int | None = None  # the completion budget, where it was capped to the model's trained context
 
     @property
     def forwarded(self) -> bool:
@@ -88,6 +89,15 @@ class Route:
 
 
 R = TypeVar("R")
+
+
+def capped_budget(prompt_tokens: int, max_tokens: int, trained: int, min_ctx: int = 0) -> int | None:
+    """The completion budget that fits the model's trained context beside the prompt, where the one asked for does
+    not (None: it fits, or the prompt alone does not). Agents ask for far more than they use (Claude Code: 32000
+    with a 20k-token prompt): a ceiling, met as llama-server meets it, by stopping at the end of the context."""
+    if trained <= 0 or prompt_tokens >= trained or min_ctx > trained or prompt_tokens + max_tokens <= trained:
+        return None
+    return trained - prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,15 @@ class PeerTarget:
 
 
 PeerSource = Callable[[], list[PeerTarget]]
+
+
+def _capped(send: Send[R], max_tokens: int, note: str) -> Send[R]:
+    """`send` with the capped budget on each route it is given, and why in its reason."""
+
+    async def capped(route: Route) -> Answer[R]:
+        return await send(replace(route, max_tokens=max_tokens, reason=f"{route.reason}; {note}"))
+
+    return capped
 
 
 class Router:
@@ -255,6 +274,11 @@ class Router:
             spec = await self.spec(model)
             size = await self.size(inference, model)
             prompt_tokens = size.tokens
+            capped = capped_budget(size.tokens, budget, spec.n_ctx_train, inference.hints.min_ctx)
+            if capped is not None:
+                send = _capped(send, capped, f"max_tokens {budget} capped at {capped}: {model.name} was trained "
+                               f"for {spec.n_ctx_train} tokens of context")
+                budget = capped
             need = RequestNeed(
                 model=model.name, spec=spec, prompt_tokens=size.tokens, max_tokens=budget, type_k=model.type_k,
                 type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),

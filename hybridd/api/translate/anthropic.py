@@ -89,16 +89,16 @@ def to_chat(body: Any, *, count_only: bool = False) -> dict[str, Any]:
     return chat
 
 
-def _system(system: Any) -> str | None:
+def _system(system: Any, where: str = "system") -> str | None:
     if system is None:
         return None
     if isinstance(system, str):
         return system or None
     if not isinstance(system, list):
-        raise BadRequest(f"'system' must be a string or an array of text blocks, got {_kind(system)}", "system")
+        raise BadRequest(f"'{where}' must be a string or an array of text blocks, got {_kind(system)}", where)
     texts = []
     for i, block in enumerate(system):
-        field = f"system[{i}]"
+        field = f"{where}[{i}]"
         _block_type(block, field, ("text",))
         texts.append(_text(block, field))
     return TEXT_JOIN.join(texts) or None
@@ -109,8 +109,14 @@ def _message(message: Any, field: str) -> list[dict[str, Any]]:
     if not isinstance(message, dict):
         raise BadRequest(f"'{field}' must be an object, got {_kind(message)}", field)
     role = message.get("role")
+    if role == "system":
+        # Not in Anthropic's reference, but Claude Code sends its reminders so (e.g. the agent types available): a
+        # system message where it stands, so the conversation before it stays the prefix an engine has cached.
+        text = _system(message.get("content"), f"{field}.content")
+        return [{"role": "system", "content": text}] if text else []
     if role not in ("user", "assistant"):
-        raise BadRequest(f"'{field}.role': unknown value {_shown(role)} (valid: user, assistant)", f"{field}.role")
+        raise BadRequest(f"'{field}.role': unknown value {_shown(role)} (valid: user, assistant, system)",
+                         f"{field}.role")
     content = message.get("content")
     if isinstance(content, str):
         return [{"role": role, "content": content}]

@@ -46,7 +46,7 @@ def test_only_the_models_that_name_no_engine_follow_the_default() -> None:
     chosen = with_default_engine(config, "llama-server")
     assert [m.engine for m in chosen.models] == ["llama-server", "llama-cpp-python", "external"]
     assert chosen.engine.kind == "llama-server" and not chosen.engine.auto
-    with pytest.raises(ConfigError, match="engine.kind: unknown value"):
+    with pytest.raises(ConfigError, match=r"engine\.kind: unknown value"):
         with_default_engine(config, "vllm")
 
 

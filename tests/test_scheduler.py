@@ -45,6 +45,7 @@ ANSWERED = Observation(responded=True, complete=True, completion_tokens=500)
 DESKTOP = load_hardware_profile("desktop-4090-5070ti").hardware()
 SPARK = load_hardware_profile("dgx-spark").hardware()
 GPU0 = DESKTOP.devices[0].name
+GPU0_USABLE = DESKTOP.devices[0].usable_bytes  # all of the 4090 the display leaves
 
 
 @cache
@@ -140,7 +141,7 @@ def busy_node(backlog_s: float) -> Node:
     RAM."""
     node = Node()
     node.put(busy_engine(node, "busy", request_s=30.0, backlog_s=backlog_s),
-             {GPU0: 23 * GIB, DESKTOP.devices[1].name: 8 * GIB})
+             {GPU0: GPU0_USABLE, DESKTOP.devices[1].name: 8 * GIB})
     return node
 
 
@@ -383,7 +384,7 @@ def test_a_model_that_fits_nowhere_is_507_with_the_numbers() -> None:
 
 def test_busy_now_but_not_forever_is_503() -> None:
     node = Node()
-    node.put(busy_engine(node, "busy", request_s=7.0, backlog_s=7.0), {GPU0: 23 * GIB})
+    node.put(busy_engine(node, "busy", request_s=7.0, backlog_s=7.0), {GPU0: GPU0_USABLE})
     node.with_capacity("host", 0)  # nothing can spill to RAM either
     d = node.decide(need("gemma-3-27b", "Q8_0", prompt=20_000), (spark_peer("gemma-3-27b", up=False),))
     assert (d.status, d.code) == (503, "capacity_busy") and d.retry_after_s == 7.0

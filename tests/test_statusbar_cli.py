@@ -12,6 +12,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import engine_processes, http, wait_for
 
@@ -217,3 +218,42 @@ def test_a_server_that_is_not_hybridd_reads_as_down_with_what_it_answered() -> N
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_a_request_on_a_peer_shows_as_forwarding_until_it_ends(daemon_factory, tiny_model: Path) -> None:
+    import asyncio
+
+    import aiohttp
+
+    from hybridd.cli.statusbar import bar_view
+    from tests.fake_upstream import FakeEngine, sse, start_fake
+
+    fake = FakeEngine()
+    server = await start_fake(fake)
+    peer_url = str(server.make_url("/")).rstrip("/")
+    daemon = daemon_factory(f'[[peers]]\nname = "spark"\nbase_url = "{peer_url}"\nhardware = "dgx-spark"\n'
+                            f'models = ["tiny"]\n{config(tiny_model)}')
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
+            "hybridd": {"placement": "peer"}}
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def bar() -> Any:
+                async with session.get(daemon.url + "/hybridd/v1/status") as reply:
+                    return bar_view(await reply.json())
+
+            async with session.post(daemon.url + "/v1/chat/completions", json=body) as reply:
+                assert reply.headers["x-hybridd-placement"] == "peer:spark"
+                view = await bar()  # the stream is open: the peer holds it until released
+                assert (view.cls, view.text) == ("forwarding", "hybridd forwarding to spark (1)")
+                assert "peer spark: up, 1 forwarded" in view.tooltip.splitlines()
+                await fake.release.put(sse("ok"))
+                await fake.release.put(None)
+                assert b"ok" in await reply.read()
+            for _ in range(500):  # the forward's bookkeeping ends just after the last byte
+                if (view := await bar()).cls != "forwarding":
+                    break
+                await asyncio.sleep(0.01)
+            assert view.cls == "idle"
+    finally:
+        await server.close()

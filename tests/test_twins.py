@@ -6,7 +6,8 @@ family's real attention geometry; llama.cpp loads it on the CPU, creates context
 types, and logs `llama_kv_cache: size = ... MiB`, `llama_memory_recurrent: size = ... MiB`,
 `llama_context: CPU output buffer size = ... MiB` and `sched_reserve: CPU compute buffer size = ... MiB`. KV and
 recurrent state must agree within 1% (they are exact sums of tensor sizes; the log rounds to 0.01 MiB), the output
-buffer within 0.01 MiB (n_vocab x n_seq f32, exact but for the log's rounding), the compute buffer within 15%
+buffer within 0.01 MiB (n_vocab x n_seq f32; with the twins' 256-token vocabulary that pins the line, not a size:
+the logits' weight is in the compute buffer of real models, see test_memory_totals.py), the compute buffer within 15%
 (ggml-alloc's reuse of freed tensors is modelled as a sum of live sets, not replayed node by node). Every family
 loads in this version (MLA's attn_k_b/attn_v_b are written as f32: the CPU backend has no f16 kernel for those 3-D
 products): llama (GQA), gemma3 (sliding window), deepseek2 (MLA), qwen3next and qwen35moe (hybrid Gated DeltaNet;

@@ -4,7 +4,7 @@
 A bar format never fails: a daemon that is down, or a config that cannot be read, prints the `down` reading and
 exits 0, so the bar shows it. A bar runs `hybridd status --format ...` every few seconds, so the console script
 sends it here (`bar_main`) before the full CLI is imported: this path loads the standard library's small parts
-(argparse, http.client, json), hybridd.cli's pure views, and hybridd.config only to find the daemon without --url.
+(argparse, socket, json), hybridd.cli's pure views, and hybridd.config only to find the daemon without --url.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from hybridd.cli.statusbar import FORMATS, bar_view, i3bar_block, render
 from hybridd.cli.views import render_status
+from hybridd.errors import ConfigError
 
 STATUS_PATH = "/hybridd/v1/status"
 DEFAULT_INTERVAL_S = 2.0
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace, daemon_url: Callable[[argparse.Namespace], str
         return 2
     try:
         base_url, why_not = daemon_url(args), ""
-    except Exception as exc:  # a config that cannot be read (ConfigError): a bar shows down and why
+    except ConfigError as exc:  # a config that cannot be read: a bar shows down and why
         base_url, why_not = "", str(exc)
     if not args.watch:
         status, why = fetch_status(base_url) if base_url else (None, why_not)

@@ -19,7 +19,8 @@ def plan(spec: ModelSpec, settings: RunSettings, devices: Sequence[Device], host
 
     Where the model sits on GPUs the parts are summed over the devices as placed (each GPU's compute buffer and
     CUDA runtime, the display's share on a GPU that drives one); otherwise they are the single-backend estimate.
-    total_bytes is everything the running engine holds plus the display's share; gpu_bytes the part on the GPUs.
+    total_bytes is everything the running engine holds plus the display's share (on a unified GB10, what the OS
+    keeps: the device's reserve either way); gpu_bytes the part on the GPUs.
     """
     est = estimate_memory(spec, settings)
     fit = fit_model(est, devices, host_ram_free)
@@ -34,7 +35,10 @@ def plan(spec: ModelSpec, settings: RunSettings, devices: Sequence[Device], host
         if any(d.host_side_bytes for d in used):
             host_bytes = fit.host_bytes + sum(d.host_side_bytes for d in used) - host_side
         total = gpu_bytes + host_bytes
-    else:
+    elif fit.runs:  # all in RAM: the CPU backend's buffers, no CUDA runtime
+        compute, runtime, display, gpu_bytes = est.compute_bytes, 0, 0, 0
+        total = fit.host_bytes
+    else:  # fits nowhere: what one GPU would need
         compute, runtime, display, gpu_bytes = est.total_compute_bytes, est.runtime_reserve_bytes, 0, 0
         total = est.total_bytes
     return {
@@ -117,7 +121,7 @@ def render_plan_table(plan_dict: dict[str, Any]) -> str:
         ("compute", p["compute_bytes"]),
         ("output buffer", p["output_buffer_bytes"]),
         ("CUDA runtime", p.get("runtime_bytes", p["reserve_bytes"])),
-        ("display", p.get("display_bytes", 0)),
+        ("display / OS", p.get("display_bytes", 0)),
         ("total", p["total_bytes"]),
     ]
     lines = [title, ""]
@@ -125,7 +129,7 @@ def render_plan_table(plan_dict: dict[str, Any]) -> str:
     if p["devices"]:
         width = max(len("device"), *(len(d["name"]) for d in p["devices"])) + 2
         cols = [("weights", "weights_bytes"), ("KV", "kv_bytes"), ("compute", "compute_bytes"),
-                ("runtime", "runtime_bytes"), ("display", "display_bytes"), ("in use", "in_use_bytes"),
+                ("runtime", "runtime_bytes"), ("display/OS", "display_bytes"), ("in use", "in_use_bytes"),
                 ("free", "bytes_free")]
         lines += ["", f"  {'device':<{width}}" + "".join(f"{c:>12}" for c, _ in cols) + "  layers"]
         for d in p["devices"]:

@@ -187,6 +187,9 @@ class PeerState:
     draining: tuple[Drain, ...] = ()  # its busy engines: when each finishes and what it then frees
     trainable: frozenset[str] = frozenset()  # models it can fine-tune (it has their checkpoints)
     tools: frozenset[str] = frozenset()  # models its engines parse tool calls for (tool_choice "auto")
+    # down, but a Wake-on-LAN packet can wake it (its MAC is known): an option that first waits wake_s for it
+    wakeable: bool = False
+    wake_s: float = 0.0
 
 
 
@@ -218,6 +221,7 @@ class Option:
     decode_s: float = 0.0
     network_s: float = 0.0
     queue_full: bool = False
+    wake_s: float = 0.0  # a sleeping peer: seconds for it to wake, counted in wait_s
 
     @property
     def total_s(self) -> float:
@@ -397,8 +401,12 @@ def _peer_option(need: RequestNeed, peer: PeerState, calibration: Calibration) -
     """The peer's fastest way to serve it, as the peer decides: queue on its engine of the model, or load one (a
     copy at another context too, to run in parallel with a busy one)."""
     label = f"{Placement.PEER}:{peer.name}"
-    if not peer.up:
+    if not peer.up and not peer.wakeable:
         return Option(label, False, f"{peer.name} is down")
+    if not peer.up:  # asleep: planned from what it last reported, after the wake; nothing is loaded once it is up
+        awake = replace(peer, up=True, wakeable=False, loaded={}, backlog_s={}, queue_depth=0)
+        option = _peer_option(need, awake, calibration)
+        return replace(option, wait_s=option.wait_s + peer.wake_s, wake_s=peer.wake_s) if option.feasible else option
     factor = calibration.factor(peer.name, need.model)
     loaded_ctx = peer.loaded.get(need.model, 0)
     options = []
@@ -453,7 +461,8 @@ def _allowed(option: Option, hint: Hint) -> bool:
 
 def _describe(option: Option) -> str:
     where = option.placement.removeprefix(f"{Placement.PEER}:")
-    return f"{where} predicted {option.predicted_tok_s:.0f} tok/s ({option.total_s:.1f} s)"
+    waking = f", waking it first (≈{option.wake_s:.0f} s)" if option.wake_s else ""
+    return f"{where} predicted {option.predicted_tok_s:.0f} tok/s ({option.total_s:.1f} s{waking})"
 
 
 def _reason(chosen: Option, others: Sequence[Option], notes: Sequence[str] = ()) -> str:
@@ -472,6 +481,8 @@ def _reason(chosen: Option, others: Sequence[Option], notes: Sequence[str] = ())
             head += f", evicts {', '.join(chosen.evict)}"
         if chosen.drain:
             head += f" once they finish ({chosen.wait_s:.1f} s)"
+    if chosen.wake_s:
+        head += f", waking {chosen.placement.removeprefix(f'{Placement.PEER}:')} (≈{chosen.wake_s:.0f} s)"
     if chosen.local and notes:  # e.g. an engine that is a CPU build beside the GPUs
         head += "; " + "; ".join(notes)
     head += f" ({chosen.total_s:.1f} s)"

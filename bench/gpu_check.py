@@ -78,10 +78,12 @@ class Twin:
     optional: bool = False  # measured only when the budget has room (the large MoE)
 
 
+# Most informative first: a budget cut short still leaves a dense model at several contexts and depths, then a
+# second size, then a second quant type of the first shape, then an MoE.
 DEVICE_TWINS = (
     Twin("llama-3.2-3b", "Q8_0", (4096, 32768, 131072), (0, 4096, 16384, 32768)),
-    Twin("llama-3.2-3b", "Q4_K_M", (4096, 32768), (0, 8192)),
     Twin("llama-3.1-8b", "Q4_K_M", (4096, 65536), (0, 8192, 32768)),
+    Twin("llama-3.2-3b", "Q4_K_M", (4096, 32768), (0, 8192)),
     Twin("qwen3-coder-30b-a3b", "Q4_K_M", (4096, 32768), (0, 16384), optional=True),
 )
 # The dry run's CPU-sized stand-ins: the same architectures cut to DRY_LAYERS layers and a DRY_VOCAB vocabulary.

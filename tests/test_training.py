@@ -137,7 +137,8 @@ def test_the_spark_figures_are_reproduced(name: str, method: TrainMethod, batch:
     ("qwen3-32b", TrainMethod.QLORA, "peer:dgx-spark"),
     ("llama-3.2-3b", TrainMethod.FULL, "peer:dgx-spark"),
     ("llama-3.1-8b", TrainMethod.QLORA, "local"),
-    ("llama-3.1-8b", TrainMethod.LORA, "local"),
+    # 22.1 GiB: more than the 21.25 GiB the 4090 has beside the display's measured 2.75 GiB (desktop profile)
+    ("llama-3.1-8b", TrainMethod.LORA, "peer:dgx-spark"),
 ])
 def test_placements_on_the_desktop_and_a_spark(name: str, method: TrainMethod, placement: str) -> None:
     spec, est = estimate(name, method)
@@ -151,7 +152,7 @@ def test_placements_on_the_desktop_and_a_spark(name: str, method: TrainMethod, p
 
 
 def test_a_job_is_never_split_across_the_desktop_gpus() -> None:
-    # 32B QLoRA needs more than the 4090's 23 GiB but less than the two GPUs' 39 GiB together.
+    # 32B QLoRA needs more than the 4090's 21.2 GiB but less than the two GPUs' 37.2 GiB together.
     spec, est = estimate("qwen3-32b", TrainMethod.QLORA)
     desktop = hardware("desktop-4090-5070ti")
     together = sum(d.usable_bytes for d in desktop.devices)
@@ -160,7 +161,7 @@ def test_a_job_is_never_split_across_the_desktop_gpus() -> None:
     assert result.placement == "none"
     (local,) = result.options
     assert not local.feasible and "never split across GPUs" in local.why_not
-    assert "needs 28." in local.why_not and "NVIDIA GeForce RTX 4090, has 23.0 GiB usable" in local.why_not
+    assert "needs 28." in local.why_not and "NVIDIA GeForce RTX 4090, has 21.2 GiB usable" in local.why_not
 
 
 def test_a_node_without_a_gpu_does_not_train() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make .venv with hybridd installed, its engines built for this machine's GPUs (CUDA) or its CPU.
-#   scripts/setup.sh               what serving needs, and the demo model (scripts/serve.sh)
-#   scripts/setup.sh test          the test tools, the training extra and the llama-server engine (scripts/test.sh)
+#   scripts/setup.sh               what serving needs, the llama-server engine and the demo model (scripts/serve.sh)
+#   scripts/setup.sh test          also the test tools, the training extra and Chromium (scripts/test.sh)
 #   scripts/setup.sh --print-plan  (with or without test) what it would build and run, and why; changes nothing
 # Before installing anything, scripts/detect_gpus.py (system python, standard library only) asks nvidia-smi for the
 # GPUs and their architectures and looks for nvcc: GPUs and a toolkit new enough for them -> llama-cpp-python (and
@@ -122,11 +122,15 @@ else
     fi
 fi
 
-# llama-server: built for the tests, and rebuilt for CUDA wherever a build of it already exists.
+# llama-server, the engine agents need (tool calls, json_schema, parallel slots): built once per version and backend
+# (a cached build is found at once) and, where one is, the default engine of models that name none.
+# HYBRIDD_LLAMA_SERVER=0 skips it when serving: models then run on llama-cpp-python. The tests always build it.
 server_flag="--$HYBRIDD_BUILD_CHOICE"
 engines=("$VENV_PY" -m hybridd.cli.engines)
-if [ "$mode" = test ]; then
+if [ "$mode" = test ] || [ "${HYBRIDD_LLAMA_SERVER:-1}" != 0 ]; then
     step "${engines[@]}" build llama-server "$server_flag" ${JOBS:+--jobs "$JOBS"}
-elif [ "$HYBRIDD_BUILD_CHOICE" = cuda ] && [ -x "$VENV_PY" ] && [ -n "$("${engines[@]}" list 2>/dev/null)" ]; then
-    step "${engines[@]}" build llama-server --cuda ${JOBS:+--jobs "$JOBS"}
+fi
+# The dashboard's browser test drives Chromium (apt); at once when it is installed.
+if [ "$mode" = test ]; then
+    step scripts/install_browser.sh
 fi

@@ -150,3 +150,14 @@ def test_the_reason_counts_what_the_gpus_really_hold() -> None:
     spare = sum(d.bytes_free for d in fit.devices)
     assert fit.reason == (f"fits: needs {placed / GIB:.1f} GiB at 65536 ctx; GPUs have {(placed + spare) / GIB:.1f} "
                           f"GiB usable ({spare / GIB:.1f} GiB to spare)")
+
+
+def test_the_logits_are_charged_to_the_last_gpu_that_can_hold_layers() -> None:
+    # the 5070 Ti is full (another engine): GLM-4.7-Flash Q4_K_M at 4k goes wholly on the 4090, logits and all
+    est = estimate_memory(_profile("glm-4.7-flash", "Q4_K_M"), RunSettings(ctx=4096))
+    need = est.layer_weight_bytes + est.output_weight_bytes + est.kv_bytes + est.runtime_reserve_bytes
+    need += est.device_compute_bytes(4, holds_output=True)
+    gpus = [Device("RTX 4090", 24 * GIB, need + GIB // 8), Device("RTX 5070 Ti", 16 * GIB, 0)]
+    fit = fit_model(est, gpus, 64 * GIB)
+    assert fit.fits and len(fit.devices[0].layers) == len(est.layers) and not fit.devices[1].layers
+    assert fit.devices[0].compute_bytes == est.device_compute_bytes(4, holds_output=True)

@@ -146,10 +146,14 @@ def fit_model(est: MemoryEstimate, devices: Sequence[Device], host_ram_free: int
                 + (host_fixed if dev.unified else 0))
 
     def capacities(n_copies: int) -> list[int]:
-        # the output layer (and its logits) goes with the last layer: charge the logits to the last GPU only;
-        # result() checks the exact loads of whatever assignment comes back
-        last = len(gpus) - 1
-        return [max(d.usable_bytes - fixed(d, n_copies, i == last), 0) for i, d in enumerate(gpus)]
+        # the output layer (and its logits) goes with the last layer: charge the logits to the last GPU with room
+        # for layers only; result() checks the exact loads of whatever assignment comes back
+        caps = [max(d.usable_bytes - fixed(d, n_copies, False), 0) for d in gpus]
+        last = max((i for i, c in enumerate(caps) if c > 0), default=None)
+        if last is not None:
+            extra = fixed(gpus[last], n_copies, True) - fixed(gpus[last], n_copies, False)
+            caps[last] = max(caps[last] - extra, 0)
+        return caps
 
     def result(assign: list[list[int]], first_gpu: int, n_cpu_moe: int) -> Fit | None:
         costs = _layer_costs(est, n_cpu_moe)

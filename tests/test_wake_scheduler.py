@@ -24,7 +24,7 @@ def test_a_sleeping_peer_is_planned_for_with_its_wake_time_in_the_prediction() -
     assert woken.wake_s == WAKE_S and woken.wait_s == up.wait_s + WAKE_S
     assert woken.total_s == up.total_s + WAKE_S
     assert woken.predicted_tok_s == up.predicted_tok_s  # the wake delays the answer; it does not slow it
-    assert ", waking spark (≈60 s)" in sleeping.reason, sleeping.reason
+    assert ", waking spark (~60 s)" in sleeping.reason, sleeping.reason
 
 
 def test_a_peer_that_is_down_and_cannot_be_woken_is_still_no_option() -> None:
@@ -42,10 +42,10 @@ def test_a_local_option_that_finishes_sooner_than_the_wake_wins() -> None:
     assert up.placement == "peer:spark"
     sleeping = Node().decide(short, (asleep("gpt-oss-120b"),))
     assert sleeping.placement == "local-offload", sleeping.reason
-    assert "spark predicted" in sleeping.reason and "waking it first (≈60 s)" in sleeping.reason, sleeping.reason
+    assert "spark predicted" in sleeping.reason and "waking it first (~60 s)" in sleeping.reason, sleeping.reason
     # a quick wake (a Spark that only suspended) makes the peer worth waking again
     quick = Node().decide(short, (asleep("gpt-oss-120b", wake_s=1.0),))
-    assert quick.placement == "peer:spark" and ", waking spark (≈1 s)" in quick.reason, quick.reason
+    assert quick.placement == "peer:spark" and ", waking spark (~1 s)" in quick.reason, quick.reason
 
 
 def test_a_sleeping_peer_is_planned_as_idle_whatever_it_had_loaded_and_queued() -> None:

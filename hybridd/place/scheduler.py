@@ -461,7 +461,7 @@ def _allowed(option: Option, hint: Hint) -> bool:
 
 def _describe(option: Option) -> str:
     where = option.placement.removeprefix(f"{Placement.PEER}:")
-    waking = f", waking it first (≈{option.wake_s:.0f} s)" if option.wake_s else ""
+    waking = f", waking it first (~{option.wake_s:.0f} s)" if option.wake_s else ""
     return f"{where} predicted {option.predicted_tok_s:.0f} tok/s ({option.total_s:.1f} s{waking})"
 
 
@@ -482,7 +482,7 @@ def _reason(chosen: Option, others: Sequence[Option], notes: Sequence[str] = ())
         if chosen.drain:
             head += f" once they finish ({chosen.wait_s:.1f} s)"
     if chosen.wake_s:
-        head += f", waking {chosen.placement.removeprefix(f'{Placement.PEER}:')} (≈{chosen.wake_s:.0f} s)"
+        head += f", waking {chosen.placement.removeprefix(f'{Placement.PEER}:')} (~{chosen.wake_s:.0f} s)"
     if chosen.local and notes:  # e.g. an engine that is a CPU build beside the GPUs
         head += "; " + "; ".join(notes)
     head += f" ({chosen.total_s:.1f} s)"

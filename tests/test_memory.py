@@ -195,3 +195,13 @@ def test_one_backend_compute_buffer_is_the_single_device_case() -> None:
     assert est.compute_bytes == est.device_compute_bytes(1, holds_output=True) - est.hidden_bytes
     assert est.device_compute_bytes(4, holds_output=False) < est.device_compute_bytes(4, holds_output=True) or (
         est.layer_peak_bytes >= est.logits_bytes)
+
+
+def test_a_million_token_mask_costs_four_gib_per_gpu_under_pipeline_parallelism() -> None:
+    # unsloth PR #7637: Kimi-K3 at 1M context over 4 GPUs, llama.cpp allocated 4.0 GiB per device for the f16 KQ
+    # mask (1M x 512 tokens x 2 bytes, four copies); the mask does not depend on the model's shape
+    est = estimate_memory(_profile("glm-4.7-flash", "Q4_K_M"), RunSettings(ctx=1024 * 1024, type_k="q8_0",
+                                                                           type_v="q8_0"))
+    assert est.graph_input_bytes == GIB
+    four, one = est.device_compute_bytes(4, holds_output=False), est.device_compute_bytes(1, holds_output=False)
+    assert four - one == 3 * (GIB + est.hidden_bytes)

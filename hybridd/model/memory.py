@@ -21,17 +21,19 @@ Sizes follow llama.cpp (commit 0c1e570, vendored by llama-cpp-python 0.3.36):
   overrides (-ot / --n-cpu-moe), llama_context turns on pipeline parallelism and ggml_backend_sched keeps
   GGML_SCHED_MAX_COPIES = 4 copies of every split input (ggml-backend.cpp, pass 5: "create a copy of the input
   in the split's backend", flagged input+output so ggml-alloc never reuses them): the masks count four times on
-  each GPU. CUDA flash attention that cannot read a quantized cache directly (the MMA/tile kernels, MLA's 576/512
-  heads) converts K (and V unless it is a view of K) to F16 inside the FA node's own allocation
+  each GPU (unsloth PR #7637 found the same: Kimi-K3 at 1M context on 4 GPUs, 4.0 GiB of masks per device).
+  CUDA flash attention that cannot read a quantized cache directly (the MMA/tile kernels, MLA's 576/512 heads)
+  converts K (and V unless it is a view of K) to F16 inside the FA node's own allocation
   (fattn.cu ggml_cuda_flash_attn_ext_get_alloc_size), so that copy is part of each GPU's compute buffer.
-- CUDA runtime per GPU (cuda_runtime_bytes): what a process holds on a GPU beyond ggml's buffers. The primary
-  context scales with the SM count: 107 MiB on an RTX 4060 Ti (34 SMs) and 555 MiB on an RTX PRO 6000 (188 SMs),
-  measured with cudaMemGetInfo in llama.cpp PR #23604, so about 2.9 MiB per SM, 384 MiB for a 128-SM RTX 4090;
-  llama.cpp PR #20595 gives 120-550 MB over GPUs. On top: the ggml-cuda and cuBLAS/cuBLASLt kernels loaded
-  lazily on first use, the cuBLAS workspace (4 MiB before Hopper, 32 MiB from sm_90, cuBLAS docs
-  cublasSetWorkspace) and the CUDA memory pool's high-water mark (VMM pool, 2 MiB granularity: MMQ's q8_1
-  activations and MoE id buffers, a few MiB at n_ubatch 512). Issue #21692 puts a llama-server process's own
-  context at more than 700 MB. We charge the big-GPU figure to every GPU: conservative on small ones.
+- CUDA runtime per GPU (RunSettings.runtime_reserve_bytes): what a process holds on a GPU beyond ggml's
+  buffers. The primary context scales with the SM count: 107 MiB on an RTX 4060 Ti (34 SMs) and 555 MiB on an
+  RTX PRO 6000 (188 SMs), measured with cudaMemGetInfo in llama.cpp PR #23604, so about 2.9 MiB per SM and
+  384 MiB for a 128-SM RTX 4090; llama.cpp PR #20595 gives 120-550 MB over GPUs. On top: the ggml-cuda and
+  cuBLAS/cuBLASLt kernels loaded lazily on first use, the cuBLAS workspace (4 MiB before Hopper, 32 MiB from
+  sm_90, cuBLAS docs cublasSetWorkspace) and the CUDA memory pool's high-water mark (VMM pool, 2 MiB
+  granularity: MMQ's q8_1 activations and MoE id buffers, a few MiB at n_ubatch 512). Issue #21692 puts a
+  llama-server process's own context at more than 700 MB. The big-GPU figure is charged to every GPU:
+  conservative on small ones.
 """
 
 from __future__ import annotations

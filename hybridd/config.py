@@ -174,6 +174,10 @@ class NodeConfig:
     engine_health_interval_s: float = 10.0  # a live engine missing 3 health checks in a row is hung: restarted
     advertise: bool | None = None  # announce this node on mDNS; None: by role (see `advertised`)
     advertise_interfaces: tuple[str, ...] = ()  # interface names or addresses mDNS runs on; () = all
+    # Wake-on-LAN: how long a sleeping peer takes to wake and link up (counted in its predicted time), and how long
+    # a request held for a woken peer waits for its link before it is refused.
+    peer_wake_s: float = 60.0
+    wake_timeout_s: float = 120.0
 
     @property
     def advertised(self) -> bool:
@@ -194,6 +198,16 @@ class PeerConfig:
     def serves(self, model: str) -> bool:
         """True if this peer serves model (an empty list means every model)."""
         return not self.models or model in self.models
+
+
+@dataclass(frozen=True)
+class WakeConfig:
+    """How to wake a paired peer by Wake-on-LAN, where its link cannot tell (a NIC other than the link's) or to
+    override what it told: its MAC and the broadcast address to send the magic packet to."""
+
+    peer: str  # the paired peer's name
+    mac: str
+    broadcast: str = ""  # "" = the one the peer's link told, else 255.255.255.255
 
 
 @dataclass(frozen=True)
@@ -227,6 +241,7 @@ class Config:
     engine: EngineDefaults = EngineDefaults()
     node: NodeConfig = NodeConfig()
     peers: tuple[PeerConfig, ...] = ()
+    wake: tuple[WakeConfig, ...] = ()
     models: tuple[ModelEntry, ...] = ()
     library_dirs: tuple[Path, ...] = ()
     state_dir: Path | None = None
@@ -325,7 +340,7 @@ def _check_loopback(server: ServerConfig, source: str) -> None:
 
 def _config(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
     doc = Reader(raw, ConfigError, prefix=f"{source}: ").table(
-        ("server", "files", "train", "engine", "node", "peers", "models", "library", "state_dir"))
+        ("server", "files", "train", "engine", "node", "peers", "wake", "models", "library", "state_dir"))
     server = _server(doc.at("server").table(_SERVER_KEYS, optional=True), source)
     files = doc.at("files").table(field_names(FilesConfig), optional=True)
     train = _train(doc.at("train").table(field_names(TrainConfig), optional=True))
@@ -336,6 +351,11 @@ def _config(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise peer_items[i].at("name").fail(f'"{name}" is already used by peers[{names.index(name)}]')
+    wake_items = doc.at("wake").items(optional=True)
+    wake = tuple(_wake(item) for item in wake_items)
+    for i, entry in enumerate(wake):
+        if entry.peer in [w.peer for w in wake[:i]]:
+            raise wake_items[i].at("peer").fail(f'"{entry.peer}" already has a [[wake]] entry')
     engine = _engine(doc.at("engine").table(_ENGINE_KEYS, optional=True))
     library = doc.at("library").table(("dirs",), optional=True)
     dirs = [item.of(str) for item in library.at("dirs").items(optional=True)]
@@ -350,6 +370,7 @@ def _config(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
         engine=engine,
         node=node,
         peers=peers,
+        wake=wake,
         models=models,
         library_dirs=tuple(_path(d, base_dir) for d in dirs),
         state_dir=_path(state, base_dir) if state else None,
@@ -418,7 +439,15 @@ def _node(table: Reader) -> NodeConfig:
         engine_health_interval_s=positive("engine_health_interval_s"),
         advertise=table.at("advertise").of(bool, NodeConfig.advertise),
         advertise_interfaces=tuple(_interface(item) for item in table.at("advertise_interfaces").items(optional=True)),
+        peer_wake_s=table.at("peer_wake_s").number(NodeConfig.peer_wake_s, low=0),
+        wake_timeout_s=positive("wake_timeout_s"),
     )
+
+
+def _wake(item: Reader) -> WakeConfig:
+    table = item.table(field_names(WakeConfig))
+    peer = table.at("peer").text(max_chars=MAX_NAME_CHARS + 1, printable=True)
+    return WakeConfig(peer=peer, mac=table.at("mac").mac(), broadcast=table.at("broadcast").ipv4(""))
 
 
 _INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")  # Linux: IFNAMSIZ less its NUL, no '/' or blanks

@@ -14,6 +14,7 @@ the uvicorn style (`'ctx' must be an integer, got a string`), MSGPACK for link f
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import re
@@ -36,6 +37,7 @@ class _Sentinel:
 # As a default: the key must be there. Typed Any so that a check called without a default returns its own type.
 REQUIRED: Any = _Sentinel("REQUIRED")
 _ABSENT: Any = _Sentinel("ABSENT")  # the value of a key that is not there
+_MAC = re.compile(r"[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -270,6 +272,26 @@ class Reader:
             raise self.fail(self._wording.unknown_choice.format(what=what, value=self._wording.quote(value),
                                                                 valid=", ".join(choices)))
         return value
+
+    def mac(self, default: T = REQUIRED) -> str | T:
+        """An Ethernet MAC address ("aa:bb:cc:dd:ee:ff", '-' or ':' between the six bytes), in lowercase with ':'."""
+        if not self.present:
+            return self._default(default)
+        value: str = self.of(str)
+        if not _MAC.fullmatch(value):
+            raise self.fail(f'expected a MAC address like "aa:bb:cc:dd:ee:ff", got {self._wording.quote(value)}')
+        return value.lower().replace("-", ":")
+
+    def ipv4(self, default: T = REQUIRED) -> str | T:
+        """An IPv4 address in dotted form (where a Wake-on-LAN packet is broadcast)."""
+        if not self.present:
+            return self._default(default)
+        value: str = self.of(str)
+        try:
+            return str(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise self.fail(f'expected an IPv4 address like "192.168.1.255", got {self._wording.quote(value)}') \
+                from None
 
     # ------------------------------------------------------------ helpers
 

@@ -24,6 +24,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/hybridd/v1/pair/open", open_window)
     app.router.add_get("/hybridd/v1/pair/window", window)
     app.router.add_post("/hybridd/v1/pair/connect", connect)
+    app.router.add_post("/hybridd/v1/peers/{name}/wake", wake)
 
 
 def _node(request: web.Request) -> PeerNode:
@@ -63,6 +64,12 @@ async def connect(request: web.Request) -> web.Response:
     peer = await node.pair(body["target"], body["code"], request.app[keys.HTTP])
     return web.json_response({"name": peer.name, "node_id": peer.node_id, "role": peer.role,
                               "address": peer.address, "port": peer.port})
+
+
+async def wake(request: web.Request) -> web.Response:
+    """Send the paired peer's Wake-on-LAN packet now (`hybridd wake`): what was sent where, and its link now. A POST
+    on the loopback API only: the Host and Origin guards keep a web page from pressing it."""
+    return web.json_response(_node(request).wake(request.match_info["name"]))
 
 
 def make_lan_app(main: web.Application) -> web.Application:

@@ -22,6 +22,7 @@ from hybridd.cli import doctor as doctor_cli
 from hybridd.cli import engines as engines_cli
 from hybridd.cli import install_service as install_service_cli
 from hybridd.cli import unload as unload_cli
+from hybridd.cli import wake as wake_cli
 from hybridd.cli import watch as watch_cli
 from hybridd.config import (
     MANAGED_KINDS,
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     _url_flags(unload)
     _flag(unload, "--json", env="HYBRIDD_JSON", action="store_true", help="print the result as JSON")
 
+    wake = commands.add_parser("wake", help=wake_cli.HELP, description=wake_cli.DESCRIPTION)
+    wake_cli.add_arguments(wake)
+    _url_flags(wake)
+
     models = commands.add_parser("models", help="list the models the running daemon serves")
     _url_flags(models)
     _flag(models, "--json", env="HYBRIDD_JSON", action="store_true", help="print the model list as JSON")
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan, "pair": cmd_pair,
                "peers": cmd_peers, "demo": cmd_demo, "jobs": cmd_jobs, "engines": engines_cli.run,
-               "doctor": doctor_cli.run, "install-service": install_service_cli.run, "unload": cmd_unload}[args.command]
+               "doctor": doctor_cli.run, "install-service": install_service_cli.run, "unload": cmd_unload,
+               "wake": lambda a: wake_cli.run(a, lambda path, body: _ask(a, path, body), sys.stdout)}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

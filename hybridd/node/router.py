@@ -121,6 +121,9 @@ class PeerTarget:
     api_key: str | None = None
     ssl: Any = True  # as aiohttp takes it, or a callable making the SSL context when a request goes there
     hybridd: bool = False  # a paired hybridd node (a static [[peers]] entry may be any OpenAI server)
+    # A sleeping peer (state.wakeable): wakes it and returns its target once its link is up, or raises
+    # PlacementRefused (it did not come up in time) or WakeError (the packet could not be sent).
+    wake: Callable[[], Awaitable[PeerTarget]] | None = None
 
     def tls(self) -> Any:
         """What to give aiohttp's ssl= for one forwarded request."""
@@ -321,15 +324,24 @@ class Router:
 
     async def _forward(self, ticket: Ticket, target: PeerTarget, reason: str, send: Send[R],
                        prompt_tokens: int | None = None) -> Answer[R]:
-        route = Route(f"peer:{target.state.name}", reason, target.base_url, ticket, target.api_key,
-                      peer=target.state.name, ssl=target.tls(), speaks_hybridd=target.hybridd,
-                      first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
-                      idle_timeout_s=self.config.node.peer_idle_timeout_s, prompt_tokens=prompt_tokens)
-        self.forwarding[target.state.name] += 1
+        name = target.state.name
+        self.forwarding[name] += 1
         try:
+            if not target.state.up and target.wake is not None:
+                # Held until the sleeping peer's link is up; the wait was counted in the decision's prediction.
+                log.info("holding a request for %s while it wakes", name)
+                try:
+                    target = await target.wake()
+                except BaseException:
+                    self.feed(Answered(ticket, NO_ANSWER))  # no verdict on the peer: its breaker is left as it was
+                    raise
+            route = Route(f"peer:{name}", reason, target.base_url, ticket, target.api_key,
+                          peer=name, ssl=target.tls(), speaks_hybridd=target.hybridd,
+                          first_byte_timeout_s=self.config.node.peer_first_byte_timeout_s,
+                          idle_timeout_s=self.config.node.peer_idle_timeout_s, prompt_tokens=prompt_tokens)
             return await self._answered(route, send)
         finally:
-            self.forwarding[target.state.name] -= 1
+            self.forwarding[name] -= 1
 
     async def _on_engine(self, ticket: Ticket, slot: EngineSlot, reason: str, first_byte_s: float,
                          send: Send[R], prompt_tokens: int | None = None) -> Answer[R]:

@@ -236,8 +236,11 @@ class LinkHub:
     def __init__(self, *, local_hello: Hello, authorize: Callable[[web.Request], str | None],
                  snapshot: Snapshot = Capacity, inventory: InventorySource = Inventory,
                  on_message: OnMessage | None = None, on_state: OnState | None = None,
-                 clock: Clock = time.monotonic, interval_s: float = 2.0, miss_limit: int = 3) -> None:
+                 clock: Clock = time.monotonic, interval_s: float = 2.0, miss_limit: int = 3,
+                 hello_for: Callable[[web.Request], Hello] | None = None) -> None:
         self.local_hello = local_hello
+        # The hello for one link, when it depends on where the link came in (the NIC to wake this node by).
+        self.hello_for = hello_for
         self.authorize = authorize
         self.on_state = on_state
         self.interval_s = interval_s
@@ -259,7 +262,10 @@ class LinkHub:
             await _close(previous, CLOSE_NORMAL, "replaced by a newer link")
         # A fresh state per link, so the link it replaced cannot mark this one down as it ends.
         state = self.states[peer] = PeerLinkState(down_reason="awaiting hello")
-        session = LinkSession(self.local_hello, state, self._calls.clock(), interval_s=self.interval_s,
+        hello = self.local_hello
+        if self.hello_for is not None:
+            hello = _guarded(lambda: self.hello_for(request), hello, "link hello")  # type: ignore[misc]
+        session = LinkSession(hello, state, self._calls.clock(), interval_s=self.interval_s,
                               miss_limit=self.miss_limit, expected_node_id=peer)
         reason = await _run_link(ws, session, peer, self._calls, lambda: self._up(peer, state))
         if self._live.get(peer) is ws:
@@ -326,6 +332,11 @@ class LinkClient:
         self._calls = _Callbacks(snapshot, inventory, on_message, clock)
         self._task: asyncio.Task[None] | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._redial = asyncio.Event()
+
+    def hurry(self) -> None:
+        """Redial now rather than after the backoff (a peer was just woken), and keep redialing promptly."""
+        self._redial.set()
 
     @property
     def url(self) -> str:
@@ -366,7 +377,11 @@ class LinkClient:
                     backoff = self.backoff_s[0]
                 else:
                     self._at = (self._at + 1) % len(self.urls)  # try the next address the peer may be at
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                if self._redial.is_set():  # hurried: the next dial at the shortest backoff
+                    backoff = self.backoff_s[0]
+                    self._redial.clear()
+                with contextlib.suppress(TimeoutError):  # the backoff, cut short by hurry()
+                    await asyncio.wait_for(self._redial.wait(), backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, self.backoff_s[1])
 
     async def _dial_once(self, http: aiohttp.ClientSession) -> tuple[str, bool]:

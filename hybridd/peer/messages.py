@@ -52,6 +52,10 @@ class Hello:
     version: str
     protocols: tuple[int, ...] = PROTOCOL_VERSIONS
     hardware: str = ""  # the hardware profile the receiver predicts this node's speed from ("" = unknown)
+    # The NIC this link runs over, to wake the sender by Wake-on-LAN: its MAC and its subnet's IPv4 broadcast address
+    # ("" = unknown: loopback, no IPv4, or a node that predates them).
+    mac: str = ""
+    broadcast: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,8 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Hello):
         body.update(node_id=msg.node_id, name=msg.name, role=msg.role, version=msg.version,
                     protocols=list(msg.protocols))
-        if msg.hardware:
-            body["hardware"] = msg.hardware
+        body.update({key: value for key, value in (("hardware", msg.hardware), ("mac", msg.mac),
+                                                    ("broadcast", msg.broadcast)) if value})
     elif isinstance(msg, Inventory):
         body["models"] = [{"id": m.id, "max_ctx": m.max_ctx, "loaded_ctx": m.loaded_ctx,
                            **({"trainable": True} if m.trainable else {}), **({"tools": True} if m.tools else {})}
@@ -199,7 +203,7 @@ def _parse_hello(f: Reader) -> Hello:
     protocols = tuple(p.integer(low=1, high=1 << 16) for p in raw)
     # Optional, so a node that predates it still says hello.
     hardware = f.at("hardware").text("", max_chars=MAX_ID_CHARS, printable=True)
-    return Hello(node_id, name, role, version, protocols, hardware)
+    return Hello(node_id, name, role, version, protocols, hardware, f.at("mac").mac(""), f.at("broadcast").ipv4(""))
 
 
 def _parse_inventory(f: Reader) -> Inventory:

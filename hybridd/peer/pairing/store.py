@@ -7,11 +7,13 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from hybridd.peer.errors import StateFileError, UntrustedPeer
 from hybridd.peer.identity import same_fingerprint
+from hybridd.peer.messages import MAX_BYTES, MAX_DEVICES, MAX_ID_CHARS, MAX_MODELS, MAX_TEXT_CHARS, ModelOffer
 from hybridd.peer.pairing import fields
 from hybridd.peer.tls import TLSSource, peer_fingerprint
 from hybridd.validate import JSON, Reader
@@ -21,8 +23,19 @@ STORE_VERSION = 1
 
 
 @dataclass(frozen=True)
+class LastKnown:
+    """What a peer last said of itself over its link, kept so that it can still be planned for while it sleeps: its
+    hardware profile, the models it serves (none counted as loaded) and its free bytes per device."""
+
+    hardware: str = ""
+    models: tuple[ModelOffer, ...] = ()
+    free_bytes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PairedPeer:
-    """A node we paired with: its pinned certificate (node_id is its fingerprint), name, role, last address."""
+    """A node we paired with: its pinned certificate (node_id is its fingerprint), name, role, last address; the
+    NIC to wake it by (learned from its hello) and what it last said of itself."""
 
     node_id: str
     name: str
@@ -31,6 +44,9 @@ class PairedPeer:
     paired_at: float
     address: str | None = None
     port: int | None = None
+    mac: str | None = None
+    wake_broadcast: str | None = None
+    last_known: LastKnown | None = None
 
 
 class PairingStore:
@@ -88,9 +104,22 @@ class PairingStore:
         if peer is not None and (peer.address, peer.port) != (address, port):
             self._commit({**self._peers, peer.node_id: replace(peer, address=address, port=port)})
 
+    def remember(self, node_id: str, *, mac: str | None, broadcast: str | None, last_known: LastKnown) -> None:
+        """Keep what a paired peer said of itself over its link (written only when it changed; unknown ids ignored):
+        the NIC to wake it by, when it told us one, and its hardware, models and free memory."""
+        peer = self.get(node_id)
+        if peer is None:
+            return
+        last_known = replace(last_known, models=last_known.models[:MAX_MODELS],
+                             free_bytes=dict(list(last_known.free_bytes.items())[:MAX_DEVICES]))
+        updated = replace(peer, mac=mac or peer.mac, wake_broadcast=broadcast or peer.wake_broadcast,
+                          last_known=last_known)
+        if updated != peer:
+            self._commit({**self._peers, peer.node_id: updated})
+
     def _commit(self, peers: dict[str, PairedPeer]) -> None:
         # Write first, then swap the in-memory view: a failed write changes neither.
-        entries = [{**asdict(p), "cert_pem": p.cert_pem.decode("ascii")} for p in peers.values()]
+        entries = [_entry(p) for p in peers.values()]
         _write_atomically(self.path, json.dumps({"version": STORE_VERSION, "peers": entries}, indent=2) + "\n")
         self._peers = peers
 
@@ -106,6 +135,14 @@ def paired_peer_for(source: TLSSource, store: PairingStore) -> PairedPeer:
     if peer is None:
         raise UntrustedPeer("this node is not paired with you; run `hybridd pair` first")
     return peer
+
+
+def _entry(peer: PairedPeer) -> dict[str, Any]:
+    entry = {**asdict(peer), "cert_pem": peer.cert_pem.decode("ascii")}
+    if peer.last_known is not None:  # an inventory's loaded_ctx is not kept: a woken peer has nothing loaded
+        entry["last_known"]["models"] = [{k: v for k, v in m.items() if k != "loaded_ctx"}
+                                         for m in entry["last_known"]["models"]]
+    return entry
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -142,7 +179,27 @@ def _parse_pairings(text: str, path: Path) -> list[PairedPeer]:
 def _parse_entry(item: Reader) -> PairedPeer:
     entry = item.table()
     node_id = fields.node_id(entry.at("node_id"))
+    # mac, wake_broadcast and last_known are optional: a file written before Wake-on-LAN has none of them.
     return PairedPeer(node_id=node_id, name=fields.name(entry.at("name")), role=fields.role(entry.at("role")),
                       cert_pem=fields.certificate(entry.at("cert_pem"), node_id),
                       paired_at=entry.at("paired_at").number(), address=entry.at("address").of(str, None),
-                      port=entry.at("port").integer(None, low=1, high=65535))
+                      port=entry.at("port").integer(None, low=1, high=65535),
+                      mac=entry.at("mac").mac(None) if entry.at("mac").value is not None else None,
+                      wake_broadcast=entry.at("wake_broadcast").ipv4(None)
+                      if entry.at("wake_broadcast").value is not None else None,
+                      last_known=_parse_last_known(entry.at("last_known")))
+
+
+def _parse_last_known(item: Reader) -> LastKnown | None:
+    if not item.present or item.value is None:
+        return None
+    known = item.table(("hardware", "models", "free_bytes"))
+    models = []
+    for model in known.at("models").items(optional=True, max_items=MAX_MODELS):
+        offer = model.table(("id", "max_ctx", "trainable", "tools"))
+        models.append(ModelOffer(offer.at("id").text(max_chars=MAX_TEXT_CHARS, printable=True),
+                                 offer.at("max_ctx").integer(low=1), trainable=offer.at("trainable").of(bool, False),
+                                 tools=offer.at("tools").of(bool, False)))
+    free = {name: value.integer(low=0, high=MAX_BYTES) for name, value in
+            known.at("free_bytes").entries(optional=True, max_items=MAX_DEVICES, max_key_chars=MAX_ID_CHARS).items()}
+    return LastKnown(known.at("hardware").of(str, ""), tuple(models), free)

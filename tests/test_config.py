@@ -41,6 +41,7 @@ def test_example_config_is_valid_and_pinned() -> None:
     assert (config.node.advertise, config.node.advertised, config.node.advertise_interfaces) == (None, False, ())
     assert (config.node.engine_first_byte_floor_s, config.node.engine_idle_timeout_s,
             config.node.engine_health_interval_s) == (120, 60, 10)
+    assert (config.node.peer_wake_s, config.node.wake_timeout_s, config.wake) == (60, 120, ())
     assert coder.aliases == ("coder",) and coder.ctx == 65536 and (coder.type_k, coder.type_v) == ("q8_0", "q8_0")
     assert coder.path == Path("~/models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf").expanduser()
     assert coder.options == {"n_threads": 8} and coder.idle_ttl_s == 3600
@@ -52,6 +53,14 @@ def test_example_config_is_valid_and_pinned() -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
+    ('[[wake]]\npeer = "spark"\nmac = "aa:bb:cc:dd:ee"',
+     'wake[0].mac: expected a MAC address like "aa:bb:cc:dd:ee:ff", got "aa:bb:cc:dd:ee"'),
+    ('[[wake]]\npeer = "spark"\nmac = "aa:bb:cc:dd:ee:ff"\nbroadcast = "spark.lan"',
+     'wake[0].broadcast: expected an IPv4 address like "192.168.1.255", got "spark.lan"'),
+    ('[[wake]]\nmac = "aa:bb:cc:dd:ee:ff"', "wake[0].peer: missing"),
+    ('[[wake]]\npeer = "s"\nmac = "aa:bb:cc:dd:ee:ff"\n[[wake]]\npeer = "s"\nmac = "aa:bb:cc:dd:ee:fe"',
+     'wake[1].peer: "s" already has a [[wake]] entry'),
+    ("[node]\nwake_timeout_s = 0", "node.wake_timeout_s: must be > 0, got 0"),
     ("[server]\nlisten = 11435", 'server.listen: expected a string, got an integer'),
     ('[server]\nlisten = "localhost"', 'server.listen: expected "host:port"'),
     ('[server]\nlisten = "0.0.0.0:11435"', "server.listen: \"0.0.0.0:11435\" is not a loopback address"),
@@ -78,7 +87,7 @@ def test_example_config_is_valid_and_pinned() -> None:
     ('[[models]]\nname = "a"\npath = "/a.gguf"\n[[models]]\nname = "b"\npath = "/b.gguf"\naliases = ["a"]',
      'models[1].aliases[0]: "a" is already used by models[0].name'),
     ("nonsense = 1",
-     "nonsense: unknown key (valid: engine, files, library, models, node, peers, server, state_dir, train)"),
+     "nonsense: unknown key (valid: engine, files, library, models, node, peers, server, state_dir, train, wake)"),
     ("[[peers]]\nname = \"s\"\nbase_url = \"http://x\"", "peers[0].hardware: required"),
     ("[node]\nqueue_limit = 0", "node.queue_limit: must be > 0"),
     ("[[models]]\nname = \"m\"\nengine = \"peer-only\"", "models[0].profile: a model served only by peers"),

@@ -124,7 +124,7 @@ def test_a_request_for_a_sleeping_peer_wakes_it_once_and_is_forwarded_when_its_l
         # held, not answered: the peer is still down
         assert not [line for agent in requests for line in agent.collect(1.0) if line.get("event") == "answer"]
 
-        start(net.a, peer_config, tmp_path / "peer", "peer, woken")  # the same identity and pairing: it wakes
+        woken_peer = start(net.a, peer_config, tmp_path / "peer", "peer, woken")  # the same identity and pairing
         answers = [agent.expect(lambda line: line.get("event") == "answer", 60, "the held request's answer")
                    for agent in requests]
         for answer in answers:
@@ -148,3 +148,19 @@ def test_a_request_for_a_sleeping_peer_wakes_it_once_and_is_forwarded_when_its_l
                            timeout=10, interval=0, what="the packets `hybridd wake` sent")
         assert sorted(p["port"] for p in by_hand) == sorted(WAKE_PORTS), by_hand
         assert all(bytes.fromhex(p["hex"]) == magic_packet(mac) for p in by_hand)
+
+        # The peer sleeps again and the desktop restarts (with a short wake timeout): its pairing still knows the
+        # peer's MAC, hardware and models, so a request only the peer can hold still wakes it, and is refused with
+        # the reason once the peer has not come up in time.
+        assert woken_peer.stop() == 0 and desk.stop() == 0
+        desk = start(net.b, node_config(long_model, f"desk-{RUN}", "desktop", desk_budget,
+                                        node_extra="peer_wake_s = 30\nwake_timeout_s = 3"),
+                     tmp_path / "desk", "desktop, restarted")
+        refused = desk.post("/v1/completions", far)
+        assert refused["status"] == 503, refused
+        message = json.loads(refused["body"])["error"]["message"]
+        assert f"{name} did not wake within 3 s (node.wake_timeout_s) of its Wake-on-LAN packet ({mac} via " \
+               "10.77.0.255); its link: connect failed" in message, message
+        wait_for(lambda: len([line for line in [*capture.seen, *capture.collect(0.2)]
+                              if line.get("event") == "packet"]) >= 6, timeout=5, interval=0,
+                 what="the restarted desktop's magic packets")

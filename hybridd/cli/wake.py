@@ -46,13 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the result as JSON [env HYBRIDD_JSON]")
 
 
-def run(args: argparse.Namespace, ask: Ask, out: TextIO, clock: Callable[[], float] = time.monotonic) -> int:
+def run(args: argparse.Namespace, ask: Ask, out: TextIO, clock: Callable[[], float] = time.monotonic,
+        send: Callable[[WakeTarget], list[str]] = send_magic_packet) -> int:
     """Send the packet (by the daemon, or here with --mac), print where it went; with --wait, wait for the link."""
     if args.mac is not None:
         try:
             mac = Reader(args.mac, ValueError, path="--mac").mac()
             broadcast = Reader(args.broadcast, ValueError, path="--broadcast").ipv4()
-            sent = send_magic_packet(WakeTarget(mac, broadcast))
+            sent = send(WakeTarget(mac, broadcast))
         except (ValueError, HybriddError) as exc:
             raise SystemExit(f"hybridd wake: {exc}") from exc
         result: dict[str, Any] = {"peer": args.peer, "mac": mac, "broadcast": broadcast, "sent_to": sent}

@@ -1,6 +1,7 @@
 """Benchmark: hybridd's placement decisions against baselines and an oracle, in one discrete-event simulation.
 
     .venv/bin/python bench/placement.py [--requests N] [--seed S] [--budgets]
+    .venv/bin/python bench/placement.py --agents [--sessions N] [--seed S]
 
 The trace (fixed seed) is a coding-agent workload built from the facts of DESIGN.md: GLM-4.7-Flash and
 Qwen3-Coder-30B-A3B at 8k-64k context as the bread and butter, GPT-OSS-120B and Qwen3-Coder-Next requests,
@@ -55,6 +56,17 @@ Strategies:
 
 Prints a table (mean and p95 completion time, arrival to last token, and ratios to the oracle) and writes
 bench/results/placement.json.
+
+--agents replays a multi-turn agent trace instead (make_agent_trace): coding-agent sessions, each a main agent
+whose conversation starts from a 20k-token system and tools prefix and grows 1-4k tokens a turn for 10-40 turns;
+now and then it forks 1-3 sub-agents at once (their conversations start from the main agent's prefix and grow on
+their own) and waits for their answers. A turn arrives when the turn before it (or the sub-agents it waits for)
+has ended and the agent's tools have run (closed loop). The simulated engines hold prefixes as llama.cpp does: an
+engine keeps the prompt and completion of the last request it served, and prefills only what a new prompt does not
+share with it; an engine loaded anew holds nothing. Strategies: hybridd (cache-aware: each node tracks what its
+engines and its peer were given, node/prefixes.py, and the scheduler predicts prefill from it), blind (the same
+placer with no prefix knowledge; the engines still cache), local, peer and now (which sees the real caches).
+Writes bench/results/placement-agents.json.
 """
 
 from __future__ import annotations
@@ -76,6 +88,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybridd.model.spec import ModelSpec, model_spec
+from hybridd.node.prefixes import BLOCK_TOKENS, Fingerprint, PrefixTracker
 from hybridd.place.hardware import Hardware
 from hybridd.place.peer_view import peer_view
 from hybridd.place.scheduler import (
@@ -140,6 +153,13 @@ class Job:
     prompt: int
     max_tokens: int  # the budget the client asks for: the context is sized for it
     tokens: int = 0  # what the completion really runs to; 0: the whole budget
+    # the agent trace: the prompt's fingerprint, what the engine holds after serving it (prompt and completion),
+    # the requests whose answers it waits for (arrival: think_s after the last of them ends), its conversation
+    prompt_fp: Fingerprint | None = None
+    held_fp: Fingerprint | None = None
+    after: tuple[int, ...] = ()
+    think_s: float = 0.0
+    conversation: str = ""
 
     @property
     def length(self) -> int:
@@ -201,32 +221,96 @@ def make_trace(n: int = 300, seed: int = 7, mean_gap_s: float = 60.0, budgets: b
     return sorted(jobs, key=lambda j: (j.arrival, j.id))
 
 
+AGENT_PREFIX_TOKENS = 20_000  # system prompt and tool definitions
+AGENT_BUDGET = 8_192  # max_tokens an agent asks for; its turns stop far short of it
+AGENT_MODELS = ("glm-4.7-flash", "qwen3-coder-30b-a3b")
+
+
+def _conversation_fp(name: str, base: str, fork: int, tokens: int) -> Fingerprint:
+    """The fingerprint of the first `tokens` tokens of conversation `name`, whose first `fork` tokens are those of
+    conversation `base` (its own for a main agent): each block is named by the conversation it comes from."""
+    return Fingerprint.of_blocks(
+        (f"{base if (k + 1) * BLOCK_TOKENS <= fork else name}:{k}".encode() for k in range(tokens // BLOCK_TOKENS)),
+        tokens)
+
+
+def make_agent_trace(sessions: int = 4, seed: int = 11, turns: tuple[int, int] = (10, 40),
+                     sub_turns: tuple[int, int] = (5, 15), spawn_p: float = 0.12,
+                     start_gap_s: float = 45.0) -> list[Job]:
+    """Agent sessions (see the module's docstring): a main agent per session, alternating GLM-4.7-Flash and
+    Qwen3-Coder-30B-A3B, starting `start_gap_s` apart; its turns, and those of the sub-agents it forks."""
+    rng = random.Random(seed)
+    jobs: list[Job] = []
+
+    def turn(name: str, base: str, fork: int, model: str, prompt: int, after: tuple[int, ...], think_s: float,
+             arrival: float = 0.0) -> Job:
+        length = rng.randint(150, 1_000)
+        budget = min(AGENT_BUDGET, spec_of(model).n_ctx_train - prompt)
+        job = Job(len(jobs), arrival, model, prompt, max(budget, length), length,
+                  _conversation_fp(name, base, fork, prompt), _conversation_fp(name, base, fork, prompt + length),
+                  after, think_s, name)
+        jobs.append(job)
+        return job
+
+    for session in range(sessions):
+        model = AGENT_MODELS[session % len(AGENT_MODELS)]
+        main = f"s{session}"
+        tokens = AGENT_PREFIX_TOKENS + rng.randint(500, 3_000)
+        after: tuple[int, ...] = ()
+        n_turns = rng.randint(*turns)
+        for t in range(n_turns):
+            job = turn(main, main, 0, model, tokens, after, rng.uniform(1.0, 8.0), session * start_gap_s)
+            tokens += max(rng.randint(1_000, 4_000), job.length + 200)
+            after = (job.id,)
+            if t < n_turns - 1 and rng.random() < spawn_p:
+                ends = []
+                for sub in range(rng.randint(1, 3)):
+                    name = f"{main}.{t}.{sub}"
+                    sub_tokens = AGENT_PREFIX_TOKENS + rng.randint(1_000, 4_000)
+                    sub_after = after
+                    for _ in range(rng.randint(*sub_turns)):
+                        sub_job = turn(name, main, AGENT_PREFIX_TOKENS, model, sub_tokens, sub_after,
+                                       rng.uniform(0.5, 6.0))
+                        sub_tokens += max(rng.randint(1_000, 4_000), sub_job.length + 200)
+                        sub_after = (sub_job.id,)
+                    ends.append(sub_after[0])
+                    tokens += rng.randint(500, 2_000)  # its report, in the main agent's next prompt
+                after = tuple(ends)
+    return jobs
+
+
 # --- the simulated nodes -------------------------------------------------------------------------------------
 
 
-def service_s(job: Job, speed: SpeedModel) -> float:
+def service_s(job: Job, speed: SpeedModel, cached: int = 0) -> float:
     """Seconds an engine with `speed` takes for `job`: the scheduler's own formula (_timed) at the completion's
-    real length, factor 1."""
+    real length, factor 1, prefilling what the engine does not hold (`cached` tokens of the prompt it does)."""
     position = job.prompt + job.length // 2
-    return job.prompt / speed.prefill_tok_s + job.length / speed.decode_tok_s(position)
+    return (job.prompt - cached) / speed.prefill_tok_s + job.length / speed.decode_tok_s(position)
 
 
 @dataclass
 class Timeline:
-    """What really happens on one engine: when it is ready and when its last admitted request ends."""
+    """What really happens on one engine: when it is ready, when its last admitted request ends, and what its KV
+    cache holds once it has (that request's prompt and completion)."""
 
     speed: SpeedModel
     ready_at: float
     free_at: float
+    held: Fingerprint = field(default_factory=Fingerprint)
 
 
 class SimNode:
     """A node: the daemon's own placement state (place/state.py), fed the events its simulated engines produce
     (loaded, answered, gone) at the times they happen, and carrying out its effects as the router does."""
 
-    def __init__(self, hardware: Hardware, name: str) -> None:
+    def __init__(self, hardware: Hardware, name: str, peers: tuple[str, ...] = ()) -> None:
         self.hardware = hardware
         self.name = name
+        self.peers = peers
+        self.tracker = PrefixTracker()  # what the node's router knows its engines and its peer were given
+        self.prefilled = 0  # prompt tokens its engines prefilled
+        self.cached = 0  # prompt tokens its engines found in their caches
         self.state = PlacementState.empty(hardware, queue_limit=QUEUE_LIMIT)
         self.engines: dict[str, Timeline] = {}  # engines whose process exists (or will, once their victims go)
         self.events: list[tuple[float, int, Event]] = []  # what the engines will report, by time
@@ -237,6 +321,7 @@ class SimNode:
         other = copy.copy(self)
         other.engines = {k: replace(t) for k, t in self.engines.items()}
         other.events = list(self.events)
+        other.tracker = copy.deepcopy(self.tracker)
         return other
 
     def report(self, at: float, event: Event) -> None:
@@ -247,6 +332,8 @@ class SimNode:
         """Feed the state every event that has happened by `now`."""
         while self.events and self.events[0][0] <= now:
             t, _, event = heapq.heappop(self.events)
+            if isinstance(event, EngineGone):
+                self.tracker.forget(event.key)
             self.state = apply(self.state, event, t).state
 
     def local(self, now: float) -> LocalState:
@@ -258,6 +345,13 @@ class SimNode:
         end (with `budgets`: at its max_tokens, as hybridd did before it learned lengths)."""
         self.at(now)
         return job.need(hint, 0 if budgets else self.state.lengths.expect(job.model, job.max_tokens))
+
+    def prefixes(self, job: Job) -> dict[str, int]:
+        """What this node's router would fill RequestNeed.cached with for `job`."""
+        if job.prompt_fp is None:
+            return {}
+        engines = [k for k, r in self.state.engines.items() if r.model == job.model]
+        return self.tracker.cached(job.prompt_fp, engines, self.peers, job.model)
 
     def decide(self, need: RequestNeed, now: float) -> Decision:
         return decide(need, self.local(now), (), now, self.state.calibration, QUEUE_LIMIT)
@@ -291,7 +385,15 @@ class SimNode:
             self.report(ready, EngineLoaded(key))
             self.loads += 1
         begin = max(now, timeline.free_at)
-        end = timeline.free_at = begin + service_s(job, timeline.speed)
+        cached = 0
+        if job.prompt_fp is not None:  # the engine's cache, as llama.cpp keeps it, and the router's record of it
+            cached = min(job.prompt_fp.shared(timeline.held), job.prompt - 1)
+            timeline.held = job.held_fp or Fingerprint()
+            slot = self.tracker.admit(key, 1, job.prompt_fp, now)
+            self.tracker.release(key, 1, slot, job.prompt_fp, now)
+        self.cached += cached
+        self.prefilled += job.prompt - cached
+        end = timeline.free_at = begin + service_s(job, timeline.speed, cached)
         self.report(end, Answered(step.ticket, _whole(job), service_s=end - begin))
         return end
 
@@ -333,6 +435,9 @@ class Outcome:
     refusals: int = 0
     stale: int = 0
     loads: int = 0
+    arrival: dict[int, float] = field(default_factory=dict)  # when each arrived (closed-loop turns: at run time)
+    prefilled: int = 0  # prompt tokens prefilled, over both nodes
+    cached: int = 0  # prompt tokens found in engines' caches
 
 
 Placed = tuple[float, str] | None  # (end, placement), or None: refused, retry later
@@ -351,30 +456,54 @@ class Sim:
         self.strategy = strategy
         self.horizon = horizon
         self.jobs = {j.id: j for j in jobs}
-        self.desktop = SimNode(DESKTOP, "local")
+        self.desktop = SimNode(DESKTOP, "local", (PEER_NAME,))
         self.spark = SimNode(SPARK, PEER_NAME)
         self.out = Outcome()
         self.swap_engine: tuple[str, int, SpeedModel, str] | None = None
         self.swap_free_at = 0.0
-        self.events = [(j.arrival, j.id) for j in jobs]  # arrivals, then retries of refused requests
+        # arrivals (a turn that waits for answers arrives once they have ended), then retries of refused requests
+        self.events = [(j.arrival, j.id) for j in jobs if not j.after]
         heapq.heapify(self.events)
+        self.out.arrival = {j.id: j.arrival for j in jobs if not j.after}
+        self.dependents: dict[int, list[int]] = {}
+        for j in jobs:
+            for before in j.after:
+                self.dependents.setdefault(before, []).append(j.id)
+        self.waiting = {j.id: len(j.after) for j in jobs if j.after}  # answers each turn still waits for
+        self.ready = {j.id: 0.0 for j in jobs if j.after}  # when the last of them ended
 
     def clone(self, strategy: str) -> Sim:
         other = copy.copy(self)
         other.strategy = strategy
         other.desktop, other.spark = self.desktop.clone(), self.spark.clone()
-        other.out = Outcome(dict(self.out.end), dict(self.out.where), self.out.refusals, self.out.stale)
+        other.out = Outcome(dict(self.out.end), dict(self.out.where), self.out.refusals, self.out.stale,
+                            arrival=dict(self.out.arrival))
         other.events = list(self.events)
+        other.waiting, other.ready = dict(self.waiting), dict(self.ready)
         return other
 
     def need(self, node: SimNode, job: Job, now: float, hint: Hint = Hint.AUTO) -> RequestNeed:
-        return node.need(job, now, hint, budgets=self.strategy == "budget")
+        need = node.need(job, now, hint, budgets=self.strategy == "budget")
+        return need if self.strategy == "blind" else replace(need, cached=node.prefixes(job))
 
     def run(self) -> Outcome:
         while self.events:
             self.step()
         self.out.loads += self.desktop.loads + self.spark.loads
+        self.out.prefilled = self.desktop.prefilled + self.spark.prefilled
+        self.out.cached = self.desktop.cached + self.spark.cached
         return self.out
+
+    def ended(self, jid: int, end: float, where: str) -> None:
+        """Request `jid` ends at `end`: the turns that waited for it arrive once their tools have run."""
+        self.out.end[jid], self.out.where[jid] = end, where
+        for later in self.dependents.get(jid, ()):
+            self.waiting[later] -= 1
+            self.ready[later] = max(self.ready[later], end)
+            if self.waiting[later] == 0:
+                at = self.ready[later] + self.jobs[later].think_s
+                self.out.arrival[later] = at
+                heapq.heappush(self.events, (at, later))
 
     def step(self) -> float:
         """Place the next event's request (or schedule its retry); returns the event's time."""
@@ -389,7 +518,7 @@ class Sim:
                                    "tokens) cannot be placed even on idle nodes")
             heapq.heappush(self.events, (min(frees), jid))
         else:
-            self.out.end[jid], self.out.where[jid] = placed
+            self.ended(jid, *placed)
         return now
 
     def _on_peer(self, job: Job, now: float, ticket: Ticket | None = None) -> Placed:
@@ -405,6 +534,8 @@ class Sim:
         if end is None:  # the peer answered 503: the client retries later
             self.desktop.report(now, Answered(ticket, Observation(responded=True)))
             return None
+        if job.prompt_fp is not None:
+            self.desktop.tracker.forwarded(PEER_NAME, job.model, job.prompt_fp)
         self.desktop.report(end + RTT_S, Answered(ticket, _whole(job)))
         return end + RTT_S, f"peer:{PEER_NAME}"
 
@@ -430,6 +561,7 @@ class Sim:
         return None if end is None else (end, step.decision.placement if step.decision else "local")
 
     _budget = _hybridd  # the same placer, predicting every completion at its max_tokens (see need())
+    _blind = _hybridd  # the same placer, told nothing of what engines hold (see need())
 
     def _local(self, job: Job, now: float) -> Placed:
         need = self.need(self.desktop, job, now, Hint.LOCAL)
@@ -481,7 +613,7 @@ class Sim:
         placed = sim._commit(sim.desktop if on_desktop else sim.spark, decision, option, job, now)
         if placed is None:
             return math.inf
-        sim.out.end[job.id] = placed[0]
+        sim.ended(job.id, *placed)
         watched = [job.id] + [jid for _, jid in heapq.nsmallest(horizon, sim.events)]
         clock = now
         for _ in range(4 * horizon):
@@ -489,7 +621,7 @@ class Sim:
                 break
             clock = sim.step()
         # a request still refused at the end of the rollout has waited at least until then
-        return sum(sim.out.end.get(i, clock) - self.jobs[i].arrival for i in watched)
+        return sum(sim.out.end.get(i, clock) - sim.out.arrival.get(i, clock) for i in watched)
 
 
 def simulate(strategy: str, jobs: Sequence[Job], horizon: int = HORIZON) -> Outcome:
@@ -505,11 +637,11 @@ def p95(values: Sequence[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
-def summarize(jobs: Sequence[Job], outcomes: dict[str, Outcome]) -> dict[str, dict[str, object]]:
-    arrival = {j.id: j.arrival for j in jobs}
-    times = {name: [o.end[j.id] - arrival[j.id] for j in jobs] for name, o in outcomes.items()}
+def summarize(jobs: Sequence[Job], outcomes: dict[str, Outcome],
+              reference: str = "oracle") -> dict[str, dict[str, object]]:
+    times = {name: [o.end[j.id] - o.arrival.get(j.id, j.arrival) for j in jobs] for name, o in outcomes.items()}
     times["envelope"] = [min(t[i] for t in times.values()) for i in range(len(jobs))]
-    ref_mean, ref_p95 = statistics.fmean(times["oracle"]), p95(times["oracle"])
+    ref_mean, ref_p95 = statistics.fmean(times[reference]), p95(times[reference])
     env_mean, env_p95 = statistics.fmean(times["envelope"]), p95(times["envelope"])
     rows: dict[str, dict[str, object]] = {}
     for name, t in times.items():
@@ -524,6 +656,8 @@ def summarize(jobs: Sequence[Job], outcomes: dict[str, Outcome]) -> dict[str, di
             for w in o.where.values():
                 counts[w] = counts.get(w, 0) + 1
             row.update(placements=dict(sorted(counts.items())), loads=o.loads, refusals=o.refusals, stale=o.stale)
+            if o.cached or o.prefilled:
+                row.update(prefilled_tokens=o.prefilled, cached_tokens=o.cached)
         rows[name] = row
     return rows
 
@@ -561,14 +695,69 @@ def run(n: int = 300, seed: int = 7, budgets: bool = False) -> dict[str, object]
     }
 
 
+AGENT_STRATEGIES = ("hybridd", "blind", "local", "peer", "now")
+
+
+def run_agents(sessions: int = 4, seed: int = 11, oracle: bool = False) -> dict[str, object]:
+    """The multi-turn agent trace under each strategy (the oracle too when asked: it takes minutes)."""
+    jobs = make_agent_trace(sessions, seed)
+    started = time.perf_counter()
+    strategies = (*AGENT_STRATEGIES, "oracle") if oracle else AGENT_STRATEGIES
+    outcomes = {s: simulate(s, jobs) for s in strategies}
+    rows = summarize(jobs, outcomes, "oracle" if oracle else "now")
+    aware, blind = rows["hybridd"], rows["blind"]
+    conversations = {j.conversation for j in jobs}
+    return {
+        "trace": {"sessions": sessions, "seed": seed, "requests": len(jobs),
+                  "conversations": len(conversations),
+                  "sub_agents": sum(1 for c in conversations if "." in c),
+                  "prompt_tokens": {"min": min(j.prompt for j in jobs), "max": max(j.prompt for j in jobs),
+                                    "mean": round(statistics.fmean(j.prompt for j in jobs))},
+                  "models": sorted({j.model for j in jobs}), "quants": QUANTS, "local": DESKTOP.name,
+                  "peer": SPARK.name, "prefix_tokens": AGENT_PREFIX_TOKENS, "max_tokens": AGENT_BUDGET},
+        "results": rows,
+        "reference": "oracle" if oracle else "now (ratios are to it)",
+        "targets": {
+            "cache_aware_beats_blind_mean": float(aware["mean_s"]) < float(blind["mean_s"]),  # type: ignore[arg-type]
+            "cache_aware_beats_blind_p95": float(aware["p95_s"]) < float(blind["p95_s"]),  # type: ignore[arg-type]
+        },
+        "sim_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _print(result: dict[str, object], reference: str) -> None:
+    rows = result["results"]
+    assert isinstance(rows, dict)
+    print(f"{'strategy':<10} {'mean s':>9} {'p95 s':>9} {f'mean/{reference}':>12} {f'p95/{reference}':>11} "
+          f"{'mean/env':>9} {'p95/env':>8}  placements")
+    for name, r in rows.items():
+        print(f"{name:<10} {r['mean_s']:>9.1f} {r['p95_s']:>9.1f} {r['mean_ratio']:>12.3f} {r['p95_ratio']:>11.3f} "
+              f"{r['mean_vs_envelope']:>9.3f} {r['p95_vs_envelope']:>8.3f}  "
+              f"{r.get('placements', '')} {r.get('cached_tokens', '')}")
+    print(f"targets: {result['targets']} (simulated in {result['sim_seconds']} s)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--budgets", action="store_true",
                     help="requests ask for an agent's budget (8k-32k max_tokens) and stop far short of it")
-    ap.add_argument("--out", type=Path, help="default: bench/results/placement[-budgets].json")
+    ap.add_argument("--agents", action="store_true",
+                    help="the multi-turn agent trace: cache-aware placement against the same placer blind to prefixes")
+    ap.add_argument("--sessions", type=int, default=4, help="agent sessions in the --agents trace")
+    ap.add_argument("--oracle", action="store_true", help="with --agents: the clairvoyant oracle too (slow)")
+    ap.add_argument("--out", type=Path, help="default: bench/results/placement[-budgets|-agents].json")
     args = ap.parse_args(argv)
+    if args.agents:
+        seed = 11 if args.seed == 7 else args.seed
+        agents = run_agents(args.sessions, seed, args.oracle)
+        print(f"agent trace: {agents['trace']}")
+        _print(agents, "oracle" if args.oracle else "now")
+        out = args.out or HERE / "results" / "placement-agents.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(agents, indent=2) + "\n")
+        return 0
     out = args.out or HERE / "results" / f"placement{'-budgets' if args.budgets else ''}.json"
     result = run(args.requests, args.seed, args.budgets)
     trace = result["trace"]

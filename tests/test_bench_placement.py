@@ -64,3 +64,24 @@ def test_learned_lengths_queue_an_agents_short_answers_instead_of_loading_anothe
     assert set(learned.where.values()) == {"local"} and learned.loads == 1
     assert budget.where[3] == "peer:spark" and budget.loads == 2
     assert learned.end[3] < budget.end[3]
+
+
+def test_the_next_turn_on_the_engine_that_served_the_last_prefills_only_what_is_new(sim: ModuleType) -> None:
+    first, second = sim.make_agent_trace(1, seed=3, turns=(2, 2), spawn_p=0.0)
+    assert second.after == (first.id,) and second.prompt > first.prompt + first.length
+    out = sim.simulate("hybridd", [first, second])
+    assert out.where == {0: "local", 1: "local"} and out.loads == 1
+    held = (first.prompt + first.length) // 256 * 256  # the first turn's prompt and answer, in whole blocks
+    assert out.cached == held and out.prefilled == first.prompt + second.prompt - held
+    assert out.arrival[1] == pytest.approx(out.end[0] + second.think_s)  # closed loop: it waited for the answer
+
+
+def test_on_a_small_agent_trace_the_cache_aware_placer_beats_the_blind_one(sim: ModuleType) -> None:
+    jobs = sim.make_agent_trace(2, seed=1, turns=(10, 16), sub_turns=(3, 6))
+    assert any(j.conversation.count(".") for j in jobs)  # sub-agents forked from the main agents
+    out = {s: sim.simulate(s, jobs) for s in ("hybridd", "blind")}
+    rows = sim.summarize(jobs, out, "hybridd")
+    assert len(out["hybridd"].end) == len(out["blind"].end) == len(jobs)
+    assert out["hybridd"].cached > out["blind"].cached  # it sends turns where their prefix is
+    assert rows["hybridd"]["mean_s"] < rows["blind"]["mean_s"]
+    assert rows["hybridd"]["p95_s"] < rows["blind"]["p95_s"]

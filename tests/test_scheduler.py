@@ -25,6 +25,7 @@ from hybridd.place.scheduler import (
 )
 from hybridd.place.state import (
     NO_ANSWER,
+    Admit,
     Answered,
     EngineLoaded,
     EngineRecord,
@@ -425,3 +426,54 @@ def test_what_a_node_reports_to_its_peers_lets_them_predict_the_wait() -> None:
     assert view.free_bytes[GPU0] == free[GPU0] + node.ledger.held(llama).get(GPU0, 0)
     assert view.backlog_s == {"glm-4.7-flash": left, "llama-3.1-8b": 0.0}
     assert [(d.backlog_s, dict(d.held)) for d in view.draining] == [(left, dict(node.ledger.held(glm)))]
+
+
+# --- prefix caches: an agent's next turn on the engine that holds the conversation -----------------------------
+
+
+def glm_128k_busy(node: Node, backlog_s: float) -> str:
+    """GLM-4.7-Flash loaded on the desktop at 131072 ctx, busy for `backlog_s` more seconds; its key."""
+    d = node.decide(need("glm-4.7-flash", "Q4_K_M", prompt=100_000, max_tokens=2000))
+    assert d.chosen is not None and d.chosen.speed is not None and d.ctx == 131072
+    key = "glm-4.7-flash@131072"
+    node.put(EngineRecord(key, "glm-4.7-flash", 131072, Placement.LOCAL, d.chosen.speed, 0.0, 0.0, 0.0, backlog_s,
+                          Backlog((backlog_s,), (node.now,)), loaded=True), dict(d.chosen.reserve))
+    return key
+
+
+def test_a_busy_engine_holding_the_conversation_beats_an_idle_peer_that_would_prefill_it_all() -> None:
+    node = Node()
+    key = glm_128k_busy(node, backlog_s=30.0)
+    peer = spark_peer("glm-4.7-flash", loaded={"glm-4.7-flash": 131072}, backlog_s={"glm-4.7-flash": 0.0})
+    turn = need("glm-4.7-flash", "Q4_K_M", prompt=100_112, max_tokens=500)
+    blind = node.decide(turn, (peer,))
+    assert blind.placement == "peer:spark"  # 30 s behind the busy engine, then all 100k tokens again
+    aware = node.decide(replace(turn, cached={key: 98_304}), (peer,))
+    assert aware.placement == "local" and aware.chosen is not None and aware.chosen.engine == key
+    assert aware.chosen.cached_tokens == 98_304
+    assert aware.chosen.prefill_s == pytest.approx((100_112 - 98_304) / aware.chosen.prefill_tok_s)
+    assert option(blind, "local").prefill_s > 10 * aware.chosen.prefill_s
+    assert "prefix cached: 98,304 of 100,112 tokens" in aware.reason
+    assert "prefix cached" not in blind.reason
+    # the engine's backlog counts the short prefill: the next request's wait behind it is shorter too
+    step = node.commit(aware, replace(turn, cached={key: 98_304}))
+    admit = step.effects[-1]
+    assert isinstance(admit, Admit)
+    assert admit.first_token_s == pytest.approx(aware.chosen.wait_s + aware.chosen.prefill_s)
+
+
+def test_a_peer_that_was_sent_the_conversation_prefills_only_the_rest_on_its_loaded_engine() -> None:
+    peer = spark_peer("glm-4.7-flash", loaded={"glm-4.7-flash": 131072}, backlog_s={"glm-4.7-flash": 0.0})
+    turn = need("glm-4.7-flash", "Q4_K_M", prompt=100_112, max_tokens=500, hint=Hint.PEER)
+    blind = option(Node().decide(turn, (peer,)), "peer:spark")
+    aware_d = Node().decide(replace(turn, cached={"peer:spark": 98_304}), (peer,))
+    aware = option(aware_d, "peer:spark")
+    assert aware.ctx == 131072 and aware.cached_tokens == 98_304
+    assert aware.total_s < blind.total_s - 20  # 98k tokens at the Spark's prefill rate: about half a minute
+    assert "prefix cached: 98,304 of 100,112 tokens" in aware_d.reason
+    # a prefix cached on another engine than the one it would run on counts for nothing; all of a prompt cached
+    # still prefills its last token
+    other = option(Node().decide(replace(turn, cached={"peer:other": 98_304}), (peer,)), "peer:spark")
+    assert other.cached_tokens == 0
+    whole = option(Node().decide(replace(turn, cached={"peer:spark": 200_000}), (peer,)), "peer:spark")
+    assert whole.cached_tokens == 100_111

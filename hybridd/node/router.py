@@ -21,6 +21,7 @@ from hybridd.engine.pool import EnginePool, EngineSlot
 from hybridd.errors import EngineLoadFailed, PlacementRefused
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.node.catalog import Catalog, entry_header
+from hybridd.node.prefixes import Fingerprint, PrefixTracker
 from hybridd.node.request import InferenceRequest
 from hybridd.node.resources import Peer
 from hybridd.node.sizing import PromptSize, Tokenizers, guess_tokens
@@ -157,6 +158,7 @@ class Router:
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_DECISIONS)
         self.forwarding: collections.Counter[str] = collections.Counter()  # requests on each peer now, for status
         self.tokenizers = Tokenizers()
+        self.prefixes = PrefixTracker()  # what each engine slot and peer holds of the prompts it was sent
         self.specs: dict[str, ModelSpec] = {}
         self._no_tokenizer: set[Path] = set()
         self._evictions: set[asyncio.Task[None]] = set()
@@ -174,9 +176,11 @@ class Router:
         return step
 
     def _engine_loaded(self, key: str) -> None:
+        self.prefixes.forget(key)  # a new process: its KV cache is empty
         self.feed(EngineLoaded(key))
 
     def _engine_gone(self, key: str) -> None:
+        self.prefixes.forget(key)
         self.feed(EngineGone(key))
 
     # -- what the state is fed before a decision
@@ -282,19 +286,50 @@ class Router:
                 send = _capped(send, capped, f"max_tokens {budget} capped at {capped}: {model.name} was trained "
                                f"for {spec.n_ctx_train} tokens of context")
                 budget = capped
+            targets = self._report_peers()
+            self.notice_engines()
             need = RequestNeed(
                 model=model.name, spec=spec, prompt_tokens=size.tokens, max_tokens=budget, type_k=model.type_k,
                 type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
                 min_ctx=max(inference.hints.min_ctx, model.ctx if model.local else 0),
                 expected_tokens=self.state.lengths.expect(model.name, budget), slots=model.slots,
                 tools=inference.calls_tools, local_parses_tools=model.parses_tools,
+                cached=self._cached(model.name, size.fingerprint, targets),
             )
-            targets = self._report_peers()
-            self.notice_engines()
             step = self.feed(RequestArrived(need, exclude))
             assert step.decision is not None
             self._record(step.decision, need, size)
+            if size.fingerprint is not None and step.ticket is not None:
+                return await self._holding(step, model, size.fingerprint,
+                                           self._carry_out(step, model, targets, inference.stream, send, prompt_tokens))
         return await self._carry_out(step, model, targets, inference.stream, send, prompt_tokens)
+
+    def _cached(self, model: str, prompt: Fingerprint | None, targets: dict[str, PeerTarget]) -> dict[str, int]:
+        """Tokens of the prompt each engine of `model` here and each peer serving it holds in its KV cache."""
+        if prompt is None:
+            return {}
+        engines = [key for key, record in self.state.engines.items() if record.model == model]
+        peers = [name for name, target in targets.items() if model in target.state.models]
+        return self.prefixes.cached(prompt, engines, peers, model)
+
+    async def _holding(self, step: Step, model: ModelEntry, prompt: Fingerprint,
+                       answer: Awaitable[Answer[R]]) -> Answer[R]:
+        """Await `answer`, recording what the engine slot or the peer it went to holds of `prompt` afterwards: an
+        engine slot is taken now (as llama-server picks one when the request reaches it), its prefix set when the
+        request ends; a peer's once it answered."""
+        assert step.ticket is not None
+        key, peer = step.ticket.engine, step.ticket.peer
+        slot = self.prefixes.admit(key, model.slots, prompt, self.clock()) if key is not None else 0
+        kept: Fingerprint | None = None
+        try:
+            result = await answer
+            kept = prompt
+            return result
+        finally:
+            if key is not None:
+                self.prefixes.release(key, model.slots, slot, kept, self.clock())
+            elif peer is not None and kept is not None:
+                self.prefixes.forwarded(peer, model.name, prompt)
 
     async def _carry_out(self, step: Step, model: ModelEntry, targets: dict[str, PeerTarget], stream: bool,
                          send: Send[R], prompt_tokens: int | None = None) -> Answer[R]:

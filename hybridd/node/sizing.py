@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridd.errors import BadRequest
+from hybridd.node.prefixes import BlockChain, Fingerprint
 
 log = logging.getLogger("hybridd.place")
 
@@ -48,10 +49,12 @@ _PIECEWISE_VOCABS = (1, 2, 5)
 
 @dataclass(frozen=True)
 class PromptSize:
-    """Tokens in a request's prompt and whether they were counted exactly."""
+    """Tokens in a request's prompt, whether they were counted exactly, and the prompt's fingerprint (what engines'
+    caches are matched against; None where the tokenizer is not here)."""
 
     tokens: int
     exact: bool
+    fingerprint: Fingerprint | None = None
 
 
 def request_text(endpoint: str, body: dict[str, Any]) -> list[str]:
@@ -109,12 +112,26 @@ class Vocab:
         self._formatter: Any = None
         self._longest: int | None = None
 
-    def tokens(self, text: bytes, special: bool) -> int:
-        """Tokens in UTF-8 text, counted in one call and kept nowhere."""
+    def tokens(self, text: bytes, special: bool, chain: BlockChain | None = None) -> int:
+        """Tokens in UTF-8 text, counted in one call; their ids go on to `chain` where one is given."""
         import llama_cpp
 
-        # Given no room for them, llama.cpp answers minus the number of tokens.
-        return abs(llama_cpp.llama_tokenize(self._handle, text, len(text), None, 0, False, special))
+        if chain is None:
+            # Given no room for them, llama.cpp answers minus the number of tokens.
+            return abs(llama_cpp.llama_tokenize(self._handle, text, len(text), None, 0, False, special))
+        # Real vocabularies make fewer tokens than bytes; a byte-fallback one may make more (a space becomes the
+        # three bytes of "▁"): then llama.cpp says how many, and a second call takes them.
+        room = len(text) + 16
+        for _ in range(2):
+            ids = (llama_cpp.llama_token * room)()
+            n = llama_cpp.llama_tokenize(self._handle, text, len(text), ids, room, False, special)
+            if n >= 0:
+                break
+            room = -n
+        else:
+            return -n
+        chain.ids(memoryview(ids).cast("B")[:n * ctypes.sizeof(llama_cpp.llama_token)])
+        return n
 
     def longest_piece(self) -> int | None:
         """The most bytes of text one token stands for; None when a count has no floor in the text's length."""
@@ -161,9 +178,10 @@ class Vocab:
                     log.warning("chat template unusable (%s); counting messages without it", exc)
         return self._formatter or None
 
-    def count(self, texts: list[str], special: bool, limit: int) -> tuple[int, bool]:
-        """Tokens in texts, and whether each was counted in one call (exact). Past limit the count stops: it is
-        then more than limit and less than the whole."""
+    def count(self, texts: list[str], special: bool, limit: int,
+              chain: BlockChain | None = None) -> tuple[int, bool]:
+        """Tokens in texts, and whether each was counted in one call (exact); their ids go on to `chain` where one
+        is given. Past limit the count stops: it is then more than limit and less than the whole."""
         data = [_utf8(text) for text in texts]
         size = sum(map(len, data))
         longest = self.longest_piece() if size > PIECE_BYTES else None
@@ -172,7 +190,7 @@ class Vocab:
         n, whole = 0, True
         for text in data:
             for piece in _pieces(text):
-                n += self.tokens(piece, special)
+                n += self.tokens(piece, special, chain)
                 if n > limit:
                     return n, False
             whole = whole and len(text) <= PIECE_BYTES
@@ -244,5 +262,6 @@ class Tokenizers:
             texts, special, exact = request_text(endpoint, body), False, endpoint != "chat"
             extra = MESSAGE_OVERHEAD_TOKENS * len(body.get("messages", [])) if endpoint == "chat" else 1
         extra += token_ids_in(endpoint, body)
-        n, whole = vocab.count(texts, special, (limit or MAX_PROMPT_TOKENS) - extra)
-        return PromptSize(n + extra, exact and whole)
+        chain = BlockChain()  # the same pass fingerprints the prompt: a few ms per 100k tokens
+        n, whole = vocab.count(texts, special, (limit or MAX_PROMPT_TOKENS) - extra, chain)
+        return PromptSize(n + extra, exact and whole, chain.fingerprint(n))

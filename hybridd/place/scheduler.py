@@ -7,11 +7,14 @@ RAM, after evicting idle engines, or else after a drain, (d) each peer that serv
 serve it: queued on its engine of the model, or a new engine there (beside a busy one, or once its busy engines
 have drained), whichever finishes first; and predicts for each
 
-    total_s = queue or drain wait + load time if not loaded + prompt / prefill tok/s
+    total_s = queue or drain wait + load time if not loaded + (prompt - cached) / prefill tok/s
               + completion tokens / decode tok/s (+ RTT)
 
 where the completion tokens are those the model's completions are expected to run to (place/lengths.py), at most
-max_tokens; the context is sized for the whole max_tokens.
+max_tokens; the context is sized for the whole max_tokens. `cached` is the prefix of the prompt that the engine
+already holds in its KV cache from the request it served before (an agent's previous turn: RequestNeed.cached, by
+engine key, and `peer:<name>` for the peer's engine of the model); a new engine holds nothing, so moving a long
+conversation elsewhere pays its whole prompt again.
 
 The fastest wins; a local option within TIE_TOLERANCE of the best peer wins over it. The decision reserves
 nothing: the caller commits it with Ledger.reserve(option.engine_key, option.reserve) after evicting
@@ -89,6 +92,14 @@ class RequestNeed:
     # model's output is preferred to one that returns them as text (llama-cpp-python), whatever their speeds.
     tools: bool = False
     local_parses_tools: bool = True  # whether this node's engine of the model does
+    # Tokens of the prompt's prefix each engine already holds in its KV cache, by engine key and `peer:<name>`
+    # (node/prefixes.py tracks them): prefill there is only the rest.
+    cached: Mapping[str, int] = field(default_factory=dict)
+
+    def cached_on(self, where: str) -> int:
+        """Prompt tokens the engine (or peer) `where` holds, short of the prompt's last token (an engine always
+        prefills at least one token to start the completion)."""
+        return max(0, min(self.cached.get(where, 0), self.prompt_tokens - 1))
 
     @property
     def completion_tokens(self) -> int:
@@ -215,6 +226,7 @@ class Option:
     predicted_tok_s: float = 0.0
     base_tok_s: float = 0.0  # before the online correction: what Calibration.observe wants
     prefill_tok_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens its engine already holds: not prefilled again
     wait_s: float = 0.0
     load_s: float = 0.0
     prefill_s: float = 0.0
@@ -290,15 +302,18 @@ def _load_s(est: MemoryEstimate, hardware: Hardware) -> float:
     return est.weights_bytes / hardware.disk_read_bytes_s + LOAD_OVERHEAD_S
 
 
-def _timed(option: Option, need: RequestNeed, speed: SpeedModel, factor: float, streams: int = 1) -> Option:
-    """The option's predicted times: prefill, then decode at the mean context, sharing each step's weight reads
-    with the `streams` - 1 other requests its engine runs at once."""
+def _timed(option: Option, need: RequestNeed, speed: SpeedModel, factor: float, streams: int = 1,
+           cached: int = 0) -> Option:
+    """The option's predicted times: prefill of what its engine does not hold (`cached` tokens of the prompt it
+    does), then decode at the mean context, sharing each step's weight reads with the `streams` - 1 other requests
+    its engine runs at once."""
     position = need.prompt_tokens + need.completion_tokens // 2  # the prompt plus half the completion
     base = speed.decode_tok_s(position, streams=streams)
     tok_s = base * factor
     prefill = speed.prefill_tok_s * factor
     return replace(option, speed=speed, factor=factor, predicted_tok_s=tok_s, base_tok_s=base, prefill_tok_s=prefill,
-                   prefill_s=need.prompt_tokens / prefill, decode_s=need.completion_tokens / tok_s)
+                   cached_tokens=cached, prefill_s=(need.prompt_tokens - cached) / prefill,
+                   decode_s=need.completion_tokens / tok_s)
 
 
 def _hardware_with_free(hardware: Hardware, free: Mapping[str, int]) -> Hardware:
@@ -326,7 +341,8 @@ def _reuse_options(need: RequestNeed, local: LocalState, now: float, calibration
         option = Option(str(e.placement), not full, "queue full" if full else "", e.ctx, engine=e.key,
                         wait_s=e.wait_s(now) - load, load_s=load, queue_full=full)
         streams = min(e.in_flight + e.queued + 1, e.slots)  # those it will run beside, once it starts
-        options.append(_timed(option, need, e.speed, calibration.factor(local.node, need.model), streams))
+        options.append(_timed(option, need, e.speed, calibration.factor(local.node, need.model), streams,
+                              need.cached_on(e.key)))
     return options
 
 
@@ -427,7 +443,8 @@ def _peer_queue(need: RequestNeed, peer: PeerState, label: str, ctx: int, factor
     """Queue on the peer's engine of the model; its speed judged on the peer's idle layout."""
     est = estimate_memory(need.spec, need.settings(ctx))
     idle = peer.hardware.idle()
-    timed = _on_peer(need, peer, label, ctx, factor, est, fit_model(est, idle.devices, idle.ram_bytes))
+    timed = _on_peer(need, peer, label, ctx, factor, est, fit_model(est, idle.devices, idle.ram_bytes),
+                     cached=need.cached_on(label))
     if not timed.feasible:
         return timed
     if need.model in peer.backlog_s:
@@ -444,7 +461,7 @@ def _peer_load(need: RequestNeed, peer: PeerState, label: str, ctx: int, factor:
 
 
 def _on_peer(need: RequestNeed, peer: PeerState, label: str, ctx: int, factor: float, est: MemoryEstimate, fit: Fit,
-             wait_s: float = 0.0, load_s: float = 0.0) -> Option:
+             wait_s: float = 0.0, load_s: float = 0.0, cached: int = 0) -> Option:
     """The peer option for a layout there, timed; infeasible with the reason when the layout does not run."""
     if not fit.runs:
         return Option(label, False, f"{peer.name}: {fit.reason}", ctx=ctx, need_bytes=est.total_bytes)
@@ -452,7 +469,7 @@ def _on_peer(need: RequestNeed, peer: PeerState, label: str, ctx: int, factor: f
     option = Option(label, True, ctx=ctx, need_bytes=_gpu_need(fit), free_bytes=sum(d.usable_bytes for d in hw.devices),
                     offload_layers=fit.offload_layers, n_cpu_moe=fit.n_cpu_moe, wait_s=wait_s, load_s=load_s,
                     network_s=peer.rtt_s)
-    return _timed(option, need, speed_model(need.spec, est, fit, hw), factor)
+    return _timed(option, need, speed_model(need.spec, est, fit, hw), factor, cached=cached)
 
 
 def _allowed(option: Option, hint: Hint) -> bool:
@@ -462,10 +479,11 @@ def _allowed(option: Option, hint: Hint) -> bool:
 def _describe(option: Option) -> str:
     where = option.placement.removeprefix(f"{Placement.PEER}:")
     waking = f", waking it first (~{option.wake_s:.0f} s)" if option.wake_s else ""
-    return f"{where} predicted {option.predicted_tok_s:.0f} tok/s ({option.total_s:.1f} s{waking})"
+    cached = f", prefix cached: {option.cached_tokens:,} tokens" if option.cached_tokens else ""
+    return f"{where} predicted {option.predicted_tok_s:.0f} tok/s{cached} ({option.total_s:.1f} s{waking})"
 
 
-def _reason(chosen: Option, others: Sequence[Option], notes: Sequence[str] = ()) -> str:
+def _reason(chosen: Option, others: Sequence[Option], notes: Sequence[str] = (), prompt_tokens: int = 0) -> str:
     if chosen.engine is not None:
         state = f"loading ({chosen.load_s:.1f} s left)" if chosen.load_s else "loaded"
         head = (f"{chosen.placement}: engine {chosen.engine} {state} at {chosen.ctx} ctx, "
@@ -481,6 +499,8 @@ def _reason(chosen: Option, others: Sequence[Option], notes: Sequence[str] = ())
             head += f", evicts {', '.join(chosen.evict)}"
         if chosen.drain:
             head += f" once they finish ({chosen.wait_s:.1f} s)"
+    if chosen.cached_tokens:
+        head += f", prefix cached: {chosen.cached_tokens:,} of {prompt_tokens:,} tokens"
     if chosen.wake_s:
         head += f", waking {chosen.placement.removeprefix(f'{Placement.PEER}:')} (~{chosen.wake_s:.0f} s)"
     if chosen.local and notes:  # e.g. an engine that is a CPU build beside the GPUs
@@ -561,7 +581,7 @@ def decide(need: RequestNeed, local: LocalState, peers: Sequence[PeerState], now
     else:
         assert best_peer is not None
         chosen = best_peer
-    reason = _reason(chosen, options, notes)
+    reason = _reason(chosen, options, notes, need.prompt_tokens)
     if not chosen.local and need.tools and not need.local_parses_tools:
         reason += f"; tools: {chosen.placement} parses tool calls, this node's engine of {need.model} does not"
     return Decision(chosen.placement, chosen, tuple(options), reason, chosen.ctx)

@@ -3,9 +3,11 @@ pairing store that keeps it with the peer's last-known inventory, finding the NI
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
+import ssl
 from argparse import Namespace
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 from hybridd.cli import wake as wake_cli
 from hybridd.peer.errors import StateFileError
 from hybridd.peer.identity import new_identity
+from hybridd.peer.link import LinkClient
 from hybridd.peer.messages import Hello, LinkProtocolError, ModelOffer, decode, encode
 from hybridd.peer.pairing import PairedPeer, PairingStore
 from hybridd.peer.pairing.store import LastKnown
@@ -198,3 +201,23 @@ def test_hybridd_wake_peer_asks_the_daemon_and_waits_for_the_link() -> None:
     assert wake_cli.run(args, daemon, out, clock=lambda: float(next(clock))) == 0
     assert asked == ["/hybridd/v1/peers/spark/wake", *["/hybridd/v1/peers"] * 3]
     assert out.getvalue() == f"magic packet for spark ({MAC}) sent to 10.0.0.255:9, 10.0.0.255:7\nspark is up\n"
+
+
+async def test_a_dial_refused_by_the_peers_host_says_it_is_awake_so_it_is_not_woken() -> None:
+    # a closed port on a running host: the kernel answers with a reset, Wake-on-LAN cannot help
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    hello = Hello("d" * 64, "desk", "desktop", "1.0")
+    client = LinkClient(f"https://127.0.0.1:{port}/hybridd/v1/link", ssl.create_default_context(), hello,
+                        backoff_s=(30.0, 30.0))
+    assert not client.state.host_answered
+    await client.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while client.connects == 0 or client.state.down_reason in ("not connected yet", "awaiting hello"):
+            assert asyncio.get_running_loop().time() < deadline, client.state
+            await asyncio.sleep(0.01)
+        assert client.state.host_answered and "Connect call failed" in (client.state.down_reason or "")
+    finally:
+        await client.close()

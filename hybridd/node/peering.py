@@ -261,7 +261,7 @@ class PeerNode:
                 continue
             state = link.state
             known = peer.last_known
-            wakeable = not state.up and self.wake_target(peer) is not None
+            wakeable = self._asleep(peer, state)
             if state.hello is None and not (wakeable and known is not None):
                 continue
             profile = state.hello.hardware if state.hello else known.hardware if known else ""
@@ -288,6 +288,11 @@ class PeerNode:
         return out
 
     # -- Wake-on-LAN
+    def _asleep(self, peer: PairedPeer, state: PeerLinkState) -> bool:
+        """Whether a magic packet may help: its link is down, its host did not answer (a host that refused the
+        connection is awake, only its hybridd is not running) and a MAC is known for it."""
+        return not state.up and not state.host_answered and self.wake_target(peer) is not None
+
     def wake_target(self, peer: PairedPeer) -> WakeTarget | None:
         """Where to send the peer's magic packet: a [[wake]] entry for it, else what its link told; None when no MAC
         is known for it."""
@@ -384,7 +389,7 @@ class PeerNode:
         for peer in self.store.all():
             link = self.links.get(peer.node_id)
             state = link.state if link is not None else self.hub.states.get(peer.node_id, PeerLinkState())
-            paired.append(_describe_paired(peer, state))
+            paired.append({**_describe_paired(peer, state), "wakeable": self._asleep(peer, state)})
         paired_ids = {p.node_id for p in self.store.all()}
         return {
             "node": {"name": self.name, "role": self.role, "node_id": self.identity.node_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import ssl
@@ -65,6 +66,9 @@ class PeerLinkState:
     inventory: Inventory | None = None
     capacity: Capacity | None = None
     down_reason: str | None = "not connected yet"
+    # The peer's host answered when the link ended or was last dialed (a close frame, a refused connection, a failed
+    # handshake): it is awake, its hybridd is not there. False while up, and when nothing answered (it may sleep).
+    host_answered: bool = False
 
 
 class LinkSession:
@@ -124,6 +128,7 @@ class LinkSession:
         self.state.hello = hello
         self.state.up = True
         self.state.down_reason = None
+        self.state.host_answered = False
 
     def silence(self, now: float) -> str | None:
         """Why the link is dead if the peer has been silent for miss_limit intervals, else None."""
@@ -207,6 +212,7 @@ async def _exchange(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
             detail = "frame too large" if code == CLOSE_TOO_BIG else str(frame.data)
             return (f"protocol error: {detail}" if code else f"connection error: {detail}"), None
         else:  # CLOSE, CLOSING, CLOSED
+            session.state.host_answered = frame.type is aiohttp.WSMsgType.CLOSE  # it said goodbye: it is awake
             code = ws.close_code
             extra = f": {frame.extra}" if frame.extra else ""
             return (f"peer closed the link ({code}{extra})" if code is not None else "connection closed"), None
@@ -399,8 +405,10 @@ class LinkClient:
                     self._ws = None
                 return reason, session.established
         except aiohttp.WSServerHandshakeError as exc:
+            self.state.host_answered = True
             return f"handshake refused: HTTP {exc.status}", False
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self.state.host_answered = _host_answered(exc)
             return f"connect failed: {type(exc).__name__}: {exc}", False
 
     def _up(self) -> None:
@@ -413,6 +421,19 @@ class LinkClient:
         if self.on_state is not None:
             peer = self.state.hello.node_id if self.state.hello else self.url
             _guarded(lambda: self.on_state(peer, self.state), None, "link state handler")  # type: ignore[misc]
+
+
+# A dial that failed with one of these reached no running host: it may be asleep (or gone).
+_NO_ANSWER_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ETIMEDOUT})
+
+
+def _host_answered(exc: BaseException) -> bool:
+    """Whether a failed dial was answered by the peer's host (refused, reset, TLS failed): it is awake. A timeout or
+    an unreachable host is no answer."""
+    if isinstance(exc, TimeoutError):  # aiohttp's connect timeouts are TimeoutErrors too
+        return False
+    os_error = getattr(exc, "os_error", exc)
+    return not (isinstance(os_error, OSError) and os_error.errno in _NO_ANSWER_ERRNOS)
 
 
 def _short(node_id: str) -> str:

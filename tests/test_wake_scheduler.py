@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hybridd.place.scheduler import PeerState
-from tests.test_scheduler import SPARK, Node, need, option, spark_peer
+from hybridd.place.state import Forward, PeerOnlyArrived, PeersReported, PlacementState, Refuse, apply
+from tests.test_scheduler import DESKTOP, SPARK, Node, need, option, spark_peer
 
 WAKE_S = 60.0
 
@@ -67,3 +68,17 @@ def test_a_model_that_fits_only_a_sleeping_peer_goes_there_rather_than_refused()
     woken = node.decide(long, (asleep("qwen3-coder-30b-a3b"),))
     assert woken.placement == "peer:spark" and woken.ctx == 262144
     assert woken.chosen is not None and woken.chosen.need_bytes <= SPARK.devices[0].usable_bytes
+
+
+def test_a_model_only_a_sleeping_peer_knows_goes_to_it_to_be_woken() -> None:
+    def arrive(*peers: PeerState) -> tuple[object, ...]:
+        state = apply(PlacementState.empty(DESKTOP), PeersReported({p.name: p for p in peers}), 0.0).state
+        return apply(state, PeerOnlyArrived("gpt-oss-120b", 100), 1.0).effects
+
+    [forward] = arrive(asleep("gpt-oss-120b"))
+    assert forward == Forward("spark", "peer:spark: only spark serves 'gpt-oss-120b', waking spark (~60 s)")
+    awake = replace(spark_peer("gpt-oss-120b"), name="twin")
+    [forward] = arrive(asleep("gpt-oss-120b"), awake)  # one that is up goes first
+    assert forward == Forward("twin", "peer:twin: only twin serves 'gpt-oss-120b'")
+    [refused] = arrive(spark_peer("gpt-oss-120b", up=False))
+    assert isinstance(refused, Refuse) and refused.status == 503

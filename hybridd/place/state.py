@@ -402,12 +402,17 @@ def commit(state: PlacementState, need: RequestNeed, decision: Decision, now: fl
 
 
 def _peer_only(state: PlacementState, event: PeerOnlyArrived, now: float) -> Step:
-    up = [p for p in state.peer_states(now, event.exclude) if event.model in p.models and p.up]
-    if not up:
+    serving = [p for p in state.peer_states(now, event.exclude) if event.model in p.models]
+    up = [p for p in serving if p.up]
+    asleep = [p for p in serving if not p.up and p.wakeable]
+    if not up and not asleep:
         return Step(state, (Refuse(503, "capacity_busy", f"no peer serving '{event.model}' is up", NO_PEER_RETRY_S),))
-    peer = min(up, key=lambda p: p.queue_depth)
+    # none up: the one that wakes soonest (the router wakes it, then forwards)
+    peer = min(up, key=lambda p: p.queue_depth) if up else min(asleep, key=lambda p: p.wake_s)
     state = _with_breaker(state, peer.name, state.breaker(peer.name).on_attempt(now))
     reason = f"peer:{peer.name}: only {peer.name} serves '{event.model}'"
+    if not peer.up:
+        reason += f", waking {peer.name} (~{peer.wake_s:.0f} s)"
     return Step(state, (Forward(peer.name, reason),), None, Ticket(event.model, event.budget, now, peer=peer.name))
 
 

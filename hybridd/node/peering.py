@@ -280,6 +280,8 @@ class PeerNode:
                 tools=frozenset(m.id for m in models if m.tools),
                 wakeable=wakeable, wake_s=self.config.node.peer_wake_s,
             )
+            if wakeable:  # what it was busy with before it slept is done or gone once it wakes
+                peer_state = replace(peer_state, loaded={}, queue_depth=0, backlog_s={}, draining=())
             base = link.url.removesuffix("/hybridd/v1/link")  # where the pinned link answers
             # Made only for the peer a request is forwarded to, not each time the targets are listed.
             pinned = functools.partial(client_context, self.identity, peer.cert_pem)

@@ -164,6 +164,8 @@ def test_a_request_for_a_sleeping_peer_wakes_it_once_and_is_forwarded_when_its_l
         assert json.loads(woken["stdout"]) | {"wake_timeout_s": None} == {
             "peer": name, "mac": mac, "broadcast": "10.77.0.255", "sent_to": ["10.77.0.255:9", "10.77.0.255:7"],
             "link": "up", "wake_timeout_s": None}
+        unknown = desk.cli("wake", "nosuch")
+        assert unknown["rc"] == 1 and "no paired peer is named 'nosuch' (see `hybridd peers`)" in unknown["stderr"]
         by_hand = wait_for(lambda: len(seen := [line for line in [*capture.seen, *capture.collect(0.2)]
                                                 if line.get("event") == "packet"]) >= 4 and seen[2:],
                            timeout=10, interval=0, what="the packets `hybridd wake` sent")

@@ -20,7 +20,7 @@ from aiohttp import web
 from hybridd import __version__
 from hybridd.config import DEFAULT_LAN_PORT, Config
 from hybridd.engine.pool import EnginePool
-from hybridd.errors import ConfigError, PlacementRefused
+from hybridd.errors import BadRequest, ConfigError, PlacementRefused
 from hybridd.node.catalog import Catalog
 from hybridd.node.router import PeerTarget, Router
 from hybridd.peer.discovery import Advert, Discovery
@@ -310,7 +310,7 @@ class PeerNode:
         whether or not a wake is in flight; what was sent, or WakeError."""
         peer = self.store.by_name(name)
         if peer is None:
-            raise WakeError(f"no paired peer is named '{name}' (see `hybridd peers`)")
+            raise BadRequest(f"no paired peer is named '{name}' (see `hybridd peers`)")
         target, sent = self._send_wake(peer)
         link = self.links.get(peer.node_id)
         return {"peer": peer.name, "mac": target.mac, "broadcast": target.broadcast, "sent_to": sent,

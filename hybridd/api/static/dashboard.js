@@ -106,6 +106,16 @@ function drawDevices(status) {
   fill("devices", devices.length ? devices.map(deviceBar) : h("p", {class: "empty"}, "no local devices (external models only)"));
 }
 
+// A load under way: its phase, and how much of the model is read where the engine can tell; else how long it took.
+function loadCell(engine) {
+  const load = engine.load;
+  if (!load) return duration(engine.load_seconds);
+  const fraction = load.bytes_total ? load.bytes_read / load.bytes_total : null;
+  return h("span", {class: "loading", title: load.phase},
+    fraction === null ? `${load.phase} ${duration(load.elapsed_s)}`
+      : `${load.phase} ${(100 * fraction).toFixed(0)}% · ${duration(load.elapsed_s)}`);
+}
+
 function drawEngines(status) {
   const rows = [];
   for (const model of status.models || []) {
@@ -120,7 +130,7 @@ function drawEngines(status) {
         h("td", {class: "num"}, engine ? `${engine.in_flight} / ${engine.waiting}` : "–"),
         h("td", {class: "num"}, engine && engine.idle_s !== null ? duration(engine.idle_s) : engine && engine.in_flight ? "busy" : "–"),
         h("td", {class: "num"}, engine ? engine.requests : model.requests),
-        h("td", {class: "num"}, engine ? duration(engine.load_seconds) : "–")));
+        h("td", {class: "num"}, engine ? loadCell(engine) : "–")));
       if (engine && engine.last_error) rows.push(h("tr", {class: "error-row"}, h("td", {colspan: 8}, engine.last_error)));
     }
   }

@@ -180,4 +180,4 @@ def test_the_validator_is_pure() -> None:
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     # No I/O and nothing of hybridd's: every layer may use it.
-    assert imported <= {"__future__", "collections.abc", "dataclasses", "json", "math", "re", "typing"}
+    assert imported <= {"__future__", "collections.abc", "dataclasses", "ipaddress", "json", "math", "re", "typing"}

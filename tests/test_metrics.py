@@ -44,6 +44,11 @@ def test_requests_memory_and_engines_are_exported_with_bounded_labels(daemon_fac
     assert seen["hybridd_engines", (("state", "ready"),)] == 1.0
     assert seen["hybridd_queue_depth", (("model", "a"),)] == 0.0
     assert seen["hybridd_engine_load_seconds", (("model", "a"),)] > 0
+    assert seen["hybridd_engine_loads_total", (("model", "a"), ("outcome", "ok"))] == 1.0
+    assert http("POST", daemon.url + "/hybridd/v1/unload-idle", {}).status == 200
+    after = samples(daemon.url)
+    assert after["hybridd_engine_unloads_total", (("cause", "requested"), ("model", "a"))] == 1.0
+    assert after.get(("hybridd_engines", (("state", "ready"),)), 0.0) == 0.0
 
 
 def test_metrics_listen_serves_metrics_alone(daemon_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from hybridd.api import keys
@@ -111,7 +111,7 @@ class _NodeCollector(Collector):
     def __init__(self, app: web.Application) -> None:
         self.app = app
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         if keys.ROUTER not in self.app:  # before the engines are set up
             return
         router, pool = self.app[keys.ROUTER], self.app[keys.POOL]
@@ -144,6 +144,18 @@ class _NodeCollector(Collector):
         for state, count in states.items():
             engines.add_metric([state], count)
         yield from (engines, queue, running, load, restarts)
+        loads = CounterMetricFamily("hybridd_engine_loads", "Engine loads of the model, by outcome (ok, failed)",
+                                    labels=["model", "outcome"])
+        unloads = CounterMetricFamily("hybridd_engine_unloads", "Engines of the model stopped, by cause: evicted "
+                                      "(idle, for another load), drained (busy: once its work was done), idle_ttl, "
+                                      "requested (hybridd unload), reload (with a new adapter)",
+                                      labels=["model", "cause"])
+        for (name, event), count in sorted(pool.tally.items()):
+            if event in ("load", "load_failed"):
+                loads.add_metric([name, "ok" if event == "load" else "failed"], count)
+            else:
+                unloads.add_metric([name, event], count)
+        yield from (loads, unloads)
         up = GaugeMetricFamily("hybridd_peer_up", "1 while the peer can be placed on", labels=["peer"])
         rtt = GaugeMetricFamily("hybridd_peer_rtt_seconds", "Round trip to the peer on its link", labels=["peer"])
         free = GaugeMetricFamily("hybridd_peer_free_bytes", "Memory the peer reports free", labels=["peer"])

@@ -160,7 +160,7 @@ async def _on_base_engine(request: web.Request, tuned: ModelEntry,
     for slot in pool.for_model(base.name):
         if slot.engine is not None and tuned.lora_path not in slot.run.adapters:
             await pool.wait_idle(slot.key)  # its requests finish on the adapters it has
-            await pool.unload(slot.key, f"reloading with the adapter of {tuned.name}")
+            await pool.unload(slot.key, f"reloading with the adapter of {tuned.name}", "reload")
     body = {**inference.body, "lora": [{"id": base.adapters.index(tuned.lora_path), "scale": 1.0}]}
     # had_hints: the body differs from what the client sent, so it is sent as rebuilt, never as the raw bytes
     return base, replace(inference, body=body, had_hints=True)

@@ -4,6 +4,7 @@ requests race), leased per request, reloaded when they died, reaped when idle.""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -98,6 +99,8 @@ class EnginePool:
         self.on_hung: Callable[[str, str], None] = lambda base_url, why: None
         self.health_interval_s = health_interval_s
         self._wake = asyncio.Event()
+        # (model, event) -> count, for /metrics: "load", "load_failed", and each unload by its cause
+        self.tally: collections.Counter[tuple[str, str]] = collections.Counter()
         self._closing = asyncio.Event()
         self._closed = False
 
@@ -160,6 +163,7 @@ class EnginePool:
                 await engine.start()
             except Exception as exc:
                 slot.last_error = str(exc)
+                self.tally[slot.model.name, "load_failed"] += 1
                 log.error("%s", exc)
                 self.on_stopped(slot.key)
                 raise
@@ -169,12 +173,14 @@ class EnginePool:
             slot.last_error = None
             slot.loaded_at = slot.last_used = self.clock()
             slot.load_seconds = slot.loaded_at - started
+            self.tally[slot.model.name, "load"] += 1
             log.info("engine %s ready in %.2f s at %s", slot.key, slot.load_seconds, engine.base_url)
             self.on_loaded(slot.key)
             return slot.load_seconds
 
-    async def unload(self, key: str, reason: str) -> bool:
-        """Stop the engine of key once it has no request in flight; True if it was stopped."""
+    async def unload(self, key: str, reason: str, cause: str = "requested") -> bool:
+        """Stop the engine of key once it has no request in flight; True if it was stopped. `cause` counts it for
+        /metrics (evicted, drained, idle_ttl, requested, reload); `reason` is for the log."""
         slot = self.slots.get(key)
         if slot is None:
             return False
@@ -183,6 +189,7 @@ class EnginePool:
                 return False
             log.info("unloading %s: %s", key, reason)
             await self._stop(slot)
+            self.tally[slot.model.name, cause] += 1
             return True
 
     async def unload_idle(self, reason: str) -> tuple[list[str], list[str]]:
@@ -224,7 +231,7 @@ class EnginePool:
         while not self._closed:
             now = self.clock()
             for key in idle_expired(self._loaded(), now):
-                await self.unload(key, f"idle for {self.slots[key].model.idle_ttl_s:g} s (idle_ttl_s)")
+                await self.unload(key, f"idle for {self.slots[key].model.idle_ttl_s:g} s (idle_ttl_s)", "idle_ttl")
             wait = next_expiry(self._loaded(), self.clock())
             self._wake.clear()
             if self._closed:

@@ -409,7 +409,7 @@ class Router:
                 for victim in evict.keys:
                     await self.pool.wait_idle(victim)  # at once for the idle ones
                     drained = " once its requests finished" if victim in evict.drain else ""
-                    await self.pool.unload(victim, evict.why + drained)
+                    await self.pool.unload(victim, evict.why + drained, "drained" if drained else "evicted")
             finally:
                 self.feed(EvictionsDone(evict.for_key))
 

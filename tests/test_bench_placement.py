@@ -38,7 +38,9 @@ def test_local_beats_always_peer_when_the_model_fits_the_desktop(sim: ModuleType
         assert all(x > 0 for x in t), s  # every request ends after it arrives
         assert len(results[s].end) == len(jobs)
     assert set(results["hybridd"].where.values()) == {"local"}
-    assert sum(times["hybridd"]) < sum(times["peer"]) / 2  # the desktop runs GLM 2.5-3x faster than a Spark
+    # GLM-4.7-Flash Q4_K_M at 8-10k tokens of context decodes at about 117 tok/s on the desktop and 52 on a Spark
+    # (the fitted speed model, issue 15); with the prefill too, a request ends about twice as fast here.
+    assert sum(times["hybridd"]) < sum(times["peer"]) / 1.8
     assert sum(times["hybridd"]) <= sum(times["oracle"]) * 1.05
 
 

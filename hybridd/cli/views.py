@@ -107,16 +107,18 @@ def render_options(plan: dict[str, Any]) -> str:
     """The placement part of `hybridd plan`: each option with its predicted speed, and the choice."""
     rows = []
     for option in plan.get("options", []):
-        speed = f"{option['predicted_tok_s']:.0f} tok/s" if option["feasible"] else "-"
+        start, mean = option.get("decode_tok_s_start"), option.get("decode_tok_s_mean")
+        first = f"{start:.0f} tok/s" if option["feasible"] and start is not None else "-"
+        speed = f"{mean if mean is not None else option['predicted_tok_s']:.0f} tok/s" if option["feasible"] else "-"
         total = f"{option['total_s']:.1f} s" if option.get("total_s") is not None else "-"
-        rows.append([option["placement"], str(option["ctx"]), speed, total,
+        rows.append([option["placement"], str(option["ctx"]), first, speed, total,
                      "" if option["feasible"] else option["why_not"][:70]])
     if not rows:
         return ""
     ref = plan.get("reference_request", {})
     head = (f"\n  placement: {plan.get('placement')} (reference request: {ref.get('prompt_tokens')} prompt + "
             f"{ref.get('max_tokens')} completion tokens)")
-    body = table(["OPTION", "CTX", "DECODE", "TOTAL", "WHY NOT"], rows)
+    body = table(["OPTION", "CTX", "DECODE AT START", "DECODE MEAN", "TOTAL", "WHY NOT"], rows)
     return head + "\n" + "\n".join("  " + line for line in body.splitlines())
 
 

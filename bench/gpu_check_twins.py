@@ -22,6 +22,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from hybridd.demo.tiny_gguf import add_byte_tokenizer, add_metadata
 from hybridd.model.synth import TensorRole, tensor_layout
 
 POOL_BYTES = 64 * 1024 * 1024
@@ -60,24 +61,6 @@ def byte_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
     types += [gguf.TokenType.NORMAL] * (len(tokens) - len(types))
     return tokens[:n_vocab], [0.0] * min(n_vocab, len(tokens)), [int(t) for t in types[:n_vocab]]
-
-
-def _add_metadata(writer: gguf.GGUFWriter, metadata: Mapping[str, Any]) -> None:
-    for key, value in metadata.items():
-        if key == "general.architecture":
-            continue
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, list):
-            writer.add_array(key, value)
-        else:
-            raise TypeError(f"{key}: unsupported metadata value {value!r}")
 
 
 def _tensor_type(name: str, role: TensorRole, row: int, scheme: str) -> gguf.GGMLQuantizationType:
@@ -140,15 +123,9 @@ def write_twin(path: Path, metadata: Mapping[str, Any], scheme: str, seed: int =
     md["general.name"] = f"{md.get('general.name', arch)} (random-weight twin, {scheme})"
     md["general.file_type"] = int(SCHEMES[scheme][2])
     writer = gguf.GGUFWriter(str(path), arch)
-    _add_metadata(writer, md)
+    add_metadata(writer, md)
     tokens, scores, types = byte_vocab(n_vocab)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    add_byte_tokenizer(writer, tokens, scores, types)
     planned: list[tuple[str, gguf.GGMLQuantizationType, int]] = []
     for slot in tensor_layout(md):
         qtype = _tensor_type(slot.name, slot.role, slot.shape[0], scheme)

@@ -16,6 +16,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from hybridd.demo.tiny_gguf import add_metadata
 from hybridd.model.synth import TensorRole, tensor_layout
 
 TWIN_EMBD = 64
@@ -185,25 +186,6 @@ TWINS = {
     "qwen3-gqa": qwen3_twin,
     "qwen2-gqa": qwen2_twin,
 }
-
-
-def add_metadata(writer: gguf.GGUFWriter, metadata: dict[str, Any]) -> None:
-    """Add every key but general.architecture (the writer sets it) with the GGUF type its Python type implies."""
-    for key, value in metadata.items():
-        if key == "general.architecture":
-            continue
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, list):
-            writer.add_array(key, value)
-        else:
-            raise TypeError(f"{key}: unsupported metadata value {value!r}")
 
 
 def write_twin(path: Path, metadata: dict[str, Any]) -> Path:

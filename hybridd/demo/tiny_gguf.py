@@ -6,8 +6,13 @@ when no real model is installed. Head dims are a multiple of 32 so quantized (q8
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import gguf
 
 # A plain ChatML template: llama-cpp-python applies the GGUF's template, so chat works like a real model.
 CHAT_TEMPLATE = (
@@ -75,13 +80,7 @@ def write_tiny_llama(path: Path, shape: TinyLlama = TinyLlama(), name: str = "ti
     writer.add_rope_dimension_count(shape.head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    add_byte_tokenizer(writer, tokens, scores, types)
     writer.add_add_bos_token(True)
     writer.add_chat_template(CHAT_TEMPLATE)
     # Mean pooling makes /v1/embeddings return one vector per input (llama.cpp's default, none, gives one per token).
@@ -107,3 +106,33 @@ def write_tiny_llama(path: Path, shape: TinyLlama = TinyLlama(), name: str = "ti
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def add_byte_tokenizer(writer: gguf.GGUFWriter, tokens: list[str], scores: list[float], types: list[int]) -> None:
+    """A llama-style tokenizer over a byte vocabulary: <unk> 0, <s> 1, </s> 2, then the bytes."""
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+
+def add_metadata(writer: gguf.GGUFWriter, metadata: Mapping[str, Any]) -> None:
+    """Add every key but general.architecture (the writer sets it) with the GGUF type its Python type implies."""
+    for key, value in metadata.items():
+        if key == "general.architecture":
+            continue
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            raise TypeError(f"{key}: unsupported metadata value {value!r}")

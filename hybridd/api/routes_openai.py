@@ -38,10 +38,10 @@ def capabilities(model: ModelEntry) -> dict[str, Any] | None:
     """What agents can count on from the engine that serves the model here; None where hybridd cannot tell (an
     external server, a peer's model)."""
     if model.engine == "llama-server":  # --jinja: each template's tool calls and reasoning are parsed
-        return {"tools": True, "tool_choice_auto": True, "json_schema": True, "reasoning": True,
+        return {"tools": True, "tool_choice_auto": model.parses_tools, "json_schema": True, "reasoning": True,
                 "stream_usage": True, "parallel_slots": model.slots}
     if model.engine == "llama-cpp-python":  # tool calls only when one function is forced (see translate/)
-        return {"tools": True, "tool_choice_auto": False, "json_schema": True, "reasoning": False,
+        return {"tools": True, "tool_choice_auto": model.parses_tools, "json_schema": True, "reasoning": False,
                 "stream_usage": True, "parallel_slots": 1}
     return None
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make .venv with hybridd installed, its engines built for this machine's GPUs (CUDA) or its CPU.
 #   scripts/setup.sh               what serving needs, the llama-server engine and the demo model (scripts/serve.sh)
-#   scripts/setup.sh test          also the test tools, the training extra and Chromium (scripts/test.sh)
+#   scripts/setup.sh test          also the test tools, the training and tray extras, and the desktop tests'
+#                                  programs (Chromium, Xvfb, a tray host: scripts/install_desktop.sh) (scripts/test.sh)
 #   scripts/setup.sh --print-plan  (with or without test) what it would build and run, and why; changes nothing
 # Before installing anything, scripts/detect_gpus.py (system python, standard library only) asks nvidia-smi for the
 # GPUs and their architectures and looks for nvcc: GPUs and a toolkit new enough for them -> llama-cpp-python (and
@@ -78,7 +79,13 @@ if [ "$HYBRIDD_BUILD_CHOICE" = cuda ] && [ -z "$version" ]; then
     step "${cuda_env[@]}" "$VENV_PY" -m pip install "${source_build[@]}" "$LLAMA_REQ"
 fi
 if [ "$mode" = test ]; then
-    step "$VENV_PY" -m pip install --quiet 'torch==2.13.0+cpu' -e '.[dev,train]'
+    # The desktop tests' programs (Chromium, Xvfb, a tray host) and what PyGObject (the tray extra) compiles
+    # against, from apt: at once when they are here.
+    step scripts/install_desktop.sh
+    # PyGObject 3.51 and later need girepository-2.0 (GLib 2.80); Debian 12 and Ubuntu 22.04 have the 1.0 one.
+    pygobject=()
+    if ! pkg-config --exists girepository-2.0 2>/dev/null; then pygobject=('PyGObject<3.51'); fi
+    step "$VENV_PY" -m pip install --quiet 'torch==2.13.0+cpu' "${pygobject[@]}" -e '.[dev,train,tray]'
 else
     step "$VENV_PY" -m pip install --quiet -e '.[demo]'
 fi
@@ -129,8 +136,4 @@ server_flag="--$HYBRIDD_BUILD_CHOICE"
 engines=("$VENV_PY" -m hybridd.cli.engines)
 if [ "$mode" = test ] || [ "${HYBRIDD_LLAMA_SERVER:-1}" != 0 ]; then
     step "${engines[@]}" build llama-server "$server_flag" ${JOBS:+--jobs "$JOBS"}
-fi
-# The dashboard's browser test drives Chromium (apt); at once when it is installed.
-if [ "$mode" = test ]; then
-    step scripts/install_browser.sh
 fi

@@ -1,7 +1,7 @@
 """A real headless Chromium for a test, driven over the DevTools protocol with aiohttp's websocket client.
 
 `chromium_binary()` finds it (HYBRIDD_CHROMIUM, else chromium, chromium-browser or google-chrome on PATH; installed
-by scripts/install_browser.sh). `open_browser()` starts one with a throwaway profile, waits (polling, with a deadline)
+by scripts/install_desktop.sh). `open_browser()` starts one with a throwaway profile, waits (polling, with a deadline)
 for its DevTools port, and kills it, every process of it, on the way out.
 """
 

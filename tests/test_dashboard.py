@@ -24,7 +24,7 @@ from tests.conftest import Daemon, http, wait_for
 from tests.nodes import node_config
 
 CHROMIUM = chromium_binary()
-# Where scripts/dashboard_screenshot.sh wants the screenshot copied (the README's); unset in a test run.
+# Where scripts/screenshots.sh wants the screenshot copied (the README's); unset in a test run.
 SCREENSHOT_COPY = os.environ.get("HYBRIDD_DASHBOARD_SCREENSHOT")
 NO_EOS = {"2": -100}
 
@@ -138,10 +138,10 @@ def _pair(desk: Daemon, peer: Daemon) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
-                    reason="no Chromium here (scripts/install_browser.sh installs it; in CI a missing one fails)")
+                    reason="no Chromium here (scripts/install_desktop.sh installs it; in CI a missing one fails)")
 def test_dashboard_in_chromium_shows_the_node_and_updates_live(daemon_factory,  # type: ignore[no-untyped-def]
                                                                tiny_model: Path, tmp_path: Path) -> None:
-    assert CHROMIUM is not None, "no Chromium: run scripts/install_browser.sh (or set HYBRIDD_CHROMIUM)"
+    assert CHROMIUM is not None, "no Chromium: run scripts/install_desktop.sh (or set HYBRIDD_CHROMIUM)"
     peer = daemon_factory(node_config(tiny_model, "spark", "peer", 100_000_000_000))
     desk = daemon_factory(node_config(tiny_model, "desk", "desktop"))
     _pair(desk, peer)

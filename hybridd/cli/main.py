@@ -21,6 +21,7 @@ from hybridd import __version__
 from hybridd.cli import doctor as doctor_cli
 from hybridd.cli import engines as engines_cli
 from hybridd.cli import install_service as install_service_cli
+from hybridd.cli import tray as tray_cli
 from hybridd.cli import unload as unload_cli
 from hybridd.cli import wake as wake_cli
 from hybridd.cli import watch as watch_cli
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     wake_cli.add_arguments(wake)
     _url_flags(wake)
 
+    tray = commands.add_parser("tray", help=tray_cli.HELP, description=tray_cli.DESCRIPTION)
+    _url_flags(tray)
+    tray_cli.add_arguments(tray, _flag)
+
     models = commands.add_parser("models", help="list the models the running daemon serves")
     _url_flags(models)
     _flag(models, "--json", env="HYBRIDD_JSON", action="store_true", help="print the model list as JSON")
@@ -175,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models, "plan": cmd_plan, "pair": cmd_pair,
                "peers": cmd_peers, "demo": cmd_demo, "jobs": cmd_jobs, "engines": engines_cli.run,
                "doctor": doctor_cli.run, "install-service": install_service_cli.run, "unload": cmd_unload,
+               "tray": lambda a: tray_cli.run(a, _daemon_url),
                "wake": lambda a: wake_cli.run(a, lambda path, body: _ask(a, path, body), sys.stdout)}[args.command]
     try:
         return handler(args)

@@ -74,7 +74,8 @@ def add_arguments(status: argparse.ArgumentParser, flag: Callable[..., None]) ->
     flag(status, "--watch", env="HYBRIDD_WATCH", action="store_true",
          help="redraw every --interval seconds until Ctrl-C (with --format: one reading per line, as bars read "
          "a running command)")
-    flag(status, "--interval", env="HYBRIDD_INTERVAL", type=_interval, default=DEFAULT_INTERVAL_S, metavar="SECONDS",
+    flag(status, "--interval", env="HYBRIDD_INTERVAL", type=interval_seconds, default=DEFAULT_INTERVAL_S,
+         metavar="SECONDS",
          help=f"seconds between readings with --watch (default {DEFAULT_INTERVAL_S:g})")
     flag(status, "--format", env="HYBRIDD_FORMAT", choices=FORMATS,
          help="one status-bar reading: waybar (custom-module JSON), i3bar (an i3bar JSON block, as i3blocks reads "
@@ -138,7 +139,8 @@ def _flag(parser: argparse.ArgumentParser, *names: str, env: str, **kwargs: Any)
     parser.add_argument(*names, **kwargs)
 
 
-def _interval(text: str) -> float:
+def interval_seconds(text: str) -> float:
+    """An --interval value: a positive number of seconds (argparse shows the error)."""
     try:
         value = float(text)
     except ValueError:

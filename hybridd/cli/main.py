@@ -25,6 +25,7 @@ from hybridd.cli import tray as tray_cli
 from hybridd.cli import unload as unload_cli
 from hybridd.cli import wake as wake_cli
 from hybridd.cli import watch as watch_cli
+from hybridd.cli.waiting import showing
 from hybridd.config import (
     MANAGED_KINDS,
     Config,
@@ -40,6 +41,7 @@ from hybridd.errors import ConfigError
 from hybridd.systemd.journal import log_formatter
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+_POST_TIMEOUT_S = 60.0
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -303,7 +305,8 @@ def _get_json(url: str) -> Any:
         return json.load(response)
 
 
-def _ask(args: argparse.Namespace, path: str, body: Any = None) -> Any:
+def _ask(args: argparse.Namespace, path: str, body: Any = None, waiting_for: str | None = None) -> Any:
+    """GET path (body None) or POST body to it; a POST that takes a while says on stderr what it waits for."""
     try:
         base = _daemon_url(args)
     except ConfigError as exc:
@@ -313,7 +316,8 @@ def _ask(args: argparse.Namespace, path: str, body: Any = None) -> Any:
             return _get_json(base + path)
         request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with (showing(waiting_for or f"the daemon to answer POST {path}", sys.stderr, limit_s=_POST_TIMEOUT_S),
+              urllib.request.urlopen(request, timeout=_POST_TIMEOUT_S) as response):
             return json.load(response)
     except urllib.error.HTTPError as exc:
         try:
@@ -353,7 +357,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         config, _ = _load(args)
-        catalog = build_catalog(config, scan_library(config.library_dirs))
         request = PlanRequest(
             model=args.model, quant=args.quant, ctx=args.ctx, type_k=args.type_k or args.kv_type,
             type_v=args.type_v or args.kv_type, slots=int(args.slots), flash_attn=False if args.no_flash_attn else None,
@@ -361,7 +364,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             batch=args.batch, rank=args.rank, dataset_tokens=args.dataset_tokens,
             prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
         )
-        result = make_plan(request, catalog)
+        library = ", ".join(map(str, config.library_dirs))
+        with showing(f"a scan of the model library ({library})" if library else _plan_wait(request),
+                     sys.stderr) as waiting:  # a big library on a slow disk takes seconds to walk
+            catalog = build_catalog(config, scan_library(config.library_dirs))
+            waiting.begin(_plan_wait(request))
+            result = make_plan(request, catalog)
     except (HybriddError, ValueError, OSError) as exc:
         print(f"hybridd plan: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return EXIT_ERROR
@@ -373,6 +381,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(render_plan_table(result))
         print(render_options(result))
     return EXIT_OK
+
+
+def _plan_wait(request: Any) -> str:
+    """What make_plan waits for: the model's GGUF header (its vocabulary alone can be megabytes), and unless a
+    hardware profile stands in, a probe of this machine's GPUs."""
+    return f"{request.model}'s GGUF header" + ("" if request.hardware else " and a probe of this machine's GPUs")
 
 
 def _peer_list(value: Any) -> list[str]:
@@ -398,7 +412,8 @@ def cmd_pair(args: argparse.Namespace) -> int:
     if args.code is None:
         print("hybridd pair: give the peer's code too: hybridd pair NAME-OR-ADDRESS CODE", file=sys.stderr)
         return EXIT_USAGE
-    peer = _ask(args, "/hybridd/v1/pair/connect", {"target": args.target, "code": args.code})
+    peer = _ask(args, "/hybridd/v1/pair/connect", {"target": args.target, "code": args.code},
+                waiting_for=f"{args.target} to answer the pairing")
     if args.json:
         print(json.dumps(peer, indent=2))
     else:
@@ -479,7 +494,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_unload(args: argparse.Namespace) -> int:
     """Stop the running daemon's idle engines."""
-    result = _ask(args, unload_cli.UNLOAD_IDLE_PATH, {})
+    result = _ask(args, unload_cli.UNLOAD_IDLE_PATH, {}, waiting_for=unload_cli.WAITING_FOR)
     print(json.dumps(result, indent=2) if args.json else unload_cli.render_unloaded(result))
     return EXIT_OK
 

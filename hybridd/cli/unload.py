@@ -6,6 +6,8 @@ from typing import Any
 
 HELP = "stop the engines no request is using (their memory is free until the next request loads them again)"
 UNLOAD_IDLE_PATH = "/hybridd/v1/unload-idle"  # hybridd.api.routes_engines; the CLI does not import the API
+# The daemon does not drain busy engines (it keeps them); it waits for each idle one's process to exit.
+WAITING_FOR = "the daemon to stop its idle engines"
 
 
 def render_unloaded(result: dict[str, Any]) -> str:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from hybridd.cli.waiting import StatusLine
 from hybridd.errors import HybriddError
 from hybridd.peer.wake import LIMITED_BROADCAST, WakeTarget, send_magic_packet
 from hybridd.validate import Reader
@@ -47,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ask: Ask, out: TextIO, clock: Callable[[], float] = time.monotonic,
-        send: Callable[[WakeTarget], list[str]] = send_magic_packet) -> int:
-    """Send the packet (by the daemon, or here with --mac), print where it went; with --wait, wait for the link."""
+        send: Callable[[WakeTarget], list[str]] = send_magic_packet, err: TextIO | None = None,
+        sleep: Callable[[float], None] = time.sleep) -> int:
+    """Send the packet (by the daemon, or here with --mac), print where it went; with --wait, wait for the link,
+    saying so on err (stderr) while it waits."""
     if args.mac is not None:
         try:
             mac = Reader(args.mac, ValueError, path="--mac").mac()
@@ -65,12 +69,19 @@ def run(args: argparse.Namespace, ask: Ask, out: TextIO, clock: Callable[[], flo
     if args.wait <= 0 or args.peer is None:
         return 0
     deadline = clock() + args.wait
-    while clock() < deadline:
-        if _link(ask, args.peer) == "up":
-            if not args.json:
-                print(f"{args.peer} is up", file=out)
-            return 0
-        time.sleep(min(0.5, max(0.0, deadline - clock())))
+    status = StatusLine(sys.stderr if err is None else err, clock)
+    status.begin(f"{args.peer}'s link to come up", args.wait)
+    try:
+        while clock() < deadline:
+            if _link(ask, args.peer) == "up":
+                status.end()
+                if not args.json:
+                    print(f"{args.peer} is up", file=out)
+                return 0
+            sleep(min(0.5, max(0.0, deadline - clock())))
+            status.tick()
+    finally:
+        status.end()
     print(f"{args.peer} did not come up within {args.wait:g} s", file=out)
     return 1
 

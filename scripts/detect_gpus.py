@@ -36,6 +36,8 @@ LAST_CUDA_BELOW_75 = (12, 9)
 ARCH_BY_NAME = (("GB10", "121"), ("RTX PRO 6000 Blackwell", "120"), ("RTX 50", "120"), ("H100", "90"),
                 ("H200", "90"), ("GH200", "90"), ("RTX 40", "89"), ("L40", "89"), ("L4", "89"), ("A100", "80"))
 CHOICES = ("auto", "cpu", "cuda")
+# A cmake CUDA architecture, as hybridd.engine.build checks it: 89, 120, 121, or with nvcc's suffix 90a, 100f.
+CUDA_ARCH = re.compile(r"\d{2,3}[af]?")
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,14 @@ def parse_nvcc_version(text: str) -> tuple[int, int] | None:
 def unsupported_archs(archs: tuple[str, ...], version: tuple[int, int]) -> list[str]:
     """The architectures that nvcc `version` cannot compile for."""
     dropped = version > LAST_CUDA_BELOW_75
-    return [arch for arch in archs if (dropped and int(arch) < 75) or version < MIN_CUDA.get(arch, (0, 0))]
+    plain = {arch: arch.rstrip("af") for arch in archs}  # 90a needs what 90 needs
+    return [arch for arch in archs
+            if (dropped and int(plain[arch]) < 75) or version < MIN_CUDA.get(plain[arch], (0, 0))]
 
 
 def toolkit_commands(machine: str, os_release: dict[str, str], archs: tuple[str, ...]) -> list[str]:
     """The commands that install a CUDA toolkit new enough for archs, on this distribution; then a rerun."""
-    major, minor = max((MIN_CUDA.get(a, (12, 0)) for a in archs), default=(12, 0))
+    major, minor = max((MIN_CUDA.get(a.rstrip("af"), (12, 0)) for a in archs), default=(12, 0))
     package = "cuda-toolkit-13-0" if (major, minor) <= (13, 0) else f"cuda-toolkit-{major}-{minor}"
     distro = os_release.get("ID", "")
     version = os_release.get("VERSION_ID", "").replace(".", "")
@@ -264,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     choice = env.get("HYBRIDD_BUILD", "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         print(f"detect_gpus: HYBRIDD_BUILD: unknown build {choice!r} (valid: {', '.join(CHOICES)})", file=sys.stderr)
+        return 2
+    override = env.get("HYBRIDD_CUDA_ARCHS", "")
+    bad = [arch for arch in re.split(r"[;, ]+", override.strip()) if arch and not CUDA_ARCH.fullmatch(arch)]
+    if bad:
+        print(f"detect_gpus: HYBRIDD_CUDA_ARCHS: {bad[0]!r} is not a CUDA architecture (valid: compute capabilities "
+              "without the dot, separated by ';', e.g. 89;120 or 90a)", file=sys.stderr)
         return 2
     gpus, problem = query_gpus(env)
     nvcc = find_nvcc(env)

@@ -132,8 +132,13 @@ fi
 # llama-server, the engine agents need (tool calls, json_schema, parallel slots): built once per version and backend
 # (a cached build is found at once) and, where one is, the default engine of models that name none.
 # HYBRIDD_LLAMA_SERVER=0 skips it when serving: models then run on llama-cpp-python. The tests always build it.
-server_flag="--$HYBRIDD_BUILD_CHOICE"
+# A CUDA build is for the architectures chosen above (HYBRIDD_CUDA_ARCHS, or the GPUs'), passed on explicitly: the
+# eval'd variable is not exported. None chosen: the build asks nvidia-smi itself.
+server_flags=("--$HYBRIDD_BUILD_CHOICE")
+if [ "$HYBRIDD_BUILD_CHOICE" = cuda ] && [ -n "$HYBRIDD_CUDA_ARCHS" ]; then
+    server_flags+=(--cuda-archs "$HYBRIDD_CUDA_ARCHS")
+fi
 engines=("$VENV_PY" -m hybridd.cli.engines)
 if [ "$mode" = test ] || [ "${HYBRIDD_LLAMA_SERVER:-1}" != 0 ]; then
-    step "${engines[@]}" build llama-server "$server_flag" ${JOBS:+--jobs "$JOBS"}
+    step "${engines[@]}" build llama-server "${server_flags[@]}" ${JOBS:+--jobs "$JOBS"}
 fi

@@ -47,6 +47,33 @@ def test_compute_capabilities_become_cmake_architectures() -> None:
     assert build.resolve_target("0.3.36", cuda=False, compute_caps=lambda: "8.6\n") == BuildTarget("0.3.36")
 
 
+def test_cuda_architectures_asked_for_are_validated_and_win_over_the_gpus() -> None:
+    assert build.parse_cuda_archs("120;89", "HYBRIDD_CUDA_ARCHS") == ("89", "120")
+    assert build.parse_cuda_archs(" 121 ; 90a;90, 89 ", "--cuda-archs") == ("89", "90", "90a", "121")
+    for bad, word in (("8.9;12.0", "'8.9'"), ("sm_89", "'sm_89'"), ("89;native", "'native'")):
+        with pytest.raises(build.BuildFailed) as caught:
+            build.parse_cuda_archs(bad, "HYBRIDD_CUDA_ARCHS")
+        assert str(caught.value) == (f"HYBRIDD_CUDA_ARCHS: {word} is not a CUDA architecture (valid: compute "
+                                     "capabilities without the dot, separated by ';', e.g. 89;120 or 90a)")
+    with pytest.raises(build.BuildFailed, match=r"^--cuda-archs: no CUDA architecture given \(valid: "):
+        build.parse_cuda_archs(" ; ", "--cuda-archs")
+    # the flag wins over the variable; an empty variable is unset
+    env = {"HYBRIDD_CUDA_ARCHS": "89;120"}
+    assert build.requested_archs(None, env) == (("89", "120"), "HYBRIDD_CUDA_ARCHS")
+    assert build.requested_archs("121", env) == (("121",), "--cuda-archs")
+    assert build.requested_archs(None, {"HYBRIDD_CUDA_ARCHS": " "}) is None
+    assert build.requested_archs(None, {}) is None
+    # asked-for architectures replace the GPUs' (nvidia-smi is not even asked), and reach cmake
+    def no_smi() -> str:
+        raise AssertionError("nvidia-smi asked although the architectures were given")
+
+    target = build.resolve_target("0.3.36", cuda=True, compute_caps=no_smi, archs=("89", "120"))
+    assert target.variant == "cuda-sm_89-sm_120"
+    assert "-DCMAKE_CUDA_ARCHITECTURES=89;120" in build.configure_args(Path("/s"), Path("/b"), target)
+    assert build.reinstall_cmake_args(target) == "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=89;120"
+    assert build.resolve_target("0.3.36", cuda=False, archs=("89",)) == BuildTarget("0.3.36")
+
+
 def test_cmake_arguments_for_cpu_and_cuda() -> None:
     src, out = Path("/s"), Path("/b")
     cpu = build.configure_args(src, out, BuildTarget("0.3.36"))
@@ -221,3 +248,57 @@ def test_the_cli_builds_nothing_when_the_build_is_there(tmp_path: Path, monkeypa
     out = io.StringIO()
     assert engines_cli.run(parser.parse_args(["list"]), out, err) == 0
     assert out.getvalue() == f"{binary}\n" and err.getvalue() == ""
+
+
+def _gpu_box(tmp_path: Path, compute_caps: str, **extra: str) -> dict[str, str]:
+    """An environment with a fake nvidia-smi (answering compute_caps) on PATH and a fake nvcc as $CUDACXX."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\nprintf '{compute_caps}'\n")
+    smi.chmod(0o755)
+    nvcc = _fake_binary(tmp_path / "cuda" / "bin" / "nvcc")
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "cache"), "CUDACXX": str(nvcc),
+            **extra}
+
+
+def _engines_build(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser()
+    engines_cli.add_arguments(parser)
+    out, err = io.StringIO(), io.StringIO()
+    code = engines_cli.run(parser.parse_args(["build", *argv]), out, err, env)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(("argv", "variable", "archs", "source"), [
+    ((), None, "89;120", "this machine's GPUs (nvidia-smi)"),
+    (("--cuda",), "90a;121", "90a;121", "HYBRIDD_CUDA_ARCHS"),
+    ((), "121", "121", "HYBRIDD_CUDA_ARCHS"),
+    (("--cuda-archs", "100"), "121", "100", "--cuda-archs"),
+])
+def test_the_cli_builds_for_the_flag_else_the_variable_else_the_gpus(
+        tmp_path: Path, argv: tuple[str, ...], variable: str | None, archs: str, source: str) -> None:
+    extra = {"HYBRIDD_CUDA_ARCHS": variable} if variable is not None else {}
+    env = _gpu_box(tmp_path, "12.0\n8.9\n", **extra)
+    version = metadata.version("llama-cpp-python")
+    target = BuildTarget(version, tuple(archs.split(";")), cuda=True)
+    binary = _fake_binary(build.binary_path(build.cache_root(env), target))  # built already: the test compiles nothing
+    code, out, err = _engines_build(env, *argv)
+    assert (code, err) == (0, "")
+    assert out == (f"CUDA architectures {archs}, from {source}\n"
+                   f"llama-server {target.variant} for llama-cpp-python {version} is already built: {binary}\n")
+
+
+def test_the_cli_refuses_bad_architectures_naming_where_they_came_from(tmp_path: Path) -> None:
+    env = _gpu_box(tmp_path, "8.9\n", HYBRIDD_CUDA_ARCHS="8.9")
+    code, out, err = _engines_build(env, "--cuda")
+    assert (code, out) == (1, "")
+    assert err == ("hybridd: HYBRIDD_CUDA_ARCHS: '8.9' is not a CUDA architecture (valid: compute capabilities "
+                   "without the dot, separated by ';', e.g. 89;120 or 90a)\n")
+    assert _engines_build(env, "--cuda-archs", "sm_89")[2].startswith("hybridd: --cuda-archs: 'sm_89' is not a CUDA")
+    assert _engines_build(env, "--cpu", "--cuda-archs", "89")[2] == \
+        "hybridd: --cuda-archs is for a CUDA build; drop --cpu or --cuda-archs\n"
+    # a CPU build does not read the variable: setup.sh may leave it set on a box it builds for the CPU
+    cpu = BuildTarget(metadata.version("llama-cpp-python"))
+    _fake_binary(build.binary_path(build.cache_root(env), cpu))
+    assert _engines_build(env, "--cpu")[:1] == (0,)

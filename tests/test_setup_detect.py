@@ -161,6 +161,12 @@ def test_overrides_choose_the_build_and_the_architectures(tmp_path: Path) -> Non
     assert shell_vars(env_with(bin_dir, tmp_path, HYBRIDD_BUILD="cpu"))["HYBRIDD_BUILD_CHOICE"] == "cpu"
     forced = shell_vars(env_with(bin_dir, tmp_path, HYBRIDD_CUDA_ARCHS="90"))
     assert forced["HYBRIDD_CMAKE_ARGS"] == "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90"
+    suffixed = shell_vars(env_with(bin_dir, tmp_path, HYBRIDD_CUDA_ARCHS="90a;121"))
+    assert suffixed["HYBRIDD_CMAKE_ARGS"] == "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a;121"
+    bad = detect(env_with(bin_dir, tmp_path, HYBRIDD_CUDA_ARCHS="8.9"), "--shell")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "detect_gpus: HYBRIDD_CUDA_ARCHS: '8.9' is not a CUDA architecture (valid: compute capabilities without the "
+        "dot, separated by ';', e.g. 89;120 or 90a)")
     wrong = detect(env_with(bin_dir, tmp_path, HYBRIDD_BUILD="rocm"), "--shell")
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == "detect_gpus: HYBRIDD_BUILD: unknown build 'rocm' (valid: auto, cpu, cuda)"
@@ -196,7 +202,11 @@ def test_setup_on_a_gpu_box_rebuilds_llama_cpp_python_for_cuda_bypassing_the_cac
     assert reinstall.endswith("-m pip install --no-cache-dir --no-binary llama-cpp-python --force-reinstall "
                               "--no-deps llama-cpp-python==" + _installed_llama_version())
     assert "  would check: llama_cpp.llama_supports_gpu_offload() is True" in plan
-    assert plan.splitlines()[-1].endswith("-m hybridd.cli.engines build llama-server --cuda")
+    # llama-server is built for the architectures setup chose, passed on (the eval'd variable is not exported)
+    assert plan.splitlines()[-1].endswith("-m hybridd.cli.engines build llama-server --cuda --cuda-archs '89;120'")
+    forced = print_plan(env_with(bin_dir, tmp_path, PYTHON=sys.executable, HYBRIDD_CUDA_ARCHS="121, 90a"))
+    assert forced.splitlines()[0] == "setup plan (serve): cuda build for CUDA architectures 121;90a"
+    assert forced.splitlines()[-1].endswith("build llama-server --cuda --cuda-archs '121;90a'")
     # The desktop tests' programs come first: PyGObject, in the tray extra, compiles against them.
     lines = plan.splitlines()
     desktop = lines.index("  would run: scripts/install_desktop.sh")

@@ -37,6 +37,10 @@ CPU_BUILD_CORE_S = 760.0
 CUDA_BUILD_CORE_S = 3000.0
 CUDA_ARCH_CORE_S = 5000.0
 _PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
+# A cmake CUDA architecture: the compute capability without its dot, with nvcc's 'a' (architecture-specific) or 'f'
+# (family) suffix where one is wanted: 89, 120, 121, 90a, 100f.
+_CUDA_ARCH = re.compile(r"\d{2,3}[af]?")
+ARCHS_VARIABLE = "HYBRIDD_CUDA_ARCHS"  # scripts/setup.sh and scripts/detect_gpus.py read it too
 _SDIST_NAMES = ("llama_cpp_python-{v}.tar.gz", "llama-cpp-python-{v}.tar.gz")
 
 
@@ -117,6 +121,27 @@ def cuda_architectures(compute_caps: str) -> tuple[str, ...]:
         if match:
             archs.add(match.group(1) + match.group(2))
     return tuple(sorted(archs, key=int))
+
+
+def parse_cuda_archs(text: str, source: str) -> tuple[str, ...]:
+    """'89;120' as cmake architectures ('89', '120'), sorted, no repeats; ',' and spaces separate too, as in
+    scripts/detect_gpus.py. A bad one raises BuildFailed naming source, the variable or flag it came from."""
+    archs = [arch for arch in re.split(r"[;, ]+", text.strip()) if arch]
+    bad = [arch for arch in archs if not _CUDA_ARCH.fullmatch(arch)]
+    if bad or not archs:
+        what = f"{bad[0]!r} is not a CUDA architecture" if bad else "no CUDA architecture given"
+        raise BuildFailed(f"{source}: {what} (valid: compute capabilities without the dot, separated by ';', "
+                          "e.g. 89;120 or 90a)")
+    return tuple(sorted(set(archs), key=lambda arch: (int(arch.rstrip("af")), arch)))
+
+
+def requested_archs(flag: str | None, env: Mapping[str, str]) -> tuple[tuple[str, ...], str] | None:
+    """(architectures, where they came from) asked for by --cuda-archs, else $HYBRIDD_CUDA_ARCHS; None when neither
+    (an empty variable is unset)."""
+    if flag is not None:
+        return parse_cuda_archs(flag, "--cuda-archs"), "--cuda-archs"
+    value = env.get(ARCHS_VARIABLE, "")
+    return (parse_cuda_archs(value, ARCHS_VARIABLE), ARCHS_VARIABLE) if value.strip() else None
 
 
 def configure_args(source: Path, build: Path, target: BuildTarget, generator: str = "Ninja") -> list[str]:
@@ -359,11 +384,13 @@ class BuildResult:
     seconds: float
 
 
-def resolve_target(version: str, cuda: bool, compute_caps: Callable[[], str] = query_compute_caps) -> BuildTarget:
-    """The build for version: CUDA for this machine's GPUs' architectures, or CPU."""
+def resolve_target(version: str, cuda: bool, compute_caps: Callable[[], str] = query_compute_caps,
+                   archs: tuple[str, ...] | None = None) -> BuildTarget:
+    """The build for version: CUDA for archs when given (--cuda-archs, $HYBRIDD_CUDA_ARCHS), else for this
+    machine's GPUs' architectures; or CPU."""
     if not cuda:
         return BuildTarget(version)
-    return BuildTarget(version, cuda_architectures(compute_caps()), cuda=True)
+    return BuildTarget(version, archs if archs is not None else cuda_architectures(compute_caps()), cuda=True)
 
 
 def build_llama_server(target: BuildTarget, root: Path, jobs: int, python: str, out: TextIO,

@@ -154,6 +154,8 @@ def test_pair_on_the_peer_shows_each_attempt_and_a_stalled_start_blocks_nothing(
         ("127.0.0.2", "started"), ("127.0.0.1", "started"), ("127.0.0.1", "paired"), ("this node", "closed")]
     assert "calls itself 'desk' (desktop)" in lines[0][3] and "paired with 'laptop' (desktop" in lines[2][3]
     assert lines[3][3] == "the window closed: the code is used"
+    # stderr is not a terminal here: the wait is one plain line, not a redrawn one.
+    assert "hybridd: waiting for a desktop to use the code: 0 s of 120 s\n" in err and "\r" not in err
 
 
 def test_demo_runs_from_the_readme(tmp_path: Path) -> None:

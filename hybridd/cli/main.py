@@ -408,7 +408,7 @@ def cmd_pair(args: argparse.Namespace) -> int:
         print(f"On the desktop run:  hybridd pair {window['name']} {window['code']}")
         print("Waiting; each attempt is shown here as it happens (Ctrl-C stops watching, the window stays open).",
               flush=True)
-        return _follow_window(args, window["window"])
+        return _follow_window(args, window["window"], window["expires_in_s"])
     if args.code is None:
         print("hybridd pair: give the peer's code too: hybridd pair NAME-OR-ADDRESS CODE", file=sys.stderr)
         return EXIT_USAGE
@@ -422,22 +422,34 @@ def cmd_pair(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _follow_window(args: argparse.Namespace, number: int, poll_s: float = 0.5) -> int:
-    """Print what happens to pairing window `number` until it closes: 0 once it paired, 1 otherwise."""
+def _follow_window(args: argparse.Namespace, number: int, valid_s: float, poll_s: float = 0.5) -> int:
+    """Print what happens to pairing window `number` until it closes: 0 once it paired, 1 otherwise. Meanwhile
+    stderr says how long the code has been waiting for a desktop."""
     from hybridd.cli.views import render_pairing_event
+    from hybridd.cli.waiting import StatusLine
 
     shown = 0
-    while True:
-        report = _ask(args, "/hybridd/v1/pair/window")
-        if report["window"] != number:
-            print("hybridd: a newer 'hybridd pair' replaced this window; its code no longer works", file=sys.stderr)
-            return EXIT_ERROR
-        for event in report["events"][shown:]:
-            print(render_pairing_event(event, report["opened_at"]), flush=True)
-        shown = len(report["events"])
-        if not report["open"]:
-            break
-        time.sleep(poll_s)
+    line = StatusLine(sys.stderr)
+    line.begin("a desktop to use the code", limit_s=valid_s)
+    try:
+        while True:
+            report = _ask(args, "/hybridd/v1/pair/window")
+            if report["window"] != number:
+                line.end()
+                print("hybridd: a newer 'hybridd pair' replaced this window; its code no longer works",
+                      file=sys.stderr)
+                return EXIT_ERROR
+            if len(report["events"]) > shown:
+                line.clear()
+                for event in report["events"][shown:]:
+                    print(render_pairing_event(event, report["opened_at"]), flush=True)
+                shown = len(report["events"])
+            if not report["open"]:
+                break
+            line.tick()
+            time.sleep(poll_s)
+    finally:
+        line.end()
     if report["events_left_out"]:
         print(f"  ({report['events_left_out']} more attempts are not shown; the daemon log has them)")
     if report["outcome"] == "paired":

@@ -73,14 +73,19 @@ class StatusLine:
                 return
             self.stream.flush()
 
-    def end(self) -> None:
-        """The wait is over: erase the line, so what is printed next starts on a clean line."""
+    def clear(self) -> None:
+        """Take the line off the screen for a moment (the caller prints something); the next tick redraws it."""
         with self._lock:
-            self._what = None
             if self._drawn:
                 self.stream.write(ERASE)
                 self.stream.flush()
                 self._drawn = False
+
+    def end(self) -> None:
+        """The wait is over: erase the line, so what is printed next starts on a clean line."""
+        self.clear()
+        with self._lock:
+            self._what = None
 
 
 @contextmanager

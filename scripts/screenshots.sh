@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_desktop.sh
 mkdir -p docs
-HYBRIDD_DASHBOARD_SCREENSHOT="$PWD/docs/dashboard.png" HYBRIDD_TRAY_SCREENSHOT="$PWD/docs/tray.png" \
+# CI=1: a test that cannot run fails rather than skips, so an old screenshot never passes for a new one.
+CI=1 HYBRIDD_DASHBOARD_SCREENSHOT="$PWD/docs/dashboard.png" HYBRIDD_TRAY_SCREENSHOT="$PWD/docs/tray.png" \
     .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_dashboard.py tests/test_tray.py \
     -k "test_dashboard_in_chromium or test_tray_item"
 for target in docs/dashboard.png docs/tray.png; do

@@ -37,7 +37,9 @@ ARCH_BY_NAME = (("GB10", "121"), ("RTX PRO 6000 Blackwell", "120"), ("RTX 50", "
                 ("H200", "90"), ("GH200", "90"), ("RTX 40", "89"), ("L40", "89"), ("L4", "89"), ("A100", "80"))
 CHOICES = ("auto", "cpu", "cuda")
 # A cmake CUDA architecture, as hybridd.engine.build checks it: 89, 120, 121, or with nvcc's suffix 90a, 100f.
-CUDA_ARCH = re.compile(r"\d{2,3}[af]?")
+# sm_50 and newer, no leading zero; the arch-specific "a" forms from 90 (90a, 120a), the family "f" forms from
+# 100 (100f).
+CUDA_ARCH = re.compile(r"[5-8]\d|(?:9\d|[1-9]\d\d)a?|[1-9]\d\df")
 
 
 @dataclass(frozen=True)

@@ -296,8 +296,14 @@ def test_the_cli_refuses_bad_architectures_naming_where_they_came_from(tmp_path:
     assert err == ("hybridd: HYBRIDD_CUDA_ARCHS: '8.9' is not a CUDA architecture (valid: compute capabilities "
                    "without the dot, separated by ';', e.g. 89;120 or 90a)\n")
     assert _engines_build(env, "--cuda-archs", "sm_89")[2].startswith("hybridd: --cuda-archs: 'sm_89' is not a CUDA")
-    assert _engines_build(env, "--cpu", "--cuda-archs", "89")[2] == \
-        "hybridd: --cuda-archs is for a CUDA build; drop --cpu or --cuda-archs\n"
+    assert _engines_build(env, "--cpu", "--cuda-archs", "89") == \
+        (2, "", "hybridd: --cuda-archs is for a CUDA build; drop --cpu or --cuda-archs\n")
+    for not_one in ("00", "012", "35", "89f", "89a", "120-real"):  # what nvcc would refuse minutes later
+        assert _engines_build(env, "--cuda-archs", not_one)[2].startswith(f"hybridd: --cuda-archs: {not_one!r}")
+    assert build.parse_cuda_archs("90a;100f;120a;50", "x") == ("50", "90a", "100f", "120a")
+    parser = argparse.ArgumentParser()
+    engines_cli.add_arguments(parser)
+    assert engines_cli.run(parser.parse_args(["list", "--cuda-archs", "89"]), io.StringIO(), io.StringIO(), env) == 2
     # a CPU build does not read the variable: setup.sh may leave it set on a box it builds for the CPU
     cpu = BuildTarget(metadata.version("llama-cpp-python"))
     _fake_binary(build.binary_path(build.cache_root(env), cpu))

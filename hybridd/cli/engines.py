@@ -12,7 +12,7 @@ from typing import TextIO
 
 from hybridd.engine import build
 
-EXIT_OK, EXIT_ERROR = 0, 1
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 HELP = "build llama-server (or rebuild llama-cpp-python) for this machine's GPUs or CPU; list the builds"
 DESCRIPTION = (
     "'hybridd engines build' compiles llama-server from the llama.cpp that the installed llama-cpp-python vendors "
@@ -53,12 +53,16 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         return EXIT_ERROR
     root = build.cache_root(env)
     if args.action == "list":
+        if args.cuda_archs is not None or args.cuda or args.cpu:
+            print("hybridd: 'engines list' lists every build; --cuda, --cpu and --cuda-archs go with 'build'",
+                  file=err)
+            return EXIT_USAGE
         for binary in build.built_binaries(root, version):
             print(binary, file=out)
         return EXIT_OK
     if args.cpu and args.cuda_archs is not None:
         print("hybridd: --cuda-archs is for a CUDA build; drop --cpu or --cuda-archs", file=err)
-        return EXIT_ERROR
+        return EXIT_USAGE
     compute_caps = build.query_compute_caps(shutil.which("nvidia-smi", path=env.get("PATH")) or "nvidia-smi")
     has_gpu = bool(compute_caps.strip())
     nvcc = build.find_nvcc(env)

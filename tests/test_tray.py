@@ -27,7 +27,7 @@ from tests.xsession import Session, desktop, has_appindicator, missing_programs,
 
 MISSING = missing_programs()
 READY = not MISSING and has_appindicator()
-SCREENSHOT_COPY = os.environ.get("HYBRIDD_TRAY_SCREENSHOT")  # scripts/tray_screenshot.sh refreshes docs/ with it
+SCREENSHOT_COPY = os.environ.get("HYBRIDD_TRAY_SCREENSHOT")  # scripts/screenshots.sh refreshes docs/ with it
 ITEM = "/org/ayatana/NotificationItem/hybridd"
 IDLE_COLOUR = "#93a1a1"  # hybridd-idle.svg's disc
 
@@ -67,8 +67,11 @@ class Bus:
         bus, path = "org.freedesktop.DBus", "/org/freedesktop/DBus"
         for name in self.call(bus, path, "org.freedesktop.DBus.ListNames")[0]:
             if name.startswith(":"):
-                pid_of = self.call(bus, path, "org.freedesktop.DBus.GetConnectionUnixProcessID",
-                                   self.glib.Variant("(s)", (name,)))[0]
+                try:
+                    pid_of = self.call(bus, path, "org.freedesktop.DBus.GetConnectionUnixProcessID",
+                                       self.glib.Variant("(s)", (name,)))[0]
+                except self.glib.Error:  # that connection closed meanwhile
+                    continue
                 if pid_of == pid:
                     return str(name)
         return None
@@ -177,6 +180,8 @@ def test_tray_item_shows_the_node_and_its_menu_unloads_and_opens_the_dashboard(
             x, y, width, height = box
             session.xdotool("mousemove", str(x + width // 2), str(y + height // 2), "click", "1")
             mx, my, mwidth, mheight = wait_for(lambda: _menu_box(session), timeout=30, what="the menu on screen")
+            wait_for(lambda: screen(session, (mx, my, mwidth, mheight)).get("#ffffff", 0) > mwidth * mheight // 2,
+                     timeout=30, what="the menu drawn")  # mapped is not yet painted
             screen(session, (mx - 8, 0, mwidth + 8, my + mheight + 8), png=tmp_path / "tray.png")
             session.xdotool("key", "Escape")
             if SCREENSHOT_COPY:

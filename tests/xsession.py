@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -66,11 +67,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _first_line(proc: subprocess.Popen[bytes], what: str) -> str:
-    """The first line proc prints on stdout (its bus address, its display number)."""
+    """The first line proc prints on stdout (its bus address, its display number), waited for START_S at most."""
     assert proc.stdout is not None
-    line = proc.stdout.readline().decode().strip()
+    ready, _, _ = select.select([proc.stdout], [], [], START_S)
+    line = proc.stdout.readline().decode().strip() if ready else ""
     if not line:
-        raise AssertionError(f"{what} printed nothing; exit status {proc.poll()}")
+        raise AssertionError(f"{what} printed nothing in {START_S:g} s; exit status {proc.poll()}")
     return line
 
 

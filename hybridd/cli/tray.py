@@ -90,6 +90,7 @@ class Tray:
         self.base_url, self.interval_s, self.why_not = base_url, interval_s, why_not
         self.wake = threading.Event()  # set: read the status now (after an action), and on quit
         self.stopping = False
+        self.unloading = False  # an unload is on its way: the item stays greyed out until it answers
         self.indicator = indicator.Indicator.new(ITEM_ID, "hybridd-down",
                                                  indicator.IndicatorCategory.APPLICATION_STATUS)
         self.indicator.set_icon_theme_path(str(ICONS))
@@ -135,7 +136,7 @@ class Tray:
             for item, line in zip(self.info, lines, strict=True):
                 item.set_label(line)
         idle = idle_engines(status)
-        self.unload.set_sensitive(bool(idle))
+        self.unload.set_sensitive(bool(idle) and not self.unloading)
         self.unload.set_label(f"Unload idle engines ({', '.join(idle)})" if idle else "Unload idle engines")
         return False
 
@@ -145,6 +146,11 @@ class Tray:
         self.note.show()
         self.wake.set()
         return False
+
+    def unloaded(self, text: str) -> bool:
+        """The unload answered: show what it did; the next reading decides whether the item comes back."""
+        self.unloading = False
+        return self.tell(text)
 
     def _open_dashboard(self, _item: Any) -> None:
         url = self.base_url + "/"
@@ -156,10 +162,11 @@ class Tray:
         threading.Thread(target=opener, name="hybridd-tray-browser", daemon=True).start()
 
     def _unload(self, _item: Any) -> None:
+        self.unloading = True
         self.unload.set_sensitive(False)
 
         def unloader() -> None:
-            self.glib.idle_add(self.tell, post_unload(self.base_url))
+            self.glib.idle_add(self.unloaded, post_unload(self.base_url))
 
         threading.Thread(target=unloader, name="hybridd-tray-unload", daemon=True).start()
 
@@ -171,8 +178,8 @@ class Tray:
             if self.stopping:
                 break
             self.glib.idle_add(self.show, status, why)
-            self.wake.wait(self.interval_s)
-            self.wake.clear()
+            if self.wake.wait(self.interval_s):  # cleared only when it was set: a wake after the timeout stays
+                self.wake.clear()
 
     def quit(self) -> bool:
         self.stopping = True

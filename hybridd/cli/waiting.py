@@ -7,6 +7,7 @@ carriage returns. A wait shorter than its grace shows nothing at all: quick answ
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +50,9 @@ class StatusLine:
         self._drawn = False  # a terminal: a status line is on screen
 
     def begin(self, what: str, limit_s: float | None = None) -> None:
-        """Start waiting for what (at most limit_s seconds, when given); shown at once unless there is a grace."""
+        """Start waiting for what (at most limit_s seconds, when given); shown at once unless there is a grace.
+        The last wait's line goes at once, even while this one is inside its grace."""
+        self.clear()
         with self._lock:
             self._what, self._limit_s, self._started, self._announced = what, limit_s, self.clock(), False
         self.tick()
@@ -63,8 +66,8 @@ class StatusLine:
             if elapsed < self.grace_s:
                 return
             text = wait_text(self._what, elapsed, self._limit_s)
-            if self.tty:
-                self.stream.write(ERASE + text)
+            if self.tty:  # one row: a line that wrapped would leave its first rows behind at each redraw
+                self.stream.write(ERASE + text[:max(20, shutil.get_terminal_size().columns - 1)])
                 self._drawn = True
             elif not self._announced:
                 self.stream.write(f"hybridd: {text}\n")

@@ -46,6 +46,28 @@ def test_without_the_typelib_it_says_what_to_install(monkeypatch: pytest.MonkeyP
     assert "pip install 'hybridd[tray]'" in err and "gir1.2-ayatanaappindicator3-0.1" in err
 
 
+def test_autostart_entry_starts_this_install_s_tray_with_the_flags_given(tmp_path: Path) -> None:
+    gi = pytest.importorskip("gi")
+    gi.require_version("Gio", "2.0")
+    from gi.repository import Gio, GLib
+
+    config = tmp_path / "my configs" / "hybridd $HOME.toml"  # a space, a dollar: quoted in Exec, not expanded
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    done = subprocess.run([sys.executable, "-m", "hybridd", "tray", "--autostart", "--url", "http://127.0.0.1:9",
+                           "--config", str(config), "--interval", "5"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    entry = tmp_path / "cfg" / "autostart" / "hybridd-tray.desktop"
+    assert done.returncode == 0 and done.stdout.startswith(f"wrote {entry}"), done.stderr
+    # Read back as a desktop session reads it: the key file, then the Exec line's quoting.
+    app = Gio.DesktopAppInfo.new_from_filename(str(entry))
+    assert app is not None and app.get_name() == "hybridd tray"
+    _, argv = GLib.shell_parse_argv(app.get_commandline())
+    assert argv[1:] == ["tray", "--url", "http://127.0.0.1:9", "--config", str(config), "--interval", "5"]
+    program = Path(argv[0])
+    assert program.is_absolute() and os.access(program, os.X_OK)
+    assert subprocess.run([*argv[:1], "tray", "--help"], capture_output=True, timeout=60).returncode == 0
+
+
 class Bus:
     """Calls on the session's bus through Gio, as a tray host makes them."""
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 import urllib.error
 import urllib.request
 import webbrowser
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,53 @@ def add_arguments(parser: argparse.ArgumentParser, flag: Callable[..., None]) ->
     """`hybridd tray`'s flags besides --url and --config (flag: main's env-aware add_argument)."""
     flag(parser, "--interval", env="HYBRIDD_INTERVAL", type=interval_seconds, default=DEFAULT_INTERVAL_S,
          metavar="SECONDS", help=f"seconds between status readings (default {DEFAULT_INTERVAL_S:g})")
+    parser.add_argument("--autostart", action="store_true",
+                        help="write an XDG autostart entry that starts this tray at login (with this install's "
+                        "hybridd and these flags), print where, and exit")
+
+
+def _exec_word(word: str) -> str:
+    """One argument of a desktop entry's Exec key, quoted where the Desktop Entry spec reserves a character."""
+    if word and not any(c in word for c in ' \t\n"\'\\><~|&;$*?#()`'):
+        return word.replace("%", "%%")
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`").replace("$", "\\$")
+    return '"' + escaped.replace("%", "%%") + '"'
+
+
+def _exec_value(words: list[str]) -> str:
+    """The Exec value: the quoted words, then the key file's own escape (a backslash is written twice)."""
+    return " ".join(_exec_word(w) for w in words).replace("\\", "\\\\")
+
+
+def autostart_entry(program: tuple[str, ...], args: argparse.Namespace) -> str:
+    """The autostart entry's text: this install's hybridd, `tray`, and the flags that were given."""
+    words = [*program, "tray"]
+    if args.url:
+        words += ["--url", str(args.url)]
+    if args.config:
+        words += ["--config", str(Path(args.config).expanduser().absolute())]
+    if args.interval != DEFAULT_INTERVAL_S:
+        words += ["--interval", f"{args.interval:g}"]
+    return ("[Desktop Entry]\nType=Application\nName=hybridd tray\n"
+            "Comment=Where requests run, loaded models, peers and jobs\n"
+            f"Exec={_exec_value(words)}\nIcon={ICONS / 'hybridd-idle.svg'}\n"
+            "Terminal=false\nX-GNOME-Autostart-enabled=true\n")
+
+
+def write_autostart(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Write $XDG_CONFIG_HOME/autostart/hybridd-tray.desktop; the exit code."""
+    from hybridd.cli.install_service import this_hybridd  # the same program the systemd unit runs
+
+    folder = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "autostart"
+    path = folder / "hybridd-tray.desktop"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(autostart_entry(this_hybridd(), args))
+    except OSError as exc:
+        print(f"hybridd tray: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}: the tray starts at your next login (delete the file to stop that)")
+    return 0
 
 
 def icon_name(view: BarView) -> str:
@@ -200,7 +248,9 @@ def load_gi() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, daemon_url: Callable[[argparse.Namespace], str]) -> int:
-    """Run the tray until Quit, Ctrl-C or SIGTERM; the exit code."""
+    """Run the tray until Quit, Ctrl-C or SIGTERM (or, with --autostart, write its autostart entry); the exit code."""
+    if args.autostart:
+        return write_autostart(args, os.environ)
     try:
         gi = load_gi()
     except (ImportError, ValueError) as exc:

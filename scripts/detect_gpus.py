@@ -36,10 +36,14 @@ LAST_CUDA_BELOW_75 = (12, 9)
 ARCH_BY_NAME = (("GB10", "121"), ("RTX PRO 6000 Blackwell", "120"), ("RTX 50", "120"), ("H100", "90"),
                 ("H200", "90"), ("GH200", "90"), ("RTX 40", "89"), ("L40", "89"), ("L4", "89"), ("A100", "80"))
 CHOICES = ("auto", "cpu", "cuda")
-# A cmake CUDA architecture, as hybridd.engine.build checks it: 89, 120, 121, or with nvcc's suffix 90a, 100f.
-# sm_50 and newer, no leading zero; the arch-specific "a" forms from 90 (90a, 120a), the family "f" forms from
-# 100 (100f).
+# A cmake CUDA architecture, as hybridd.engine.build checks it: sm_50 and newer without a leading zero (89, 120,
+# 121), nvcc's arch-specific "a" forms from 90 (90a, 120a) and its family "f" forms from 100 (100f).
 CUDA_ARCH = re.compile(r"[5-8]\d|(?:9\d|[1-9]\d\d)a?|[1-9]\d\df")
+
+
+def split_archs(text: str) -> list[str]:
+    """HYBRIDD_CUDA_ARCHS's items: ';', ',' or spaces separate them."""
+    return [arch for arch in re.split(r"[;, ]+", text.strip()) if arch]
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ def decide(gpus: tuple[Gpu, ...], smi_problem: str, nvcc: str, nvcc_text: str, c
     """The build for this machine, from what nvidia-smi and nvcc said (pure)."""
     archs = tuple(sorted({g.arch for g in gpus if g.arch}, key=int))
     if arch_override.strip():
-        archs = tuple(a.strip() for a in re.split(r"[;, ]+", arch_override.strip()) if a.strip())
+        archs = tuple(split_archs(arch_override))
     version = parse_nvcc_version(nvcc_text) if nvcc else None
     shown = f"{version[0]}.{version[1]}" if version else ""
     decision = Decision("cpu", (), gpus, nvcc, shown)
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detect_gpus: HYBRIDD_BUILD: unknown build {choice!r} (valid: {', '.join(CHOICES)})", file=sys.stderr)
         return 2
     override = env.get("HYBRIDD_CUDA_ARCHS", "")
-    bad = [arch for arch in re.split(r"[;, ]+", override.strip()) if arch and not CUDA_ARCH.fullmatch(arch)]
+    bad = [arch for arch in split_archs(override) if not CUDA_ARCH.fullmatch(arch)]
     if bad:
         print(f"detect_gpus: HYBRIDD_CUDA_ARCHS: {bad[0]!r} is not a CUDA architecture (valid: compute capabilities "
               "without the dot, separated by ';', e.g. 89;120 or 90a)", file=sys.stderr)

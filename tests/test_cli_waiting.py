@@ -68,22 +68,22 @@ def test_elsewhere_one_plain_line_when_the_wait_starts_and_no_carriage_return() 
     assert stream.getvalue() == "hybridd: waiting for spark's link to come up: 0 s of 120 s\n"
 
 
-def test_a_wait_shorter_than_its_grace_shows_nothing() -> None:
-    for stream in (Terminal(), io.StringIO()):
-        clock = Clock()
-        line = StatusLine(stream, clock, grace_s=1.0)
-        line.begin("the daemon to answer POST /x", 60)
-        clock.now += 0.9
-        line.tick()
-        line.end()
-        assert stream.getvalue() == ""
-    stream, clock = io.StringIO(), Clock()
+def _waited(stream: io.StringIO, seconds: float, ticks: int) -> str:
+    """What a 1 s-grace wait of `seconds` writes to stream, ticked `ticks` times after them and then ended."""
+    clock = Clock()
     line = StatusLine(stream, clock, grace_s=1.0)
     line.begin("the daemon to answer POST /x", 60)
-    clock.now += 1.5
-    line.tick()
-    line.tick()
-    assert stream.getvalue() == "hybridd: waiting for the daemon to answer POST /x: 1 s of 60 s\n"
+    clock.now += seconds
+    for _ in range(ticks):
+        line.tick()
+    line.end()
+    return stream.getvalue()
+
+
+def test_a_wait_shorter_than_its_grace_shows_nothing() -> None:
+    for stream in (Terminal(), io.StringIO()):
+        assert _waited(stream, 0.9, ticks=1) == ""
+    assert _waited(io.StringIO(), 1.5, ticks=2) == "hybridd: waiting for the daemon to answer POST /x: 1 s of 60 s\n"
 
 
 def test_a_new_phase_of_a_wait_is_shown_as_what_is_now_waited_for() -> None:

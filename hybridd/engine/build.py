@@ -37,10 +37,8 @@ CPU_BUILD_CORE_S = 760.0
 CUDA_BUILD_CORE_S = 3000.0
 CUDA_ARCH_CORE_S = 5000.0
 _PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
-# A cmake CUDA architecture: the compute capability without its dot, with nvcc's 'a' (architecture-specific) or 'f'
-# (family) suffix where one is wanted: 89, 120, 121, 90a, 100f.
-# sm_50 and newer, no leading zero; the arch-specific "a" forms from 90 (90a, 120a), the family "f" forms from
-# 100 (100f).
+# A cmake CUDA architecture: the compute capability without its dot, sm_50 and newer without a leading zero (89,
+# 120, 121), nvcc's arch-specific "a" forms from 90 (90a, 120a) and its family "f" forms from 100 (100f).
 _CUDA_ARCH = re.compile(r"[5-8]\d|(?:9\d|[1-9]\d\d)a?|[1-9]\d\df")
 ARCHS_VARIABLE = "HYBRIDD_CUDA_ARCHS"  # scripts/setup.sh and scripts/detect_gpus.py read it too
 _SDIST_NAMES = ("llama_cpp_python-{v}.tar.gz", "llama-cpp-python-{v}.tar.gz")

@@ -75,21 +75,32 @@ class Twin:
     scheme: str
     contexts: tuple[int, ...]
     depths: tuple[int, ...]
-    optional: bool = False  # measured only when the budget has room (the large MoE)
+    optional: bool = False  # measured only when the budget has room
 
 
-# Most informative first: a budget cut short still leaves a dense model at several contexts and depths, then a
-# second size, then a second quant type of the first shape, then an MoE.
+# Most informative first: a budget cut short still leaves a dense model at several contexts and depths, then the
+# two MoE shapes whose decode falls with depth at different rates (GLM-4.7-Flash's MLA reads a 576-wide latent for 20
+# query heads per layer, Qwen3-Coder's GQA 4 KV heads of 128 for 32), then a second dense size and quant type.
 DEVICE_TWINS = (
     Twin("llama-3.2-3b", "Q8_0", (4096, 32768, 131072), (0, 4096, 16384, 32768)),
-    Twin("llama-3.1-8b", "Q4_K_M", (4096, 65536), (0, 8192, 32768)),
-    Twin("llama-3.2-3b", "Q4_K_M", (4096, 32768), (0, 8192)),
-    Twin("qwen3-coder-30b-a3b", "Q4_K_M", (4096, 32768), (0, 16384), optional=True),
+    Twin("glm-4.7-flash", "Q4_K_M", (4096, 36864), (0, 8192, 16384, 32768)),
+    Twin("qwen3-coder-30b-a3b", "Q4_K_M", (4096, 36864), (0, 16384, 32768)),
+    Twin("llama-3.1-8b", "Q4_K_M", (4096, 65536), (0, 8192, 32768), optional=True),
+    Twin("llama-3.2-3b", "Q4_K_M", (4096, 32768), (0, 8192), optional=True),
 )
+# --sweep: decode at many depths, each repeated, one context per twin; the MLA and GQA MoEs first.
+SWEEP_TWINS = (
+    Twin("glm-4.7-flash", "Q4_K_M", (36864,), (0, 2048, 8192, 16384, 32768)),
+    Twin("llama-3.2-3b", "Q8_0", (36864,), (0, 2048, 8192, 16384, 32768)),
+    Twin("qwen3-coder-30b-a3b", "Q4_K_M", (36864,), (0, 2048, 8192, 16384, 32768)),
+    Twin("llama-3.1-8b", "Q4_K_M", (36864,), (0, 2048, 8192, 16384, 32768)),
+)
+SWEEP_REPEATS = 2
 # The dry run's CPU-sized stand-ins: the same architectures cut to DRY_LAYERS layers and a DRY_VOCAB vocabulary.
 DRY_TWINS = (
     Twin("llama-3.2-3b", "Q8_0", (1024, 4096), (0, 512)),
     Twin("llama-3.1-8b", "Q4_K_M", (1024,), (0,)),
+    Twin("glm-4.7-flash", "Q4_K_M", (1024,), (0, 256)),
 )
 DRY_LAYERS, DRY_VOCAB = 2, 32000
 
@@ -578,6 +589,26 @@ def decode_at(base: str, depth: int, n_predict: int, n_vocab: int, seed: int) ->
             "decode_tok_s": _round(timings.get("predicted_per_second"))}
 
 
+def decode_sweep(base: str, depths: tuple[int, ...], repeats: int, n_predict: int, n_vocab: int,
+                 deadline: float) -> list[dict[str, Any]]:
+    """Decode at each depth (ascending) repeats times; one random prompt grows, so with the prompt cache each depth
+    prefills only what it adds to the last."""
+    rng = random.Random(7)
+    prompt = [rng.randrange(259, n_vocab) for _ in range(max(depths) + 1)]
+    rows = []
+    for depth in sorted(depths):
+        for _ in range(repeats):
+            if time.monotonic() > deadline:
+                return rows
+            body = {"prompt": prompt[:max(1, depth)], "n_predict": n_predict, "ignore_eos": True,
+                    "cache_prompt": True, "temperature": 0.0}
+            timings = http_json(base + "/completion", body, timeout=600).get("timings", {})
+            rows.append({"depth": depth, "prompt_n": timings.get("prompt_n"),
+                         "predicted_n": timings.get("predicted_n"),
+                         "decode_tok_s": _round(timings.get("predicted_per_second"))})
+    return rows
+
+
 def _round(value: Any, digits: int = 1) -> Any:
     return round(value, digits) if isinstance(value, (int, float)) else value
 
@@ -596,7 +627,7 @@ def predict(model: Path, ctx: int, profile: str, depths: tuple[int, ...], n_pred
     from hybridd.probe.hardware_profiles import load_hardware_profile
 
     plan = make_plan(PlanRequest(model=str(model), ctx=ctx, hardware=profile, flash_attn=True, type_k="f16",
-                                 type_v="f16", slots=1))
+                                 type_v="f16", slots=1, engine="llama-server"))
     keys = ("weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "output_buffer_bytes", "reserve_bytes",
             "total_bytes", "fits", "offload_layers", "n_cpu_moe", "placement_reason")
     found: dict[str, Any] = {key: plan.get(key) for key in keys}
@@ -605,7 +636,7 @@ def predict(model: Path, ctx: int, profile: str, depths: tuple[int, ...], n_pred
     found["options"] = plan.get("options")
     header = read_gguf_header(model)
     spec = model_spec(header.metadata, header.tensors)
-    settings = RunSettings(ctx=ctx, n_seq=1, flash_attn=True, type_k="f16", type_v="f16")
+    settings = RunSettings(ctx=ctx, n_seq=1, flash_attn=True, type_k="f16", type_v="f16", n_outputs=1)
     est = estimate_memory(spec, settings)
     hardware = load_hardware_profile(profile).hardware()
     fit = fit_model(est, list(hardware.devices), hardware.ram_bytes)
@@ -661,6 +692,10 @@ def measure_twin(twin: Twin, args: argparse.Namespace, binary: Path, profile: st
                     decode_at(base, 0, 4, written.n_vocab, seed=99)  # warm-up: CUDA graphs, first-use allocations
                     loaded = gpu_memory(proc.pid)
                     run["decode"] = []
+                    if args.sweep:
+                        run["sweep"] = decode_sweep(base, depths, SWEEP_REPEATS, args.n_predict, written.n_vocab,
+                                                    deadline - args.reserve_s / 2)
+                        depths = ()
                     for k, depth in enumerate(depths):
                         if time.monotonic() > deadline - args.reserve_s / 2:
                             results.skip(f"{twin.profile} {twin.scheme} ctx {ctx} depth {depth}",
@@ -767,7 +802,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if binary is None or not binary.is_file():
         results.skip("the twins", f"no llama-server: {built.get('error', 'the build left none')}")
     else:
-        for twin in DRY_TWINS if args.dry_run else DEVICE_TWINS:
+        for twin in DRY_TWINS if args.dry_run else SWEEP_TWINS if args.sweep else DEVICE_TWINS:
             left = deadline - time.monotonic()
             if left < args.reserve_s or (twin.optional and left < args.optional_s):
                 results.skip(f"{twin.profile} {twin.scheme}", f"{left:.0f} s left of the budget")
@@ -817,6 +852,9 @@ def summary(body: dict[str, Any]) -> str:
             lines.append(f"  {twin['model_profile']} {twin['quant']} ctx {run['ctx']}: memory "
                          f"{_gib(held)} measured / {_gib(total)} predicted; load {run.get('load_s')} s"
                          + (f"; error {run['error'][:120]}" if run.get("error") else ""))
+            for depth in sorted({row["depth"] for row in run.get("sweep", [])}):
+                got = [str(row["decode_tok_s"]) for row in run["sweep"] if row["depth"] == depth]
+                lines.append(f"    depth {depth}: decode {' / '.join(got)} tok/s")
             for got in run.get("decode", []):
                 lines.append(f"    depth {got['depth']}: decode {got['decode_tok_s']} tok/s measured / "
                              f"{got.get('predicted_decode_tok_s')} predicted, prefill {got['prefill_tok_s']} tok/s")
@@ -852,9 +890,10 @@ def main(argv: list[str] | None = None) -> int:
     measure_cmd.add_argument("--results", required=True, help="the JSON to write")
     measure_cmd.add_argument("--budget-s", type=float, default=300.0, help="seconds this step may take")
     measure_cmd.add_argument("--reserve-s", type=float, default=25.0, help="kept for the last steps")
-    measure_cmd.add_argument("--optional-s", type=float, default=150.0, help="needed to start an optional twin")
+    measure_cmd.add_argument("--optional-s", type=float, default=60.0, help="needed to start an optional twin")
     measure_cmd.add_argument("--n-predict", type=int, default=128, help="tokens decoded per request")
     measure_cmd.add_argument("--keep-twins", action="store_true")
+    measure_cmd.add_argument("--sweep", action="store_true", help="SWEEP_TWINS: many depths, repeated")
     measure_cmd.add_argument("--twin-dir", default="", help="where twins are written (default <work>/twins)")
     args = parser.parse_args(argv)
     return cmd_build(args) if args.command == "build" else cmd_measure(args)

@@ -9,10 +9,10 @@
 #   on the GPU:      run(command="bench/gpu_check.sh", carry=["bench/.gpu"], timeout_s=600)
 #   here, dry:       bench/gpu_check.sh --dry-run              (CPU: no compile, shrunken twins; proves the plumbing)
 #
-# The CUDA build is most of the time: 144 CUDA sources for one architecture, 25-115 s each on one core of this
-# project's CPU machine (measured for four of them, under load), so 5-9 minutes on 16 cores. GPU_CHECK_BUDGET_S
-# (default 570) is this run's time; the build gets what the measurements do not need (GPU_CHECK_MEASURE_S, default
-# 150). The build tree stays in bench/.gpu-build/ (ignored, not carried): if the build runs out of time, the run
+# The CUDA build is most of the time: 351 steps, 144 of them CUDA sources for one architecture, 320 s on the lent
+# H200's 16 cores (measured 2026-11-27). GPU_CHECK_BUDGET_S (default 570) is this run's time; the build gets what
+# the measurements do not need (GPU_CHECK_MEASURE_S, default 150). GPU_CHECK_SWEEP=1: decode at five depths, twice
+# each, per twin (SWEEP_TWINS) instead of the memory runs. The build tree stays in bench/.gpu-build/ (ignored, not carried): if the build runs out of time, the run
 # still records the NVML probe and the CPU-build warning and prints the command to call again at once, while the
 # machine is still warm (30 s), which resumes the build where ninja stopped and then measures.
 set -uo pipefail
@@ -61,15 +61,18 @@ else
             >"$work/build.json"
     fi
 fi
+sweep=()
+[ -n "${GPU_CHECK_SWEEP:-}" ] && sweep=(--sweep) && name="$name-sweep"
 results="bench/results/gpu_check-$name.json"
 left=$(( budget - $(elapsed) - 10 ))
 if [ "$dry" = 1 ]; then
     "$PYTHON" bench/gpu_check.py measure --work "$work" --dry-run --results "$results" --budget-s "$left" \
-        --n-predict 8 --reserve-s 5
+        --n-predict 8 --reserve-s 5 "${sweep[@]}"
 else
     twins=/dev/shm/gpu-check-twins  # 128 GiB of RAM there: tmpfs writes the twins at memory speed
     mkdir -p "$twins" 2>/dev/null || twins="$work/twins"
-    "$PYTHON" bench/gpu_check.py measure --work "$work" --results "$results" --budget-s "$left" --twin-dir "$twins"
+    "$PYTHON" bench/gpu_check.py measure --work "$work" --results "$results" --budget-s "$left" --twin-dir "$twins" \
+        "${sweep[@]}"
 fi
 status=$?
 if [ -n "${OUT:-}" ]; then

@@ -113,6 +113,18 @@ def _fill(out: Any, name: str, qtype: gguf.GGMLQuantizationType, nbytes: int, rn
         left -= piece
 
 
+TwinTensor = tuple[str, tuple[int, ...], gguf.GGMLQuantizationType, int]
+
+
+def twin_tensors(metadata: Mapping[str, Any], scheme: str) -> list[TwinTensor]:
+    """Each tensor a twin of metadata in scheme holds: (name, shape as tensor_layout gives it, type, bytes)."""
+    tensors = []
+    for slot in tensor_layout(metadata):
+        qtype = _tensor_type(slot.name, slot.role, slot.shape[0], scheme)
+        tensors.append((slot.name, tuple(slot.shape), qtype, _nbytes(qtype, slot.shape)))
+    return tensors
+
+
 def write_twin(path: Path, metadata: Mapping[str, Any], scheme: str, seed: int = 0) -> TwinFile:
     """Write the profile metadata's full layout in scheme's quant types, random weights, to path."""
     started = time.monotonic()
@@ -127,17 +139,15 @@ def write_twin(path: Path, metadata: Mapping[str, Any], scheme: str, seed: int =
     tokens, scores, types = byte_vocab(n_vocab)
     add_byte_tokenizer(writer, tokens, scores, types)
     planned: list[tuple[str, gguf.GGMLQuantizationType, int]] = []
-    for slot in tensor_layout(md):
-        qtype = _tensor_type(slot.name, slot.role, slot.shape[0], scheme)
-        nbytes = _nbytes(qtype, slot.shape)
-        shape = tuple(reversed(slot.shape))
+    for name, layout_shape, qtype, nbytes in twin_tensors(md, scheme):
+        shape = tuple(reversed(layout_shape))
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             dtype = np.dtype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
-            writer.add_tensor_info(slot.name, shape, dtype, nbytes)
+            writer.add_tensor_info(name, shape, dtype, nbytes)
         else:
-            row_bytes = _nbytes(qtype, (slot.shape[0],))
-            writer.add_tensor_info(slot.name, (*shape[:-1], row_bytes), np.dtype(np.uint8), nbytes, raw_dtype=qtype)
-        planned.append((slot.name, qtype, nbytes))
+            row_bytes = _nbytes(qtype, (layout_shape[0],))
+            writer.add_tensor_info(name, (*shape[:-1], row_bytes), np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+        planned.append((name, qtype, nbytes))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

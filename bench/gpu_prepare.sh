@@ -35,7 +35,7 @@ tar -czf "$OUTDIR/llama.cpp-$version.tar.gz" -C "$(dirname "$source_dir")" \
     --exclude='llama.cpp/benches' --exclude='llama.cpp/tests' --exclude='llama.cpp/examples' \
     --exclude='llama.cpp/pocs' --exclude='llama.cpp/.github' --exclude='llama.cpp/.devops' --exclude='llama.cpp/ci' \
     --exclude='llama.cpp/gguf-py' --exclude='llama.cpp/conversion' --exclude='llama.cpp/skills' \
-    --exclude='llama.cpp/requirements' --exclude='llama.cpp/scripts' --exclude='llama.cpp/app' \
+    --exclude='llama.cpp/requirements' --exclude='llama.cpp/scripts/[!u]*' --exclude='llama.cpp/app' \
     --exclude='llama.cpp/tools/ui/src' --exclude='llama.cpp/tools/ui/tests' \
     --exclude='llama.cpp/tools/ui/package-lock.json' --exclude='llama.cpp/tools/server/tests' \
     --exclude='llama.cpp/tools/server/bench' --exclude='llama.cpp/tools/server/public*' \

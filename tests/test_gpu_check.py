@@ -7,16 +7,22 @@ its pure parts from drifting while nobody has a GPU to run it on.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import gguf
 import pytest
 
-from hybridd.model.memory import RunSettings, estimate_memory
+from hybridd.model.ggml_types import ggml_type
+from hybridd.model.header import TensorInfo
+from hybridd.model.memory import MIB, RunSettings, engine_outputs, estimate_memory
 from hybridd.model.spec import model_spec
+from hybridd.place.fit import fit_model
 from hybridd.probe.gguf_file import read_gguf_header
+from hybridd.probe.hardware_profiles import load_hardware_profile
 from hybridd.probe.model_profiles import load_profile
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -95,3 +101,46 @@ def test_the_gpu_names_its_profile_and_its_memory_a_class(check: ModuleType) -> 
     assert check.bandwidth_class(1.008e12, False) == "GDDR class (1.01 TB/s)"
     assert check.bandwidth_class(273e9, True) == "unified LPDDR class (0.27 TB/s)"
     assert check.bandwidth_class(None, False).startswith("unknown")
+
+
+H200_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu_check-NVIDIA-H200.json"
+
+
+def _h200_runs() -> list[tuple[str, str, dict[str, object]]]:
+    body = json.loads(H200_RESULTS.read_text())
+    return [(t["model_profile"], t["quant"], run) for t in body["twins"] for run in t["runs"]]
+
+
+@pytest.mark.parametrize(("profile", "scheme", "run"), _h200_runs(),
+                         ids=lambda v: f"{v['ctx']}" if isinstance(v, dict) else str(v))
+def test_the_plan_matches_the_cuda_buffers_llama_cpp_logged_on_the_h200(
+        twins: ModuleType, profile: str, scheme: str, run: dict[str, Any]) -> None:
+    # bench/gpu_check.sh on a lent H200: each twin loaded wholly on the GPU by llama-server. The plan, computed
+    # here from the twin's exact tensors, against llama.cpp's own buffer sizes and what NVML says the process holds.
+    metadata = load_profile(profile).metadata
+    tensors = [TensorInfo(name, shape, ggml_type(qtype.name)) for name, shape, qtype, _ in
+               twins.twin_tensors(metadata, scheme)]
+    spec = model_spec(metadata, tensors)
+    # llama-server, one slot: logits reserved for one output row (engine_outputs)
+    est = estimate_memory(spec, RunSettings(ctx=run["ctx"], flash_attn=True, type_k="f16", type_v="f16",
+                                            n_outputs=engine_outputs("llama-server", 1)))
+    hw = load_hardware_profile("h200-sxm").hardware()
+    fit = fit_model(est, list(hw.devices), hw.ram_bytes)
+    assert fit.fits
+    (gpu,) = fit.devices
+    logged = run["llama_cpp"]["buffers_mib"]
+    # weights (the token embeddings stay in host memory) and the KV cache: to the MiB
+    assert gpu.weights_bytes / MIB == pytest.approx(logged["CUDA0 model"], abs=1.0)
+    assert gpu.kv_bytes / MIB == pytest.approx(logged["CUDA0 KV"], abs=1.0)
+    # the compute buffer (masks, residual stream, the largest layer's working set, one row of logits): within 10%
+    assert gpu.compute_bytes / MIB == pytest.approx(logged["CUDA0 compute"], rel=0.10)
+    # at llama-cpp-python's n_outputs_max = n_batch it would hold 512 rows of logits: 174-244 MiB more
+    at_batch = estimate_memory(spec, RunSettings(ctx=run["ctx"], flash_attn=True, type_k="f16", type_v="f16"))
+    assert at_batch.compute_bytes - est.compute_bytes > 150 * MIB
+    # what else the process holds (CUDA context, kernels, cuBLAS workspace, pool): 588-596 MiB on the H200,
+    # against the 736 MiB charged for a 128-SM GPU
+    held = run["memory"]["process_bytes_loaded"] / MIB
+    rest = held - logged["CUDA0 model"] - logged["CUDA0 KV"] - logged["CUDA0 compute"]
+    assert 0.75 * gpu.runtime_bytes / MIB <= rest <= gpu.runtime_bytes / MIB
+    # so the plan's total is never below what the process holds, and within 6% above it (1% for the big ones)
+    assert held <= gpu.bytes_placed / MIB <= held * 1.06

@@ -97,6 +97,23 @@ def test_cli_uses_a_configured_models_settings(tmp_path: Path, tiny_model: Path)
     assert (plan["ctx"], plan["type_k"], plan["type_v"]) == (2048, "q8_0", "q8_0")
 
 
+def test_the_engine_sets_the_logits_rows_the_compute_buffer_holds(tmp_path: Path, tiny_model: Path) -> None:
+    # llama-server reserves logits for one output a slot, llama-cpp-python for n_batch (512 a ubatch): on the
+    # desktop's GLM-4.7-Flash, the GPU with the output layer holds its layers' working set instead of 512 rows of a
+    # 154,880-token vocabulary (306 MiB)
+    args = ("glm-4.7-flash", "--hardware", "desktop-4090-5070ti", "--json", "--engine")
+    default, server = (json.loads(run_plan(*args, engine).stdout) for engine in ("llama-cpp-python", "llama-server"))
+    assert 200 * 2**20 < default["compute_bytes"] - server["compute_bytes"] < (154880 + 2048) * 511 * 4
+    # a configured model plans with the engine it names, whatever --engine (or HYBRIDD_ENGINE) says
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[models]]\nname = "mine"\npath = "{tiny_model}"\nengine = "llama-server"\n'
+                      f'[[models]]\nname = "other"\npath = "{tiny_model}"\n')
+    named = json.loads(run_plan("mine", "--config", str(config), "--engine", "llama-cpp-python", "--json").stdout)
+    implied = json.loads(run_plan("other", "--config", str(config), "--engine", "llama-server", "--json").stdout)
+    assert (named["engine"], implied["engine"], default["engine"]) == ("llama-server", "llama-server",
+                                                                       "llama-cpp-python")
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["no-such-model"], "is not a GGUF path, a configured model (none) or a model profile"),
     (["glm-4.7-flash", "--hardware", "laptop"], "unknown hardware profile 'laptop' (valid: asus-ascent-gx10"),
@@ -118,9 +135,10 @@ async def api() -> AsyncIterator[str]:
 
 
 async def test_api_answers_the_same_json_as_the_cli(api: str) -> None:
-    cli = json.loads(run_plan("qwen3-coder-next", "--ctx", "262144", "--hardware", "dgx-spark", "--json").stdout)
+    cli = json.loads(run_plan("qwen3-coder-next", "--ctx", "262144", "--hardware", "dgx-spark", "--engine",
+                              "llama-server", "--json").stdout)
     async with aiohttp.ClientSession() as session, session.post(api, json={
-            "model": "qwen3-coder-next", "ctx": 262144, "hardware": "dgx-spark"}) as response:
+            "model": "qwen3-coder-next", "ctx": 262144, "hardware": "dgx-spark", "engine": "llama-server"}) as response:
         assert response.status == 200
         assert await response.json() == cli
 
@@ -129,6 +147,7 @@ async def test_api_answers_the_same_json_as_the_cli(api: str) -> None:
     ({"model": "glm-4.7-flash", "colour": 1}, 400, "unknown field 'colour'"),
     ({"ctx": 4096}, 400, "'model' is required"),
     ({"model": "glm-4.7-flash", "ctx": "big"}, 400, "'ctx' must be an integer"),
+    ({"model": "glm-4.7-flash", "engine": "vllm"}, 400, "engine"),
     ({"model": "nope"}, 404, "is not a GGUF path"),
     ({"model": "/etc/passwd.gguf"}, 404, "no GGUF file at"),
 ])

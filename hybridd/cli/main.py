@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="the reference request's prompt (default: half the context)")
     _flag(plan, "--max-tokens", env="HYBRIDD_MAX_TOKENS", type=int, metavar="N",
           help="the reference request's completion (default: 1024, at most a quarter of the context)")
+    _flag(plan, "--engine", env="HYBRIDD_ENGINE", choices=MANAGED_KINDS,
+          help="the engine of a model whose config names none (default: llama-cpp-python's buffers, the larger)")
     _flag(plan, "--json", env="HYBRIDD_JSON", action="store_true", help="print the plan as one JSON object")
     _config_flag(plan)
 
@@ -362,7 +364,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             type_v=args.type_v or args.kv_type, slots=int(args.slots), flash_attn=False if args.no_flash_attn else None,
             hardware=args.hardware, peers=tuple(_peer_list(args.peer)), train=args.train, seq=args.seq,
             batch=args.batch, rank=args.rank, dataset_tokens=args.dataset_tokens,
-            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, engine=args.engine,
         )
         library = ", ".join(map(str, config.library_dirs))
         with showing(f"a scan of the model library ({library})" if library else _plan_wait(request),

@@ -16,12 +16,14 @@ Sizes follow llama.cpp (commit 0c1e570, vendored by llama-cpp-python 0.3.36):
 - compute buffer per GPU of a layer split (device_compute_bytes): llama_context::sched_reserve reserves the
   pp graph once per backend; each GPU's buffer holds the split inputs it copies from other backends (the KQ
   masks and positions made on the CPU, the hidden state from the CPU's embedding lookup or the previous GPU),
-  its layers' working set, and on the GPU with the output layer the logits (n_vocab x n_ubatch f32, since
-  n_outputs_max = n_batch). With more than one GPU, every layer offloaded, -sm layer, offload_kqv and no tensor
-  overrides (-ot / --n-cpu-moe), llama_context turns on pipeline parallelism and ggml_backend_sched keeps
-  GGML_SCHED_MAX_COPIES = 4 copies of every split input (ggml-backend.cpp, pass 5: "create a copy of the input
-  in the split's backend", flagged input+output so ggml-alloc never reuses them): the masks count four times on
-  each GPU (unsloth PR #7637 found the same: Kimi-K3 at 1M context on 4 GPUs, 4.0 GiB of masks per device).
+  its layers' working set, and on the GPU with the output layer the logits (n_vocab x n_outputs f32,
+  n_outputs = min(n_ubatch, n_outputs_max): llama-cpp-python leaves n_outputs_max at n_batch, llama-server
+  sets it to its slots, as an H200 run shows: 70 MiB of compute buffer where 512 rows of logits are 251 MiB).
+  With more than one GPU, every layer offloaded, -sm layer, offload_kqv and no tensor overrides (-ot /
+  --n-cpu-moe), llama_context turns on pipeline parallelism and ggml_backend_sched keeps GGML_SCHED_MAX_COPIES
+  = 4 copies of every split input (ggml-backend.cpp, pass 5: "create a copy of the input in the split's
+  backend", flagged input+output so ggml-alloc never reuses them): the masks count four times on each GPU
+  (unsloth PR #7637 found the same: Kimi-K3 at 1M context on 4 GPUs, 4.0 GiB of masks per device).
   CUDA flash attention that cannot read a quantized cache directly (the MMA/tile kernels, MLA's 576/512 heads)
   converts K (and V unless it is a view of K) to F16 inside the FA node's own allocation
   (fattn.cu ggml_cuda_flash_attn_ext_get_alloc_size), so that copy is part of each GPU's compute buffer.
@@ -63,6 +65,12 @@ DEFAULT_CTX = 4096
 FUSED_GDN_ARCHS = frozenset({"qwen35", "qwen35moe"})
 
 
+def engine_outputs(engine: str | None, slots: int) -> int:
+    """RunSettings.n_outputs for an engine kind: llama-server reserves one output a slot, llama-cpp-python (and
+    an engine not known) n_batch."""
+    return max(1, slots) if engine == "llama-server" else 0
+
+
 def pad(value: int, multiple: int) -> int:
     """GGML_PAD: round up to a multiple."""
     return -(-value // multiple) * multiple
@@ -82,6 +90,9 @@ class RunSettings:
     n_ubatch: int = 512
     swa_full: bool = False
     offload_kqv: bool = True
+    # output rows the worst-case graph reserves logits for (llama_context_params.n_outputs_max): 0 = n_batch, as
+    # llama-cpp-python runs it; llama-server reserves one per slot (--parallel)
+    n_outputs: int = 0
     backend: str = "cuda"  # "cuda" adds the F16 copies flash attention makes of a quantized cache
     runtime_reserve_bytes: int = DEFAULT_RUNTIME_RESERVE  # per GPU: CUDA context and allocator slack
 
@@ -92,6 +103,8 @@ class RunSettings:
             raise ValueError(f"n_seq must be positive, got {self.n_seq}")
         if self.n_batch <= 0 or self.n_ubatch <= 0:
             raise ValueError("n_batch and n_ubatch must be positive")
+        if self.n_outputs < 0:
+            raise ValueError(f"n_outputs must be 0 (n_batch) or positive, got {self.n_outputs}")
         ggml_type(self.type_k)
         ggml_type(self.type_v)
 
@@ -306,7 +319,8 @@ def _graph_parts(spec: ModelSpec, shapes: list[tuple[LayerSpec, int]], settings:
     # as wide as the attention)
     base = 3 * spec.n_embd * t * F32
     attn = max((_attention_peak(spec, ly, cells, geo, fa) for ly, cells in shapes if cells), default=0)
-    logits = (spec.n_vocab + spec.n_embd) * t * F32
+    outputs = min(t, settings.n_outputs) if settings.n_outputs > 0 else t
+    logits = (spec.n_vocab + spec.n_embd) * outputs * F32
     return _GraphParts(masks, base, max(attn, _ffn_peak(spec, geo), _recurrent_peak(spec, geo, settings)), logits)
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hybridd.config import KV_CACHE_TYPES, Config
+from hybridd.config import KV_CACHE_TYPES, MANAGED_KINDS, Config
 from hybridd.errors import BadRequest, ModelNotFound
 from hybridd.model.header import GgufHeader
-from hybridd.model.memory import DEFAULT_CTX, RunSettings
+from hybridd.model.memory import DEFAULT_CTX, RunSettings, engine_outputs
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.model.training import (
     DEFAULT_BATCH,
@@ -58,6 +58,9 @@ class PlanRequest:
     dataset_tokens: int | None = None
     prompt_tokens: int | None = None  # the reference request placement is judged on (default: half the ctx)
     max_tokens: int | None = None  # its completion (default: 1024, at most a quarter of the ctx)
+    # The engine that runs it (llama-server reserves logits for one output a slot, llama-cpp-python for n_batch),
+    # unless a configured model names its own; None: llama-cpp-python's reservation (the larger).
+    engine: str | None = None
 
 
 def plan_request_from_json(body: Mapping[str, Any]) -> PlanRequest:
@@ -76,6 +79,7 @@ def plan_request_from_json(body: Mapping[str, Any]) -> PlanRequest:
         batch=fields.at("batch").of(int, None), rank=fields.at("rank").of(int, None),
         dataset_tokens=fields.at("dataset_tokens").of(int, None),
         prompt_tokens=fields.at("prompt_tokens").of(int, None), max_tokens=fields.at("max_tokens").of(int, None),
+        engine=fields.at("engine").of(str, None),
     )
     check_request(request)
     return request
@@ -98,6 +102,7 @@ def check_request(request: PlanRequest) -> None:
     settings.at("rank").integer(None, low=1, high=4096)
     settings.at("dataset_tokens").integer(None, low=1, high=10**15)
     settings.at("prompt_tokens").integer(None, low=0, high=16 * 1024 * 1024)
+    settings.at("engine").choice(MANAGED_KINDS, None, what="engine")
     settings.at("max_tokens").integer(None, low=1, high=16 * 1024 * 1024)
     if request.train is None:
         for name in ("seq", "batch", "rank", "dataset_tokens"):
@@ -125,7 +130,8 @@ def find_header(name: str, quant: str | None, catalog: Catalog | None) -> tuple[
             entry = None
         if entry is not None and entry.path is not None:
             settings = {"ctx": entry.ctx, "type_k": entry.type_k, "type_v": entry.type_v,
-                        "flash_attn": entry.flash_attn}
+                        "flash_attn": entry.flash_attn, "engine": entry.engine,
+                        "engine_named": not entry.engine_implied}
             return entry_header(entry), settings
     profiles = list_profiles()
     if name in profiles:
@@ -157,8 +163,10 @@ def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str,
         return training_plan(request, TrainMethod(request.train), spec, header)
     ctx = request.ctx or configured.get("ctx") or DEFAULT_CTX
     flash = request.flash_attn if request.flash_attn is not None else configured.get("flash_attn", True)
+    # as `hybridd serve --engine`: the engine of a model whose config names none
+    engine = configured["engine"] if configured.get("engine_named") else request.engine or configured.get("engine")
     settings = RunSettings(
-        ctx=ctx, n_seq=request.slots, flash_attn=flash,
+        ctx=ctx, n_seq=request.slots, flash_attn=flash, n_outputs=engine_outputs(engine, request.slots),
         type_k=request.type_k or configured.get("type_k", "f16"),
         type_v=request.type_v or configured.get("type_v", "f16"),
     )
@@ -168,6 +176,7 @@ def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str,
     result = plan(spec, settings, devices, host_free)
     result["model"] = result.get("model") or request.model
     result["hardware"] = source
+    result["engine"] = engine  # None: not known, planned with llama-cpp-python's buffers
     result["file_bytes"] = header.file_bytes
     prompt, completion = reference_request(ctx, request.prompt_tokens, request.max_tokens)
     if prompt + completion > ctx:

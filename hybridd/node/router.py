@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 from hybridd.config import Config, ModelEntry
 from hybridd.engine.pool import EnginePool, EngineSlot
 from hybridd.errors import EngineLoadFailed, PlacementRefused
+from hybridd.model.memory import engine_outputs
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.node.catalog import Catalog, entry_header
 from hybridd.node.prefixes import Fingerprint, PrefixTracker
@@ -293,6 +294,7 @@ class Router:
                 type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
                 min_ctx=max(inference.hints.min_ctx, model.ctx if model.local else 0),
                 expected_tokens=self.state.lengths.expect(model.name, budget), slots=model.slots,
+                n_outputs=engine_outputs(model.engine, model.slots),
                 tools=inference.calls_tools, local_parses_tools=model.parses_tools,
                 cached=self._cached(model.name, size.fingerprint, targets),
             )

@@ -88,6 +88,7 @@ class RequestNeed:
     min_ctx: int = 0
     expected_tokens: int = 0  # completion tokens expected (place/lengths.py); 0: the whole max_tokens budget
     slots: int = 1  # requests a new engine of this model runs at once (llama-server); each gets the whole ctx
+    n_outputs: int = 0  # logits rows its engine reserves (RunSettings.n_outputs; memory.engine_outputs)
     # Tools the model may call as it sees fit (tool_choice "auto"): an engine that parses tool calls out of the
     # model's output is preferred to one that returns them as text (llama-cpp-python), whatever their speeds.
     tools: bool = False
@@ -113,7 +114,8 @@ class RequestNeed:
 
     def settings(self, ctx: int) -> RunSettings:
         """llama.cpp run settings at `ctx` with this request's cache types."""
-        return RunSettings(ctx=ctx, type_k=self.type_k, type_v=self.type_v, flash_attn=self.flash_attn)
+        return RunSettings(ctx=ctx, type_k=self.type_k, type_v=self.type_v, flash_attn=self.flash_attn,
+                           n_outputs=self.n_outputs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,13 +58,13 @@ def test_requests_on_one_engine_queue_in_order(sim: ModuleType) -> None:
 def test_learned_lengths_queue_an_agents_short_answers_instead_of_loading_another_copy(sim: ModuleType) -> None:
     # An agent asks for 32k tokens and stops after 500. Once one answer has ended, hybridd expects the next ones
     # to be short: behind a busy desktop engine they wait seconds. Predicted at their budget, the queue looks
-    # minutes long and the third request loads a second copy instead: on the Spark, since beside the first copy
-    # the desktop has room for one only with much of it in RAM once the display's measured share is kept back.
+    # minutes long and the third and fourth requests load more copies instead: on the Spark, since beside the first
+    # copy the desktop has room for one only with much of it in RAM once the display's measured share is kept back.
     jobs = [sim.Job(0, 0.0, "glm-4.7-flash", 9000, 32_000, 500)]
     jobs += [sim.Job(i, 199.0 + i, "glm-4.7-flash", 9000, 32_000, 500) for i in (1, 2, 3)]
     learned, budget = sim.simulate("hybridd", jobs), sim.simulate("budget", jobs)
     assert set(learned.where.values()) == {"local"} and learned.loads == 1
-    assert budget.where[3] == "peer:spark" and budget.loads == 2
+    assert budget.where[2] == budget.where[3] == "peer:spark" and budget.loads >= 2
     assert learned.end[3] < budget.end[3]
 
 

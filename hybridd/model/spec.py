@@ -80,7 +80,7 @@ class LayerSpec:
     n_expert_used: int
     weight_bytes: int
     expert_bytes: int  # routed-expert tensors (the part --n-cpu-moe moves to RAM)
-    n_tensors: int = 0  # weight tensors in the block: each is one op of a decode step, with a fixed cost (speed.py)
+    n_tensors: int = 0  # weight matrices in the block: each is one matmul of a decode step, with a fixed cost
 
     @property
     def k_values_per_token(self) -> int:
@@ -257,10 +257,11 @@ def _recurrent_sizes(keys: _Keys, n_embd: int) -> tuple[int, int]:
 
 
 def _layer_tensor_counts(tensors: Sequence[TensorInfo], n_layer_all: int) -> list[int]:
+    """Weight matrices per block (norms and biases are vectors, fused into the kernels around them)."""
     counts = [0] * n_layer_all
     for t in tensors:
         m = _BLOCK_RE.match(t.name)
-        if m and int(m.group(1)) < n_layer_all:
+        if m and int(m.group(1)) < n_layer_all and sum(1 for n in t.shape if n > 1) >= 2:
             counts[int(m.group(1))] += 1
     return counts
 

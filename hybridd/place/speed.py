@@ -4,23 +4,24 @@ Decode is memory bound, with fixed costs per operation. Each token reads the act
 and the used experts only) and the KV cache filled so far; layers split over devices run one after the other:
 
     seconds per token = sum over places of weight bytes there / (bandwidth there x efficiency)
-                      + weight tensors x tensor_s                   (each op's launch and tail)
+                      + weight matrices x tensor_s                  (each matmul's launch and tail)
                       + GPU boundaries of a layer split x split_s   (the hand-over between devices)
                       + per attention layer and cached token: attention x KV bytes / (bandwidth x efficiency)
-                                                              + attend_s (the attention kernel's own time)
+                                                              + attend_s x attention_width (the kernel's own time)
 
 where a place is a GPU (its layers, their KV, the output matrix on the last GPU) or system RAM (offloaded layers,
-their KV, and the routed experts that --n-cpu-moe keeps there). The fixed cost per tensor is why a small model is
-slower than its bytes say (GLM-4.7-Flash's 47 MLA+MoE blocks hold 18 tensors each: Q8_0 runs 109 tok/s on the
-desktop, Q4_K_M only 1.2x faster at 0.58x the bytes). attend_s is why decode falls with depth faster than the KV
-bytes say (published llama-bench -d sweeps: Qwen2.5 3B on an RTX 4090 loses 47% by 32k tokens, where its two KV heads'
-bytes alone would cost 25%).
+their KV, and the routed experts that --n-cpu-moe keeps there). The fixed cost per matrix is why a small model is
+slower than its bytes say (GLM-4.7-Flash's 47 MLA+MoE blocks hold 13 matrices each: Q8_0 runs 109 tok/s on the
+desktop, Q4_K_M only 1.2x faster at 0.58x the bytes); norms and biases are vectors that ride along in fused
+kernels and are not counted. attend_s is why decode falls with depth faster than the KV bytes say (published
+llama-bench -d sweeps: Qwen2.5 3B on an RTX 4090 loses 47% by 32k tokens, where its two KV heads' bytes alone would
+cost 25%); attention_width scales it for layers wider or narrower than a typical one (MLA's 576-wide latent).
 
-Calibration rule: one set of constants per device class (discrete GPU, unified memory GB10, CPU only), fitted by
-least squares on relative error over the `[[measured]]` points of every hardware profile of that class
-(llama.cpp points only, single node, all layers on the GPUs): `fit_class`. The fitted values are pinned in
-CLASS_CONSTANTS, and tests/test_measured_points.py re-fits them from the profiles and checks each point
-leave-one-out. Per hardware on top of that:
+Calibration rule: one set of constants per device class (discrete GDDR GPU, HBM datacenter GPU, unified memory
+GB10, CPU only), fitted by least squares on relative error over the `[[measured]]` points of every hardware
+profile of that class (llama.cpp points only, single node, all layers on the GPUs): `fit_class`. The fitted
+values are pinned in CLASS_CONSTANTS, and tests/test_measured_points.py re-fits them from the profiles and checks
+each point leave-one-out. Per hardware on top of that:
 - RAM efficiency = solved from a point with cpu_layers > 0 (its first cpu_layers layers and the output in RAM,
   the GPU part at the class constants); without one, RAM runs at the class efficiency.
 - Prefill is compute bound, and compute per token scales with the active weights: a measured prefill point gives
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from hybridd.model.memory import MemoryEstimate, RunSettings, estimate_memory
-from hybridd.model.spec import ModelSpec
+from hybridd.model.spec import LayerSpec, ModelSpec
 from hybridd.place.fit import Fit, fit_model
 from hybridd.place.hardware import Hardware, SpeedPoint
 
@@ -59,10 +60,14 @@ NODE_WIDE = "*"
 FIT_MARGIN = 1e-4
 
 
+HBM_BANDWIDTH = 2e12  # bytes/s from which a GPU is in the HBM class (GDDR7's RTX 5090 reads 1.8 TB/s)
+
+
 class DeviceClass(StrEnum):
     """Hardware that shares one calibration."""
 
     DISCRETE = "discrete-gpu"
+    HBM = "hbm-gpu"  # datacenter GPUs (H100, H200): HBM at 2+ TB/s, a server's host, often a VM
     UNIFIED = "unified"  # GB10: the GPU reads the host's LPDDR5X pool
     CPU = "cpu"
 
@@ -71,7 +76,10 @@ def device_class(hw: Hardware) -> DeviceClass:
     """The class whose constants `hw` predicts with."""
     if not hw.devices:
         return DeviceClass.CPU
-    return DeviceClass.UNIFIED if hw.unified else DeviceClass.DISCRETE
+    if hw.unified:
+        return DeviceClass.UNIFIED
+    slowest = min(d.bandwidth_bytes_s or 0.0 for d in hw.devices)
+    return DeviceClass.HBM if slowest >= HBM_BANDWIDTH else DeviceClass.DISCRETE
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,21 +87,25 @@ class ClassConstants:
     """A device class's calibration: bandwidth efficiency, fixed seconds per tensor per token, attention factor."""
 
     efficiency: float  # fraction of the rated bandwidth weight reads reach
-    tensor_s: float  # fixed seconds per weight tensor per decoded token (kernel launch and tail)
+    tensor_s: float  # fixed seconds per weight matrix per decoded token (kernel launch and tail)
     attention: float  # KV bytes cost this many times their read time at `efficiency`
-    attend_s: float = 0.0  # fixed seconds per attention layer per cached token (the kernel's latency floor)
+    attend_s: float = 0.0  # seconds per attention layer (x attention_width) per cached token: the kernel's own
     split_s: float = 0.0  # fixed seconds per token for each device boundary of a layer split (sync and copy)
 
 
 # fit_class over the profiles' points (tests/test_measured_points.py re-fits these and fails when they drift).
 CLASS_CONSTANTS: Mapping[DeviceClass, ClassConstants] = {
-    # RTX 4090 sweep (Qwen2.5 3B) and the desktop's GLM-4.7-Flash Q8_0/Q4_K_M pair: rated bandwidth, 4.4 us per
-    # tensor, 1.5 ms for the desktop's 4090 -> 5070 Ti boundary, 1.6 ns per attention layer per cached token
-    DeviceClass.DISCRETE: ClassConstants(efficiency=1.0, tensor_s=4.35e-6, attention=1.0, attend_s=1.59e-9,
-                                         split_s=1.52e-3),
-    # DGX Spark sweeps (gpt-oss-20b/120b, Qwen3-Coder-30B-A3B, Qwen2.5-Coder 7B) and GLM-4.7-Flash Q8_0: 89% of
-    # 273 GB/s, 9.5 us per tensor, 1.3 ns per attention layer per cached token
-    DeviceClass.UNIFIED: ClassConstants(efficiency=0.892, tensor_s=9.49e-6, attention=1.0, attend_s=1.28e-9),
+    # RTX 4090 sweep (Qwen2.5 3B) and the desktop's GLM-4.7-Flash Q8_0/Q4_K_M pair: rated bandwidth, 7.5 us per
+    # weight matrix, 0.64 ms for the desktop's 4090 -> 5070 Ti boundary, 2.2 ns per attention layer of typical
+    # width per cached token
+    DeviceClass.DISCRETE: ClassConstants(efficiency=1.0, tensor_s=7.46e-6, attention=1.0, attend_s=2.25e-9,
+                                         split_s=6.43e-4),
+    # H200 sweeps of architecture twins (bench/gpu_check.sh: Llama 3.2 3B, Llama 3.1 8B, Qwen3-Coder-30B-A3B,
+    # GLM-4.7-Flash): 60% of 4.8 TB/s, 9.4 us per weight matrix, 0.45 ns per attention layer per cached token
+    DeviceClass.HBM: ClassConstants(efficiency=0.602, tensor_s=9.39e-6, attention=1.0, attend_s=4.53e-10),
+    # DGX Spark sweeps (gpt-oss-20b/120b, Qwen3-Coder-30B-A3B, Qwen2.5-Coder 7B) and GLM-4.7-Flash Q8_0: 88% of
+    # 273 GB/s, 13 us per weight matrix, KV read at 1.14x its bytes
+    DeviceClass.UNIFIED: ClassConstants(efficiency=0.877, tensor_s=1.325e-5, attention=1.144),
     DeviceClass.CPU: ClassConstants(efficiency=FALLBACK_EFFICIENCY, tensor_s=0.0, attention=1.0),
 }
 
@@ -105,7 +117,7 @@ class ReadLayout:
     weight_bytes: tuple[tuple[str, int], ...]  # (device name, bytes); RAM appears under RAM_PLACE
     kv_bytes_per_cell: tuple[tuple[str, float, int], ...]  # (device, bytes per cached token, cells cap)
     n_tensors: int = 0  # weight tensors of the trunk layers (ops per decode step)
-    attention_layers: tuple[tuple[str, int, int], ...] = ()  # (device, layers, cells cap) with a KV cache
+    attention_layers: tuple[tuple[str, float, int], ...] = ()  # (device, layers x attention_width, cells cap)
 
 
 RAM_PLACE = "ram"
@@ -149,11 +161,23 @@ class SpeedModel:
         return factor / (self.weight_s + max(1, streams) * kv)
 
 
+ATTENTION_WIDTH = 8192  # query heads x (key + value head size) of a typical layer: 32 x (128 + 128)
+
+
+def attention_width(layer: LayerSpec) -> float:
+    """What one cached token costs `layer`'s attention kernel against a typical layer: the square root of query
+    heads x (key + value head size). The work grows with that product, the time more slowly, as the heads of a
+    KV group share their loads: GLM-4.7-Flash's MLA (20 heads over a 576/512 latent, 2.7x the work) costs 1.4x
+    a GQA layer per cached token on an H200 (bench/results/gpu_check-NVIDIA-H200-sweep.json) and about 2.4x on
+    an RTX 3090 (llama.cpp PR #19092, d32768); the square root (1.6x) sits between them."""
+    return math.sqrt(layer.n_head * (layer.key_length + layer.value_length) / ATTENTION_WIDTH)
+
+
 def read_layout(spec: ModelSpec, est: MemoryEstimate, fit: Fit) -> ReadLayout:
     """Where each byte read per decoded token lives under `fit` (the layers of `est`, in order)."""
     weights: dict[str, int] = {}
     kv: dict[tuple[str, int], float] = {}
-    attending: dict[tuple[str, int], int] = {}
+    attending: dict[tuple[str, int], float] = {}
     owner: dict[int, str] = {}
     for d in fit.devices:
         for i in d.layers:
@@ -174,7 +198,7 @@ def read_layout(spec: ModelSpec, est: MemoryEstimate, fit: Fit) -> ReadLayout:
         if mem.cells:
             key = (place, mem.cells)
             kv[key] = kv.get(key, 0.0) + mem.kv_bytes / (mem.cells * stream)
-            attending[key] = attending.get(key, 0) + 1
+            attending[key] = attending.get(key, 0) + attention_width(layer)
     # the output matrix follows the last layer when every layer is on a GPU, else it stays in RAM (fit.py)
     last = max((d for d in fit.devices if d.layers), key=lambda d: max(d.layers), default=None)
     out_place = last.name if (last is not None and fit.offload_layers == 0) else RAM_PLACE

@@ -54,6 +54,7 @@ class MeasuredPoint:
     cpu_layers: int = 0
     nodes: int = 1
     note: str = ""
+    file_bytes: int | None = None  # the measured file's size where it is not the quant's published one (a twin)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ class HardwareProfile:
             ram_bytes=0 if any(d.unified for d in devices) else self.system_ram_bytes,
             ram_bandwidth_bytes_s=self.system_ram_bandwidth_bytes_s,
             disk_read_bytes_s=disk_read_bytes_s or DEFAULT_DISK_READ_BYTES_S,
-            measured=tuple(_speed_point(p, resolve(p.model, p.quant)) for p in self.measured),
+            measured=tuple(_speed_point(p, resolve(p.model, p.quant) if p.file_bytes is None else
+                                        _spec_from_model_profile(p.model, p.quant, p.file_bytes))
+                           for p in self.measured),
         )
 
 
@@ -113,15 +116,16 @@ def _speed_point(point: MeasuredPoint, spec: ModelSpec | None) -> SpeedPoint:
                       decode_low=point.decode_tok_s, decode_high=high)
 
 
-_SPEC_CACHE: dict[tuple[str, str, str | None], ModelSpec | None] = {}
+_SPEC_CACHE: dict[tuple[str, str, str | None, int | None], ModelSpec | None] = {}
 
 
-def _spec_from_model_profile(model: str, quant: str | None) -> ModelSpec | None:
-    """The spec of a model profile at `quant` (an unnamed quant is the profile's first); None if unknown."""
-    key = (str(models_dir()), model, quant)
+def _spec_from_model_profile(model: str, quant: str | None, file_bytes: int | None = None) -> ModelSpec | None:
+    """The spec of a model profile at `quant` (an unnamed quant is the profile's first), its tensors sized to
+    `file_bytes` when given; None if unknown."""
+    key = (str(models_dir()), model, quant, file_bytes)
     if key not in _SPEC_CACHE:
         try:
-            header = profile_header(load_profile(model), quant)
+            header = profile_header(load_profile(model), quant, file_bytes)
         except ModelProfileError:
             _SPEC_CACHE[key] = None
         else:
@@ -221,4 +225,5 @@ def _measured(item: Reader) -> MeasuredPoint:
         cpu_layers=table.at("cpu_layers").integer(0, low=0),
         nodes=table.at("nodes").integer(1, above=0),
         note=_text(note) if note.present else "",
+        file_bytes=table.at("file_bytes").integer(None, above=0),
     )

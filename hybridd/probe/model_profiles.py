@@ -98,8 +98,9 @@ def load_profile(name: str, directory: Path | None = None) -> ModelProfile:
     return parse_profile(data, str(path))
 
 
-def profile_header(profile: ModelProfile, quant: str | None = None) -> GgufHeader:
-    """A GgufHeader for `profile` at `quant` (default: the first listed) with synthesized tensor infos."""
+def profile_header(profile: ModelProfile, quant: str | None = None, file_bytes: int | None = None) -> GgufHeader:
+    """A GgufHeader for `profile` at `quant` (default: the first listed) with synthesized tensor infos, of the
+    quant's published size or `file_bytes`."""
     if quant is None:
         quant = next(iter(profile.quants))
     try:
@@ -107,5 +108,5 @@ def profile_header(profile: ModelProfile, quant: str | None = None) -> GgufHeade
     except KeyError:
         raise ModelProfileError(
             f"{profile.name}: unknown quant {quant!r} (valid: {', '.join(profile.quants)})") from None
-    return GgufHeader(metadata=profile.metadata, tensors=synth_tensors(profile.metadata, q.file_bytes),
-                      file_bytes=q.file_bytes)
+    size = file_bytes or q.file_bytes
+    return GgufHeader(metadata=profile.metadata, tensors=synth_tensors(profile.metadata, size), file_bytes=size)

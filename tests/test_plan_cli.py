@@ -104,6 +104,7 @@ def test_the_engine_sets_the_logits_rows_the_compute_buffer_holds(tmp_path: Path
     args = ("glm-4.7-flash", "--hardware", "desktop-4090-5070ti", "--json", "--engine")
     default, server = (json.loads(run_plan(*args, engine).stdout) for engine in ("llama-cpp-python", "llama-server"))
     assert 200 * 2**20 < default["compute_bytes"] - server["compute_bytes"] < (154880 + 2048) * 511 * 4
+    assert run_plan("glm-4.7-flash", "--engine", "llama-server").stdout.splitlines()[0].endswith(", llama-server")
     # a configured model plans with the engine it names, whatever --engine (or HYBRIDD_ENGINE) says
     config = tmp_path / "config.toml"
     config.write_text(f'[[models]]\nname = "mine"\npath = "{tiny_model}"\nengine = "llama-server"\n'

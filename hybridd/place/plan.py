@@ -114,6 +114,8 @@ def render_plan_table(plan_dict: dict[str, Any]) -> str:
         verdict = "does not fit"
     title = f"{p['model'] or '(unnamed)'} ({p['architecture']}) at {p['ctx']} ctx"
     title += f", {p['n_seq']} slot{'s' if p['n_seq'] != 1 else ''}, KV {p['type_k']}/{p['type_v']}"
+    if p.get("engine"):
+        title += f", {p['engine']}"
     rows = [
         ("weights", p["weights_bytes"]),
         ("KV cache", p["kv_bytes"]),

@@ -84,7 +84,7 @@ def device_class(hw: Hardware) -> DeviceClass:
 
 @dataclass(frozen=True, slots=True)
 class ClassConstants:
-    """A device class's calibration: bandwidth efficiency, fixed seconds per tensor per token, attention factor."""
+    """A device class's calibration: bandwidth efficiency, fixed seconds per matrix per token, attention costs."""
 
     efficiency: float  # fraction of the rated bandwidth weight reads reach
     tensor_s: float  # fixed seconds per weight matrix per decoded token (kernel launch and tail)
@@ -116,7 +116,7 @@ class ReadLayout:
 
     weight_bytes: tuple[tuple[str, int], ...]  # (device name, bytes); RAM appears under RAM_PLACE
     kv_bytes_per_cell: tuple[tuple[str, float, int], ...]  # (device, bytes per cached token, cells cap)
-    n_tensors: int = 0  # weight tensors of the trunk layers (ops per decode step)
+    n_tensors: int = 0  # weight matrices of the trunk layers (matmuls per decode step)
     attention_layers: tuple[tuple[str, float, int], ...] = ()  # (device, layers x attention_width, cells cap)
 
 
@@ -167,9 +167,10 @@ ATTENTION_WIDTH = 8192  # query heads x (key + value head size) of a typical lay
 def attention_width(layer: LayerSpec) -> float:
     """What one cached token costs `layer`'s attention kernel against a typical layer: the square root of query
     heads x (key + value head size). The work grows with that product, the time more slowly, as the heads of a
-    KV group share their loads: GLM-4.7-Flash's MLA (20 heads over a 576/512 latent, 2.7x the work) costs 1.4x
-    a GQA layer per cached token on an H200 (bench/results/gpu_check-NVIDIA-H200-sweep.json) and about 2.4x on
-    an RTX 3090 (llama.cpp PR #19092, d32768); the square root (1.6x) sits between them."""
+    KV group share their loads: GLM-4.7-Flash's MLA (20 heads over a 576/512 latent, 2.7x the work of a typical
+    layer) costs about 1.4x a GQA layer per cached token on an H200 (bench/results/gpu_check-NVIDIA-H200*.json),
+    and its one published CUDA point at depth (RTX 3090, llama.cpp PR #19092, d32768) comes out 5% low with the
+    square root, 38% low with the product itself and 25% high with no width at all."""
     return math.sqrt(layer.n_head * (layer.key_length + layer.value_length) / ATTENTION_WIDTH)
 
 

@@ -576,36 +576,38 @@ def logged_buffers(log: Path) -> dict[str, Any]:
     return {"buffers_mib": buffers, "breakdown": breakdown[-6:]}
 
 
-def decode_at(base: str, depth: int, n_predict: int, n_vocab: int, seed: int) -> dict[str, Any]:
-    """One /completion with a depth-token prompt of random ids, n_predict tokens decoded; its timings."""
+def random_prompt(n_tokens: int, n_vocab: int, seed: int) -> list[int]:
+    """n_tokens random ids past the byte tokens (at least one)."""
     rng = random.Random(seed)
-    prompt = [rng.randrange(259, n_vocab) for _ in range(max(1, depth))]
-    body = {"prompt": prompt, "n_predict": n_predict, "ignore_eos": True, "cache_prompt": False,
+    return [rng.randrange(259, n_vocab) for _ in range(max(1, n_tokens))]
+
+
+def completion(base: str, depth: int, prompt: list[int], n_predict: int, cache_prompt: bool) -> dict[str, Any]:
+    """One /completion of prompt, n_predict tokens decoded; depth and llama-server's timings."""
+    body = {"prompt": prompt, "n_predict": n_predict, "ignore_eos": True, "cache_prompt": cache_prompt,
             "temperature": 0.0}
-    answer = http_json(base + "/completion", body, timeout=600)
-    timings = answer.get("timings", {})
+    timings = http_json(base + "/completion", body, timeout=600).get("timings", {})
     return {"depth": depth, "prompt_n": timings.get("prompt_n"), "predicted_n": timings.get("predicted_n"),
             "prefill_tok_s": _round(timings.get("prompt_per_second")),
             "decode_tok_s": _round(timings.get("predicted_per_second"))}
+
+
+def decode_at(base: str, depth: int, n_predict: int, n_vocab: int, seed: int) -> dict[str, Any]:
+    """One /completion with a depth-token prompt of random ids, uncached; its timings."""
+    return completion(base, depth, random_prompt(depth, n_vocab, seed), n_predict, cache_prompt=False)
 
 
 def decode_sweep(base: str, depths: tuple[int, ...], repeats: int, n_predict: int, n_vocab: int,
                  deadline: float) -> list[dict[str, Any]]:
     """Decode at each depth (ascending) repeats times; one random prompt grows, so with the prompt cache each depth
     prefills only what it adds to the last."""
-    rng = random.Random(7)
-    prompt = [rng.randrange(259, n_vocab) for _ in range(max(depths) + 1)]
+    prompt = random_prompt(max(depths), n_vocab, seed=7)
     rows = []
     for depth in sorted(depths):
         for _ in range(repeats):
             if time.monotonic() > deadline:
                 return rows
-            body = {"prompt": prompt[:max(1, depth)], "n_predict": n_predict, "ignore_eos": True,
-                    "cache_prompt": True, "temperature": 0.0}
-            timings = http_json(base + "/completion", body, timeout=600).get("timings", {})
-            rows.append({"depth": depth, "prompt_n": timings.get("prompt_n"),
-                         "predicted_n": timings.get("predicted_n"),
-                         "decode_tok_s": _round(timings.get("predicted_per_second"))})
+            rows.append(completion(base, depth, prompt[:max(1, depth)], n_predict, cache_prompt=True))
     return rows
 
 
@@ -695,8 +697,7 @@ def measure_twin(twin: Twin, args: argparse.Namespace, binary: Path, profile: st
                     if args.sweep:
                         run["sweep"] = decode_sweep(base, depths, SWEEP_REPEATS, args.n_predict, written.n_vocab,
                                                     deadline - args.reserve_s / 2)
-                        depths = ()
-                    for k, depth in enumerate(depths):
+                    for k, depth in enumerate(() if args.sweep else depths):
                         if time.monotonic() > deadline - args.reserve_s / 2:
                             results.skip(f"{twin.profile} {twin.scheme} ctx {ctx} depth {depth}",
                                          "the time budget is spent")

@@ -11,10 +11,11 @@
 #
 # The CUDA build is most of the time: 351 steps, 144 of them CUDA sources for one architecture, 320 s on the lent
 # H200's 16 cores (measured 2026-11-27). GPU_CHECK_BUDGET_S (default 570) is this run's time; the build gets what
-# the measurements do not need (GPU_CHECK_MEASURE_S, default 150). GPU_CHECK_SWEEP=1: decode at five depths, twice
-# each, per twin (SWEEP_TWINS) instead of the memory runs. The build tree stays in bench/.gpu-build/ (ignored, not carried): if the build runs out of time, the run
-# still records the NVML probe and the CPU-build warning and prints the command to call again at once, while the
-# machine is still warm (30 s), which resumes the build where ninja stopped and then measures.
+# the measurements do not need (GPU_CHECK_MEASURE_S, default 150). GPU_CHECK_SWEEP=1: decode at five depths,
+# twice each, at one context per twin (SWEEP_TWINS). The build tree stays in bench/.gpu-build/ (ignored, not
+# carried): if the build runs out of time, the run still records the NVML probe and the CPU-build warning and
+# prints the command to call again at once, while the machine is still warm (30 s), which resumes the build where
+# ninja stopped and then measures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)

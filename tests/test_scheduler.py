@@ -7,6 +7,7 @@ from functools import cache
 
 import pytest
 
+from hybridd.model.memory import engine_outputs
 from hybridd.model.spec import ModelSpec, model_spec
 from hybridd.place.backlog import Backlog
 from hybridd.place.buckets import context_bucket
@@ -477,3 +478,13 @@ def test_a_peer_that_was_sent_the_conversation_prefills_only_the_rest_on_its_loa
     assert other.cached_tokens == 0
     whole = option(Node().decide(replace(turn, cached={"peer:spark": 200_000}), (peer,)), "peer:spark")
     assert whole.cached_tokens == 100_111
+
+
+def test_a_llama_server_need_reserves_one_row_of_logits_a_slot() -> None:
+    # llama-server sets n_outputs_max to its slots (RequestNeed.n_outputs, from memory.engine_outputs); the load
+    # a local option reserves follows: GLM-4.7-Flash's 154,880-token vocabulary, 511 rows of f32 logits less
+    request = need("glm-4.7-flash", "Q4_K_M", prompt=2000, max_tokens=1000)
+    server = replace(request, n_outputs=engine_outputs("llama-server", request.slots))
+    assert server.settings(4096).n_outputs == 1 and request.settings(4096).n_outputs == 0
+    batch, one = (sum(option(Node().decide(r, ()), "local").reserve.values()) for r in (request, server))
+    assert 200 * 2**20 < batch - one <= (154880 + 2048) * 511 * 4

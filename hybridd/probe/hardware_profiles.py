@@ -83,12 +83,12 @@ class HardwareProfile:
             for spec in self.device_specs
         ]
 
-    def hardware(self, spec_for: Callable[[str, str | None], ModelSpec | None] | None = None,
+    def hardware(self, spec_for: Callable[[str, str | None, int | None], ModelSpec | None] | None = None,
                  disk_read_bytes_s: float | None = None) -> Hardware:
         """This profile as placement `Hardware` (idle devices), its measured points resolved to model specs.
 
-        `spec_for(model, quant)` resolves a point's model; the default reads the model profiles and returns None
-        for a model or quant without one (the point is then kept but cannot calibrate).
+        `spec_for(model, quant, file_bytes)` resolves a point's model; the default reads the model profiles and
+        returns None for a model or quant without one (the point is then kept but cannot calibrate).
         """
         resolve = spec_for or _spec_from_model_profile
         devices = tuple(self.devices())
@@ -98,9 +98,7 @@ class HardwareProfile:
             ram_bytes=0 if any(d.unified for d in devices) else self.system_ram_bytes,
             ram_bandwidth_bytes_s=self.system_ram_bandwidth_bytes_s,
             disk_read_bytes_s=disk_read_bytes_s or DEFAULT_DISK_READ_BYTES_S,
-            measured=tuple(_speed_point(p, resolve(p.model, p.quant) if p.file_bytes is None else
-                                        _spec_from_model_profile(p.model, p.quant, p.file_bytes))
-                           for p in self.measured),
+            measured=tuple(_speed_point(p, resolve(p.model, p.quant, p.file_bytes)) for p in self.measured),
         )
 
 

@@ -46,9 +46,19 @@ class Session:
         return {**os.environ, "DISPLAY": self.display, "DBUS_SESSION_BUS_ADDRESS": self.bus, "NO_AT_BRIDGE": "1"}
 
     def windows(self) -> str:
-        """The window tree, as `xwininfo -root -tree` prints it."""
-        return subprocess.run(["xwininfo", "-root", "-tree", "-display", self.display], capture_output=True,
-                              text=True, timeout=30, check=True).stdout
+        """The window tree, as `xwininfo -root -tree` prints it.
+
+        xwininfo walks the tree one query at a time, and a window that goes away meanwhile (the tray host reparents
+        a new icon) ends the walk with BadWindow: that walk is taken again. Any other failure is raised.
+        """
+        for _ in range(10):
+            done = subprocess.run(["xwininfo", "-root", "-tree", "-display", self.display], capture_output=True,
+                                  text=True, timeout=30)
+            if done.returncode == 0:
+                return done.stdout
+            if "X Error" not in done.stderr:  # BadWindow, BadDrawable: the tree changed under the walk
+                break
+        raise AssertionError(f"xwininfo on {self.display} failed ({done.returncode}): {done.stderr.strip()}")
 
     def xdotool(self, *args: str) -> None:
         """Move the pointer, click, press keys (xdotool's words)."""

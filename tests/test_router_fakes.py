@@ -245,3 +245,21 @@ async def test_a_probe_answered_closes_the_breaker_though_the_client_hangs_up(mo
     assert events[-1] == b"data: [DONE]" and lab.upstream.requests
     # the peer answered: closed, not stuck open with a probe that never reported back
     await until(lambda: router.state.breaker("spark").state(router.clock()) == "closed", "the breaker to close")
+
+
+
+async def test_a_llama_server_model_reserves_one_output_row_where_llama_cpp_python_reserves_a_batch(
+        gemma_model, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
+    # llama-server sizes its logits for one row a slot, llama-cpp-python for n_batch rows (512 x Gemma 3's 262,144
+    # tokens x 4 bytes = 512 MiB): the router plans each model for its own engine, so a's load holds less than b's
+    # otherwise identical one.
+    models = (gemma_model, gemma_model)
+    text = (config(models, need_bytes(gemma_model, 4096) * 4, None)
+            .replace('name = "a"\n', 'name = "a"\nengine = "llama-server"\n')
+            .replace("ram_bytes = 200_000", "ram_bytes = 2_000_000_000"))  # Gemma's embedding table stays in RAM
+    node = await node_factory(text)
+    assert (await chat(node.url, "a"))[0] == 200 and (await chat(node.url, "b"))[0] == 200
+    held_a = sum(dict(node.router.state.ledger.held(KEY_A)).values())
+    held_b = sum(dict(node.router.state.ledger.held(KEY_B)).values())
+    # most of the 511 rows' 511 MiB (the rest of the graph overlaps the logits in llama.cpp's buffer plan)
+    assert 400 * 2**20 < held_b - held_a < 512 * 2**20, (held_a, held_b)

@@ -620,7 +620,7 @@ def _round(value: Any, digits: int = 1) -> Any:
 
 def predict(model: Path, ctx: int, profile: str, depths: tuple[int, ...], n_predict: int) -> dict[str, Any]:
     """The plan for model at ctx on profile (memory parts and its reference request) and decode tok/s per depth."""
-    from hybridd.model.memory import RunSettings, estimate_memory
+    from hybridd.model.memory import RunSettings, engine_outputs, estimate_memory
     from hybridd.model.spec import model_spec
     from hybridd.node.planning import PlanRequest, make_plan
     from hybridd.place.fit import fit_model
@@ -638,7 +638,8 @@ def predict(model: Path, ctx: int, profile: str, depths: tuple[int, ...], n_pred
     found["options"] = plan.get("options")
     header = read_gguf_header(model)
     spec = model_spec(header.metadata, header.tensors)
-    settings = RunSettings(ctx=ctx, n_seq=1, flash_attn=True, type_k="f16", type_v="f16", n_outputs=1)
+    settings = RunSettings(ctx=ctx, n_seq=1, flash_attn=True, type_k="f16", type_v="f16",
+                           n_outputs=engine_outputs("llama-server", 1))
     est = estimate_memory(spec, settings)
     hardware = load_hardware_profile(profile).hardware()
     fit = fit_model(est, list(hardware.devices), hardware.ram_bytes)

@@ -126,6 +126,12 @@ class ModelEntry:
         return self.engine in MANAGED_KINDS
 
     @property
+    def outputs_every_row(self) -> bool:
+        """Whether its engine reserves logits for more rows than one a slot (memory.engine_outputs): embeddings, a
+        pooling type, or speculative decoding passed through `options` (sized at n_batch, the most it takes)."""
+        return self.embeddings or any(word in key for key in self.options for word in ("pooling", "draft", "spec"))
+
+    @property
     def parses_tools(self) -> bool:
         """Whether its engine returns the tool calls a model makes unforced (tool_choice "auto") as tool calls:
         llama-server (--jinja) does, an external server is taken to, llama-cpp-python returns them as text."""

@@ -17,6 +17,7 @@ from hybridd.config import (
     with_role,
 )
 from hybridd.errors import ConfigError
+from hybridd.model.memory import engine_outputs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -213,3 +214,15 @@ def test_a_bad_value_is_shown_on_the_one_line_escaped() -> None:
         parse_config('[server]\nlog_level = "loud\\nand\\u007fclear"\n')
     assert str(raised.value) == ('<string>: server.log_level: unknown value "loud\\nand\\u007fclear" '
                                  '(valid: debug, info, warning, error)')
+
+
+@pytest.mark.parametrize(("settings", "rows"), [
+    ("", 2),  # one logits row a slot
+    ("embeddings = true\n", 0),  # llama-server then reserves n_batch rows
+    ('options = { pooling = "mean" }\n', 0),
+    ('options = { model_draft = "draft.gguf", draft_max = 16 }\n', 0),  # 1 + n_draft a slot, n_batch at most
+])
+def test_the_logits_rows_a_llama_server_model_reserves(settings: str, rows: int) -> None:
+    config = parse_config(f'[[models]]\nname = "m"\npath = "m.gguf"\nengine = "llama-server"\nslots = 2\n{settings}')
+    (model,) = config.models
+    assert engine_outputs(model.engine, model.slots, model.outputs_every_row) == rows

@@ -24,9 +24,9 @@ REQUIRED = {"weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "to
 GIB = 1024**3
 
 
-def run_plan(*args: str) -> subprocess.CompletedProcess[str]:
+def run_plan(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "hybridd", "plan", *args], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=env)
 
 
 def test_every_profile_model_is_named() -> None:
@@ -97,7 +97,7 @@ def test_cli_uses_a_configured_models_settings(tmp_path: Path, tiny_model: Path)
     assert (plan["ctx"], plan["type_k"], plan["type_v"]) == (2048, "q8_0", "q8_0")
 
 
-def test_the_engine_sets_the_logits_rows_the_compute_buffer_holds(tmp_path: Path, tiny_model: Path) -> None:
+def test_the_engine_sets_the_logits_rows_the_compute_buffer_holds(tmp_path: Path, gemma_model: Path) -> None:
     # llama-server reserves logits for one output a slot, llama-cpp-python for n_batch (512 a ubatch): on the
     # desktop's GLM-4.7-Flash, the GPU with the output layer holds its layers' working set instead of 512 rows of a
     # 154,880-token vocabulary (306 MiB)
@@ -107,12 +107,32 @@ def test_the_engine_sets_the_logits_rows_the_compute_buffer_holds(tmp_path: Path
     assert run_plan("glm-4.7-flash", "--engine", "llama-server").stdout.splitlines()[0].endswith(", llama-server")
     # a configured model plans with the engine it names, whatever --engine (or HYBRIDD_ENGINE) says
     config = tmp_path / "config.toml"
-    config.write_text(f'[[models]]\nname = "mine"\npath = "{tiny_model}"\nengine = "llama-server"\n'
-                      f'[[models]]\nname = "other"\npath = "{tiny_model}"\n')
+    config.write_text(f'[[models]]\nname = "mine"\npath = "{gemma_model}"\nengine = "llama-server"\n'
+                      f'[[models]]\nname = "other"\npath = "{gemma_model}"\n')
     named = json.loads(run_plan("mine", "--config", str(config), "--engine", "llama-cpp-python", "--json").stdout)
     implied = json.loads(run_plan("other", "--config", str(config), "--engine", "llama-server", "--json").stdout)
     assert (named["engine"], implied["engine"], default["engine"]) == ("llama-server", "llama-server",
                                                                        "llama-cpp-python")
+    # and its buffers are llama-server's: Gemma 3's 262,144-token logits for one row, not 512
+    other = json.loads(run_plan("other", "--config", str(config), "--engine", "llama-cpp-python", "--json").stdout)
+    assert 256 * 2**20 < other["compute_bytes"] - named["compute_bytes"] < 512 * 2**20
+    # the placement options plan with the same buffers as the table: at 128k on the desktop GLM-4.7-Flash Q8_0
+    # keeps 3 layers' experts in RAM under llama-server, 4 under llama-cpp-python
+    for engine, n_cpu_moe in (("llama-server", 3), ("llama-cpp-python", 4)):
+        plan = json.loads(run_plan("glm-4.7-flash", "--quant", "Q8_0", "--ctx", "131072", "--hardware",
+                                   "desktop-4090-5070ti", "--engine", engine, "--json").stdout)
+        assert plan["n_cpu_moe"] == n_cpu_moe and [o["n_cpu_moe"] for o in plan["options"]] == [n_cpu_moe]
+    # with no --engine (nor HYBRIDD_ENGINE), a configured model plans with the engine `hybridd serve` gives it
+    # (no kind named: llama-server, as one is found), a file or a profile with llama-cpp-python's larger buffers
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    config.write_text(config.read_text() + f'[engine]\nllama_server = "{binary}"\n')
+    env = {key: value for key, value in os.environ.items() if key != "HYBRIDD_ENGINE"}
+    served = json.loads(run_plan("other", "--config", str(config), "--json", env=env).stdout)
+    profile = json.loads(run_plan(*args[:-1], env=env).stdout)
+    assert served["engine"] == "llama-server" and profile["engine"] is None
+    assert profile["compute_bytes"] == default["compute_bytes"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -149,6 +169,7 @@ async def test_api_answers_the_same_json_as_the_cli(api: str) -> None:
     ({"ctx": 4096}, 400, "'model' is required"),
     ({"model": "glm-4.7-flash", "ctx": "big"}, 400, "'ctx' must be an integer"),
     ({"model": "glm-4.7-flash", "engine": "vllm"}, 400, "engine"),
+    ({"model": "glm-4.7-flash", "train": "lora", "engine": "llama-server"}, 400, "engine: not with train"),
     ({"model": "nope"}, 404, "is not a GGUF path"),
     ({"model": "/etc/passwd.gguf"}, 404, "no GGUF file at"),
 ])

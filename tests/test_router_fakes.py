@@ -248,18 +248,22 @@ async def test_a_probe_answered_closes_the_breaker_though_the_client_hangs_up(mo
 
 
 
+@pytest.mark.parametrize("embeddings", [False, True])
 async def test_a_llama_server_model_reserves_one_output_row_where_llama_cpp_python_reserves_a_batch(
-        gemma_model, lab, node_factory) -> None:  # type: ignore[no-untyped-def]
+        gemma_model, lab, node_factory, embeddings: bool) -> None:  # type: ignore[no-untyped-def]
     # llama-server sizes its logits for one row a slot, llama-cpp-python for n_batch rows (512 x Gemma 3's 262,144
     # tokens x 4 bytes = 512 MiB): the router plans each model for its own engine, so a's load holds less than b's
-    # otherwise identical one.
+    # otherwise identical one. With embeddings on, llama-server reserves n_batch rows as well.
     models = (gemma_model, gemma_model)
+    server = 'engine = "llama-server"\n' + ("embeddings = true\n" if embeddings else "")
     text = (config(models, need_bytes(gemma_model, 4096) * 4, None)
-            .replace('name = "a"\n', 'name = "a"\nengine = "llama-server"\n')
+            .replace('name = "a"\n', 'name = "a"\n' + server)
             .replace("ram_bytes = 200_000", "ram_bytes = 2_000_000_000"))  # Gemma's embedding table stays in RAM
     node = await node_factory(text)
     assert (await chat(node.url, "a"))[0] == 200 and (await chat(node.url, "b"))[0] == 200
     held_a = sum(dict(node.router.state.ledger.held(KEY_A)).values())
     held_b = sum(dict(node.router.state.ledger.held(KEY_B)).values())
-    # most of the 511 rows' 511 MiB (the rest of the graph overlaps the logits in llama.cpp's buffer plan)
-    assert 400 * 2**20 < held_b - held_a < 512 * 2**20, (held_a, held_b)
+    if embeddings:
+        assert held_a == held_b
+    else:  # most of the 511 rows' 511 MiB (the rest of the graph overlaps the logits in llama.cpp's buffer plan)
+        assert 400 * 2**20 < held_b - held_a < 512 * 2**20, (held_a, held_b)

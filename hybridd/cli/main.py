@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(plan, "--max-tokens", env="HYBRIDD_MAX_TOKENS", type=int, metavar="N",
           help="the reference request's completion (default: 1024, at most a quarter of the context)")
     _flag(plan, "--engine", env="HYBRIDD_ENGINE", choices=MANAGED_KINDS,
-          help="the engine of a model whose config names none (default: llama-cpp-python's buffers, the larger)")
+          help="the engine of a model whose config names none (default: the one 'hybridd serve' picks; a file or "
+          "profile: llama-cpp-python's buffers, the larger)")
     _flag(plan, "--json", env="HYBRIDD_JSON", action="store_true", help="print the plan as one JSON object")
     _config_flag(plan)
 
@@ -347,6 +348,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print what a model needs and where it would fit."""
     from hybridd.cli.views import render_options
+    from hybridd.engine.choice import default_engine
     from hybridd.errors import HybriddError
     from hybridd.node.catalog import build_catalog, scan_library
     from hybridd.node.planning import PlanRequest, make_plan
@@ -359,12 +361,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         config, _ = _load(args)
+        # a configured model that names no engine plans with the one `hybridd serve` would give it
+        config = with_default_engine(config, default_engine(config, args.engine)[0])
         request = PlanRequest(
             model=args.model, quant=args.quant, ctx=args.ctx, type_k=args.type_k or args.kv_type,
             type_v=args.type_v or args.kv_type, slots=int(args.slots), flash_attn=False if args.no_flash_attn else None,
             hardware=args.hardware, peers=tuple(_peer_list(args.peer)), train=args.train, seq=args.seq,
             batch=args.batch, rank=args.rank, dataset_tokens=args.dataset_tokens,
-            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, engine=args.engine,
+            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+            engine=None if args.train else args.engine,  # HYBRIDD_ENGINE is the daemon's: no bearing on a fine-tune
         )
         library = ", ".join(map(str, config.library_dirs))
         with showing(f"a scan of the model library ({library})" if library else _plan_wait(request),

@@ -65,10 +65,11 @@ DEFAULT_CTX = 4096
 FUSED_GDN_ARCHS = frozenset({"qwen35", "qwen35moe"})
 
 
-def engine_outputs(engine: str | None, slots: int) -> int:
+def engine_outputs(engine: str | None, slots: int, every_row: bool = False) -> int:
     """RunSettings.n_outputs for an engine kind: llama-server reserves one output a slot, llama-cpp-python (and
-    an engine not known) n_batch."""
-    return max(1, slots) if engine == "llama-server" else 0
+    an engine not known) n_batch. `every_row`: the engine outputs more than the next token (llama-server with
+    embeddings or pooling reserves n_batch rows, with speculative decoding 1 + n_draft a slot), so n_batch."""
+    return max(1, slots) if engine == "llama-server" and not every_row else 0
 
 
 def pad(value: int, multiple: int) -> int:

@@ -114,6 +114,8 @@ def check_request(request: PlanRequest) -> None:
         for name in ("prompt_tokens", "max_tokens"):
             if getattr(request, name) is not None:
                 raise BadRequest(f"{name}: not with train; a fine-tune has no reference request")
+        if request.engine is not None:
+            raise BadRequest("engine: not with train; a fine-tune runs in a training job, not an inference engine")
 
 
 def find_header(name: str, quant: str | None, catalog: Catalog | None) -> tuple[GgufHeader, dict[str, Any]]:
@@ -131,7 +133,7 @@ def find_header(name: str, quant: str | None, catalog: Catalog | None) -> tuple[
         if entry is not None and entry.path is not None:
             settings = {"ctx": entry.ctx, "type_k": entry.type_k, "type_v": entry.type_v,
                         "flash_attn": entry.flash_attn, "engine": entry.engine,
-                        "engine_named": not entry.engine_implied}
+                        "engine_named": not entry.engine_implied, "every_row": entry.outputs_every_row}
             return entry_header(entry), settings
     profiles = list_profiles()
     if name in profiles:
@@ -165,8 +167,9 @@ def make_plan(request: PlanRequest, catalog: Catalog | None = None) -> dict[str,
     flash = request.flash_attn if request.flash_attn is not None else configured.get("flash_attn", True)
     # as `hybridd serve --engine`: the engine of a model whose config names none
     engine = configured["engine"] if configured.get("engine_named") else request.engine or configured.get("engine")
+    outputs = engine_outputs(engine, request.slots, configured.get("every_row", False))
     settings = RunSettings(
-        ctx=ctx, n_seq=request.slots, flash_attn=flash, n_outputs=engine_outputs(engine, request.slots),
+        ctx=ctx, n_seq=request.slots, flash_attn=flash, n_outputs=outputs,
         type_k=request.type_k or configured.get("type_k", "f16"),
         type_v=request.type_v or configured.get("type_v", "f16"),
     )

@@ -294,7 +294,7 @@ class Router:
                 type_v=model.type_v, flash_attn=model.flash_attn, hint=Hint(inference.hints.placement),
                 min_ctx=max(inference.hints.min_ctx, model.ctx if model.local else 0),
                 expected_tokens=self.state.lengths.expect(model.name, budget), slots=model.slots,
-                n_outputs=engine_outputs(model.engine, model.slots),
+                n_outputs=engine_outputs(model.engine, model.slots, model.outputs_every_row),
                 tools=inference.calls_tools, local_parses_tools=model.parses_tools,
                 cached=self._cached(model.name, size.fingerprint, targets),
             )

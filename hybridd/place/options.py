@@ -34,7 +34,7 @@ def plan_options(spec: ModelSpec, settings: RunSettings, local: Hardware, peers:
     prompt, completion = reference_request(settings.ctx, prompt_tokens, max_tokens)
     model = spec.name or spec.architecture
     need = RequestNeed(model, spec, prompt, completion, settings.type_k, settings.type_v, settings.flash_attn,
-                       min_ctx=settings.ctx)
+                       min_ctx=settings.ctx, n_outputs=settings.n_outputs)
     state = LocalState(local, ledger_for(local))
     peer_states = [PeerState(hw.name, hw, frozenset({model})) for hw in peers]
     decision = decide(need, state, peer_states, now=0.0, calibration=calibration)

@@ -63,7 +63,7 @@ else
     fi
 fi
 sweep=()
-[ -n "${GPU_CHECK_SWEEP:-}" ] && sweep=(--sweep) && name="$name-sweep"
+[ "${GPU_CHECK_SWEEP:-0}" != 0 ] && sweep=(--sweep) && name="$name-sweep"
 results="bench/results/gpu_check-$name.json"
 left=$(( budget - $(elapsed) - 10 ))
 if [ "$dry" = 1 ]; then

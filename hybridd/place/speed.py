@@ -13,9 +13,10 @@ where a place is a GPU (its layers, their KV, the output matrix on the last GPU)
 their KV, and the routed experts that --n-cpu-moe keeps there). The fixed cost per matrix is why a small model is
 slower than its bytes say (GLM-4.7-Flash's 47 MLA+MoE blocks hold 13 matrices each: Q8_0 runs 109 tok/s on the
 desktop, Q4_K_M only 1.2x faster at 0.58x the bytes); norms and biases are vectors that ride along in fused
-kernels and are not counted. attend_s is why decode falls with depth faster than the KV bytes say (published
-llama-bench -d sweeps: Qwen2.5 3B on an RTX 4090 loses 47% by 32k tokens, where its two KV heads' bytes alone would
-cost 25%); attention_width scales it for layers wider or narrower than a typical one (MLA's 576-wide latent).
+kernels and are not counted (gpt-oss's 2-D per-expert biases are: spec._layer_tensor_counts says why). attend_s
+is why decode falls with depth faster than the KV bytes say (published llama-bench -d sweeps: Qwen2.5 3B on an RTX
+4090 loses 47% by 32k tokens, where its two KV heads' bytes alone would cost 25%); attention_width scales it for
+layers wider or narrower than a typical one (MLA's 576-wide latent).
 
 Calibration rule: one set of constants per device class (discrete GDDR GPU, HBM datacenter GPU, unified memory
 GB10, CPU only), fitted by least squares on relative error over the `[[measured]]` points of every hardware

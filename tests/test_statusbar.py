@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from hybridd.cli.statusbar import CLASSES, bar_class, bar_view, i3bar, i3bar_block, oneline, render, waybar
@@ -115,6 +115,8 @@ STATUSLIKE = st.fixed_dictionaries({}, optional={
 
 
 @given(STATUSLIKE)
+@example({"peers": [{"name": "\n"}]})  # a name with a line break once broke the one-line text (Hypothesis found it)
+@example({"models": [{"name": "a\rb", "in_flight": 1}]})
 def test_any_status_object_gives_a_known_class_and_a_bar_reading(obj: dict[str, Any]) -> None:
     view = bar_view(obj)
     assert view.cls in CLASSES and view.cls != "down"

@@ -51,6 +51,11 @@ def _number(value: object) -> float | None:
     return None
 
 
+def _name(value: object) -> str:
+    """A name from the status object as one line: control characters (a newline in a peer's name) become spaces."""
+    return "".join(c if c.isprintable() else " " for c in str(value))
+
+
 def _models(status: dict[str, Any]) -> list[dict[str, Any]]:
     return [m for m in status.get("models") or [] if isinstance(m, dict)]
 
@@ -69,7 +74,7 @@ def loading_engines(status: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     for model in _models(status):
         for engine in model.get("engines") or []:
             if isinstance(engine, dict) and isinstance(engine.get("load"), dict):
-                found.append((str(model.get("name")), engine["load"]))
+                found.append((_name(model.get("name")), engine["load"]))
     return found
 
 
@@ -105,14 +110,14 @@ def bar_view(status: dict[str, Any] | None, why_down: str = "") -> BarView:
     if status is None:
         return BarView(cls, "hybridd down", "down", f"hybridd is not running\n{why_down}".strip(), 0)
     models, peers = _models(status), _peers(status)
-    down = [str(p.get("name")) for p in peers if not p.get("up")]
+    down = [_name(p.get("name")) for p in peers if not p.get("up")]
     percentage = 0
     if cls == "serving":
         busy = [m for m in models if _count(m.get("in_flight"))]
-        what = f"serving {', '.join(str(m.get('name')) for m in busy)} ({sum(_count(m['in_flight']) for m in busy)})"
+        what = f"serving {', '.join(_name(m.get('name')) for m in busy)} ({sum(_count(m['in_flight']) for m in busy)})"
     elif cls == "forwarding":
         busy = [p for p in peers if _count(p.get("in_flight"))]
-        names, count = ", ".join(str(p.get("name")) for p in busy), sum(_count(p["in_flight"]) for p in busy)
+        names, count = ", ".join(_name(p.get("name")) for p in busy), sum(_count(p["in_flight"]) for p in busy)
         what = f"forwarding to {names} ({count})"
     elif cls == "loading":
         name, load = loading_engines(status)[0]
@@ -123,7 +128,7 @@ def bar_view(status: dict[str, Any] | None, why_down: str = "") -> BarView:
     elif cls == "training":
         job = _running_jobs(status)[0]
         percentage = _percent(_count(job.get("step")), _count(job.get("total_steps")))
-        what = f"training {job.get('model')} {_step(job)}"
+        what = f"training {_name(job.get('model'))} {_step(job)}"
     else:
         loaded = sum(1 for m in models if m.get("loaded"))
         what = f"idle, {loaded} loaded" if loaded else "idle"

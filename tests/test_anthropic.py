@@ -13,7 +13,7 @@ from typing import Any
 import anthropic
 import pytest
 from aiohttp.test_utils import TestServer
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hybridd.api.app import make_app
@@ -350,6 +350,7 @@ def _texts_in_order(body: dict[str, Any]) -> list[str]:
 
 @settings(max_examples=400, deadline=None)
 @given(_body)
+@example({"model": "m", "max_tokens": 8, "messages": [{"role": "system", "content": None}]})  # found by Hypothesis
 def test_to_chat_refuses_only_with_bad_request_and_keeps_every_text_in_order(body: dict[str, Any]) -> None:
     try:
         chat = to_chat(body)

@@ -112,7 +112,10 @@ def _message(message: Any, field: str) -> list[dict[str, Any]]:
     if role == "system":
         # Not in Anthropic's reference, but Claude Code sends its reminders so (e.g. the agent types available): a
         # system message where it stands, so the conversation before it stays the prefix an engine has cached.
-        text = _system(message.get("content"), f"{field}.content")
+        if message.get("content") is None:  # as a user or assistant message's: required
+            raise BadRequest(f"'{field}.content' must be a string or an array of text blocks, got null",
+                             f"{field}.content")
+        text = _system(message["content"], f"{field}.content")
         return [{"role": "system", "content": text}] if text else []
     if role not in ("user", "assistant"):
         raise BadRequest(f"'{field}.role': unknown value {_shown(role)} (valid: user, assistant, system)",

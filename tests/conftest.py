@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import settings
 
 from hybridd.demo.launch import start_node
 from hybridd.demo.tiny_gguf import TinyLlama, write_tiny_llama
@@ -24,6 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 # Test daemons run the engine that needs no build step unless their config names one: which engine a config that
 # names none gets (llama-server where one is built) is tested on its own, in test_default_engine.py.
 os.environ["HYBRIDD_ENGINE"] = "llama-cpp-python"
+# Property tests explore new examples on each run here, and replay the same ones in CI (CI=true): a gate must not
+# fail by chance. What a local run finds is pinned with @example (and the failing example is printed to copy).
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]

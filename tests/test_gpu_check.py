@@ -144,3 +144,16 @@ def test_the_plan_matches_the_cuda_buffers_llama_cpp_logged_on_the_h200(
     assert 0.75 * gpu.runtime_bytes / MIB <= rest <= gpu.runtime_bytes / MIB
     # so the plan's total is never below what the process holds, and within 6% above it (1% for the big ones)
     assert held <= gpu.bytes_placed / MIB <= held * 1.06
+
+
+def test_a_kernel_aware_depth_rule_would_fit_the_h200_points_the_rule_in_use_misses() -> None:
+    # bench/kernel_rule.py: the rule in use misses the same six H200 points as test_measured_points (its baseline
+    # is that rule); following llama.cpp's vec / stream-k MMA kernel choice leaves one, and its constants are
+    # physical: MMA a fraction of vec's cost per cached token (the cache read once a KV head, not once a query
+    # head), about 0.1 us a stream-k partial.
+    fits = _load("kernel_rule").fits()
+    in_use, aware = fits["one attention cost"], fits["kernel-aware, KV reads in each kernel's cost"]
+    assert len(in_use["misses"]) == 6 and len(aware["misses"]) == 1
+    coef = aware["coefficients"]
+    assert coef["MMA width x depth"] < coef["vec width x depth"] / 3
+    assert 0.05e-6 < coef["MMA partials"] < 0.2e-6

@@ -42,7 +42,8 @@ TOLERANCE = 0.10
 #   a query head, to the MMA kernel, which reads it once a KV head, at 8192 cached tokens on Ada and newer. Qwen3's
 #   run fits ~18 us a layer fixed past that point (the fixup over 66 partials a KV head, and the mask scan the MMA
 #   path launches) and a slope a tenth of the vec kernel's: it lost 25% by 16k and only 4% more by 32k.
-# A rule that mirrors this needs the kernel choice per head shape and GPU generation and the GPU's SM count.
+# bench/kernel_rule.py fits such a rule to the H200 points: 1 miss of 32 leave-one-out instead of these 6. In
+# the speed model it needs the kernel choice per head shape and GPU generation and each GPU's SM count.
 KNOWN_MISSES = {
     ("h200-sxm", "glm-4.7-flash", "Q4_K_M", 36864, 8192, 128.3):
         "MLA decode on the H200 loses 21% in its first 8k tokens, then 7% more by 32k (stream-k's fixup grows "

@@ -140,14 +140,28 @@ def _tray_windows(session: Session) -> list[tuple[int, int, int, int]]:
     return [(int(m[3]), int(m[4]), int(m[1]), int(m[2])) for m in found if m]
 
 
-def _icon_box(session: Session) -> tuple[int, int, int, int] | None:
-    """Where the tray host shows the item: the tray's window inside trayer's panel."""
+def _icon_boxes(session: Session) -> list[tuple[int, int, int, int]]:
+    """Where the tray host may show the item: the tray's windows inside trayer's panel."""
     panel = re.search(r'"panel": \("panel" "trayer"\)\s+(\d+)x(\d+)\S*\s+\+(-?\d+)\+(-?\d+)', session.windows())
     if panel is None:
-        return None
+        return []
     width, height, left, top = (int(v) for v in panel.groups())
-    return next((box for box in _tray_windows(session) if box[2] > 1 and box[3] > 1
-                 and left <= box[0] < left + width and top <= box[1] < top + height), None)
+    return [box for box in _tray_windows(session) if box[2] > 1 and box[3] > 1
+            and left <= box[0] < left + width and top <= box[1] < top + height]
+
+
+def _icon_drawn(session: Session) -> tuple[tuple[int, int, int, int], dict[str, int]] | None:
+    """The icon's box in the tray host and the colours in it, once its disc's colour fills it. The boxes are read
+    anew each time: the host may lay its icons out again after embedding one, and name more than one window."""
+    for box in _icon_boxes(session):
+        colours = screen(session, box)
+        if colours.get(IDLE_COLOUR, 0) > 100:
+            return box, colours
+    return None
+
+
+def _top_colours(colours: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(colours.items(), key=lambda item: -item[1])[:3]
 
 
 def _menu_box(session: Session) -> tuple[int, int, int, int] | None:
@@ -193,10 +207,16 @@ def test_tray_item_shows_the_node_and_its_menu_unloads_and_opens_the_dashboard(
             assert unload["label"] == "Unload idle engines (a)" and unload["enabled"]
             assert {"Open dashboard", "Quit"} <= set(labels)
 
-            # The tray host shows the icon: its disc's colour fills the embedded window.
-            box = wait_for(lambda: _icon_box(session), timeout=30, what="the icon in the tray host")
-            colours = wait_for(lambda: (c := screen(session, box)).get(IDLE_COLOUR, 0) > 100 and c, timeout=30,
-                               what="the idle icon drawn in the tray")
+            # The tray host shows the icon: its disc's colour fills the embedded window. Where that window is is read
+            # again each time: the host may lay its icons out anew after the first one is embedded.
+            try:
+                box, colours = wait_for(lambda: _icon_drawn(session), timeout=30,
+                                        what="the idle icon drawn in the tray")
+            except AssertionError as exc:  # say what the tray host showed instead
+                seen = {box: _top_colours(screen(session, box)) for box in _icon_boxes(session)}
+                windows = [line.strip() for line in session.windows().splitlines() if "hybridd" in line or
+                           "panel" in line]
+                raise AssertionError(f"{exc}; boxes and their main colours: {seen}; windows: {windows}") from None
             assert colours[IDLE_COLOUR] > 100
             # A click on the icon opens the menu (the screenshot is the panel with it).
             x, y, width, height = box

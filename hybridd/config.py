@@ -129,7 +129,7 @@ class ModelEntry:
     def outputs_every_row(self) -> bool:
         """Whether its engine reserves logits for more rows than one a slot (memory.engine_outputs): embeddings, a
         pooling type, or speculative decoding passed through `options` (sized at n_batch, the most it takes)."""
-        return self.embeddings or any(word in key for key in self.options for word in ("pooling", "draft", "spec"))
+        return self.embeddings or any({"pooling", "draft", "spec"} & set(key.split("_")) for key in self.options)
 
     @property
     def parses_tools(self) -> bool:

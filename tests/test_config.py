@@ -221,6 +221,8 @@ def test_a_bad_value_is_shown_on_the_one_line_escaped() -> None:
     ("embeddings = true\n", 0),  # llama-server then reserves n_batch rows
     ('options = { pooling = "mean" }\n', 0),
     ('options = { model_draft = "draft.gguf", draft_max = 16 }\n', 0),  # 1 + n_draft a slot, n_batch at most
+    ('options = { spec_type = "ngram-simple" }\n', 0),
+    ("options = { special = true }\n", 2),  # printing special tokens is not speculative decoding
 ])
 def test_the_logits_rows_a_llama_server_model_reserves(settings: str, rows: int) -> None:
     config = parse_config(f'[[models]]\nname = "m"\npath = "m.gguf"\nengine = "llama-server"\nslots = 2\n{settings}')

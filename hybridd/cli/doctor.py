@@ -34,7 +34,6 @@ from hybridd.config import (
     lan_listen,
     load_config,
     state_dir,
-    with_default_engine,
 )
 from hybridd.engine import build
 from hybridd.errors import ConfigError
@@ -187,12 +186,12 @@ def _gpu_check(gpu: GpuInfo) -> Check:
 
 def check_engines(config: Config, gpu_count: int, env: Mapping[str, str]) -> list[Check]:
     """llama-cpp-python (in [engine] python) and llama-server (found or not): installed, and what they run on."""
-    from hybridd.engine.choice import default_engine  # loads aiohttp: only when doctor runs
+    from hybridd.engine.choice import with_chosen_engine  # loads aiohttp: only when doctor runs
     from hybridd.engine.llamaserver import find_llama_server
 
     # The models that name no engine run on the one `hybridd serve` would choose.
     override = env.get("HYBRIDD_ENGINE") if env.get("HYBRIDD_ENGINE") in MANAGED_KINDS else None
-    config = with_default_engine(config, default_engine(config, override, dict(env))[0])
+    config = with_chosen_engine(config, override, dict(env))[0]
     in_use = {config.engine.kind, *(m.engine for m in config.models if m.path is not None)} & set(MANAGED_KINDS)
     python = config.engine.python or sys.executable
     nvcc = build.find_nvcc(env)

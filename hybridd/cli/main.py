@@ -33,7 +33,6 @@ from hybridd.config import (
     is_loopback_host,
     load_config,
     state_dir,
-    with_default_engine,
     with_listen,
     with_role,
 )
@@ -208,7 +207,7 @@ def _load(args: argparse.Namespace) -> tuple[Config, bool]:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     from hybridd.daemon import StartupError, serve
-    from hybridd.engine.choice import default_engine
+    from hybridd.engine.choice import with_chosen_engine
     from hybridd.node.catalog import build_catalog, scan_library, with_demo_model
 
     try:
@@ -217,8 +216,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = with_listen(config, args.listen)
         if args.role:
             config = with_role(config, args.role)
-        engine, why = default_engine(config, args.engine)
-        config = with_default_engine(config, engine)
+        config, why = with_chosen_engine(config, args.engine)
+        engine = config.engine.kind
         state = _state_folder(config)
     except ConfigError as exc:
         print(f"hybridd: {exc}", file=sys.stderr)
@@ -348,7 +347,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print what a model needs and where it would fit."""
     from hybridd.cli.views import render_options
-    from hybridd.engine.choice import default_engine
+    from hybridd.engine.choice import with_chosen_engine
     from hybridd.errors import HybriddError
     from hybridd.node.catalog import build_catalog, scan_library
     from hybridd.node.planning import PlanRequest, make_plan
@@ -362,7 +361,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         config, _ = _load(args)
         # a configured model that names no engine plans with the one `hybridd serve` would give it
-        config = with_default_engine(config, default_engine(config, args.engine)[0])
+        config = with_chosen_engine(config, args.engine)[0]
         request = PlanRequest(
             model=args.model, quant=args.quant, ctx=args.ctx, type_k=args.type_k or args.kv_type,
             type_v=args.type_v or args.kv_type, slots=int(args.slots), flash_attn=False if args.no_flash_attn else None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hybridd.config import Config
+from hybridd.config import Config, with_default_engine
 from hybridd.engine.llamaserver import find_llama_server
 
 
@@ -19,3 +19,11 @@ def default_engine(config: Config, override: str | None = None, env: dict[str, s
     if config.engine.llama_server:
         return "llama-cpp-python", f"engine.llama_server {config.engine.llama_server} is not an executable file"
     return "llama-cpp-python", "no llama-server is built ('hybridd engines build llama-server' builds one)"
+
+
+def with_chosen_engine(config: Config, override: str | None = None,
+                       env: dict[str, str] | None = None) -> tuple[Config, str]:
+    """(config, why): `config` with default_engine's choice given to [engine] kind and every model that names
+    none, as `hybridd serve` runs them."""
+    kind, why = default_engine(config, override, env)
+    return with_default_engine(config, kind), why

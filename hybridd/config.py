@@ -155,6 +155,8 @@ class BudgetDevice:
     memory_bytes: int
     bandwidth_bytes_s: float = 1.0e12
     unified: bool = False
+    compute_capability: int = 0  # major x 10 + minor: with sm_count, picks llama.cpp's attention kernel
+    sm_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -420,6 +422,8 @@ def _node(table: Reader) -> NodeConfig:
             memory_bytes=device.at("memory_bytes").integer(above=0),
             bandwidth_bytes_s=device.at("bandwidth_bytes_s").number(BudgetDevice.bandwidth_bytes_s, above=0),
             unified=device.at("unified").of(bool, BudgetDevice.unified),
+            compute_capability=device.at("compute_capability").integer(0, low=0, high=200),
+            sm_count=device.at("sm_count").integer(0, low=0, high=10_000),
         ))
 
     def positive(name: str) -> float:

@@ -124,6 +124,9 @@ REFUSED_VALUES = [
     ("[node]\ndisplay_reserve_bytes = -1", "node.display_reserve_bytes: must be >= 0, got -1"),
     ("[[node.devices]]\nmemory_bytes = inf", "node.devices[0].memory_bytes: expected an integer, got a number"),
     ("[[node.devices]]\nmemory_bytes = 1.5", "node.devices[0].memory_bytes: expected an integer, got a number"),
+    ("[[node.devices]]\nmemory_bytes = 1\nsm_count = -1", "node.devices[0].sm_count: must be between 0 and 10000, got -1"),
+    ("[[node.devices]]\nmemory_bytes = 1\ncompute_capability = 9.0",
+     "node.devices[0].compute_capability: expected an integer, got a number"),
 ]
 
 
@@ -228,3 +231,12 @@ def test_the_logits_rows_a_llama_server_model_reserves(settings: str, rows: int)
     config = parse_config(f'[[models]]\nname = "m"\npath = "m.gguf"\nengine = "llama-server"\nslots = 2\n{settings}')
     (model,) = config.models
     assert engine_outputs(model.engine, model.slots, model.outputs_every_row) == rows
+
+
+def test_a_configured_device_carries_what_picks_its_attention_kernel() -> None:
+    from hybridd.node.resources import local_hardware
+
+    config = parse_config('[node]\nram_bytes = 0\n[[node.devices]]\nname = "H100"\nmemory_bytes = 85_520_809_984\n'
+                          'bandwidth_bytes_s = 3.35e12\ncompute_capability = 90\nsm_count = 132\n')
+    (device,) = local_hardware(config).devices
+    assert (device.name, device.compute_capability, device.sm_count) == ("H100", 90, 132)

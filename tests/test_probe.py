@@ -55,6 +55,8 @@ class FakeGpu:
     bus_width_bits: int | None = None
     max_memory_clock_mhz: int | None = None
     display_active: int | None = 0
+    compute_capability: tuple[int, int] | None = None  # None: the driver does not answer
+    cuda_cores: int | None = None
 
 
 class FakeNvml:
@@ -118,6 +120,16 @@ class FakeNvml:
             raise FakeNVMLError(NVML_ERROR_NOT_SUPPORTED)
         return gpu.max_memory_clock_mhz
 
+    def nvmlDeviceGetCudaComputeCapability(self, gpu: FakeGpu) -> tuple[int, int]:
+        if gpu.compute_capability is None:
+            raise FakeNVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.compute_capability
+
+    def nvmlDeviceGetNumGpuCores(self, gpu: FakeGpu) -> int:
+        if gpu.cuda_cores is None:
+            raise FakeNVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.cuda_cores
+
     def nvmlDeviceGetDisplayActive(self, gpu: FakeGpu) -> int:
         if gpu.display_active is None:
             raise FakeNVMLError(NVML_ERROR_NO_PERMISSION)
@@ -149,6 +161,8 @@ def rtx_4090(**overrides: Any) -> FakeGpu:
         "bus_width_bits": 384,
         "max_memory_clock_mhz": 10501,
         "display_active": 1,
+        "compute_capability": (8, 9),
+        "cuda_cores": 16_384,
     }
     fields.update(overrides)
     return FakeGpu(**fields)
@@ -162,6 +176,8 @@ def rtx_5070ti(**overrides: Any) -> FakeGpu:
         "uuid": "GPU-5070TI",
         "bus_width_bits": 256,
         "max_memory_clock_mhz": 14001,
+        "compute_capability": (12, 0),
+        "cuda_cores": 8_960,
     }
     fields.update(overrides)
     return FakeGpu(**fields)
@@ -198,6 +214,8 @@ def test_two_mismatched_gpus_report_their_own_memory_processes_and_bandwidth() -
     # bus width x memory clock x 2 transfers: the published 1008 GB/s and 896 GB/s, within a clock rounding.
     assert big.bandwidth_bytes_s == pytest.approx(1008e9, rel=1e-3)
     assert small.bandwidth_bytes_s == pytest.approx(896e9, rel=1e-3)
+    # they pick llama.cpp's attention kernel: NVML counts CUDA cores, 128 a multiprocessor on both
+    assert (big.compute_capability, big.sm_count, small.compute_capability, small.sm_count) == (89, 128, 120, 70)
     assert (snap.host_total_bytes, snap.host_available_bytes) == (64 * GIB, 50 * GIB)
 
 
@@ -224,6 +242,7 @@ def test_gb10_memory_not_supported_is_unified_and_uses_mem_available() -> None:
     assert gb10.used_bytes == SPARK_HOST_TOTAL - SPARK_HOST_AVAILABLE
     assert gb10.processes[0].used_bytes is None  # the driver gives no per-process figure there
     assert gb10.bandwidth_bytes_s is None
+    assert (gb10.compute_capability, gb10.sm_count) == (0, 0)  # unknown: the speed model's plain attention rule
     assert snap.notes == ()
 
 
@@ -339,6 +358,7 @@ def test_devices_from_snapshot_reserve_runtime_everywhere_and_display_only_where
     assert big.reserve_bytes == DEFAULT_DISPLAY_RESERVE_BYTES
     assert small.reserve_bytes == 0
     assert not big.unified and big.bandwidth_bytes_s == pytest.approx(1008e9, rel=1e-3)
+    assert (big.compute_capability, big.sm_count) == (89, 128)
 
 
 def test_devices_from_snapshot_keeps_unified_memory_and_custom_reserves() -> None:

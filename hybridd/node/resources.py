@@ -48,8 +48,8 @@ def local_hardware(config: Config, builds: Callable[[], Sequence[EngineBuild]] |
     node = config.node
     name = node_name(config)
     if node.devices:
-        devices = tuple(Device(d.name, d.memory_bytes, d.memory_bytes, d.unified, 0, d.bandwidth_bytes_s)
-                        for d in node.devices)
+        devices = tuple(Device(d.name, d.memory_bytes, d.memory_bytes, d.unified, 0, d.bandwidth_bytes_s,
+                               d.compute_capability, d.sm_count) for d in node.devices)
         ram = node.ram_bytes if node.ram_bytes is not None else HostProbe().memory().available_bytes
         return Hardware(name, devices, 0 if any(d.unified for d in devices) else ram, node.ram_bandwidth_bytes_s,
                         node.disk_read_bytes_s)

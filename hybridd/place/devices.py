@@ -15,6 +15,8 @@ class Device:
     unified: bool = False  # memory shared with the host (DGX Spark / GB10): one pool, no separate host RAM
     reserve_bytes: int = 0  # kept free on purpose: desktop compositor, other apps
     bandwidth_bytes_s: float | None = None
+    compute_capability: int = 0  # CUDA major x 10 + minor (89: Ada, 90: Hopper); 0 unknown
+    sm_count: int = 0  # streaming multiprocessors; 0 unknown
 
     def __post_init__(self) -> None:
         if self.total_bytes < 0 or self.free_bytes < 0 or self.reserve_bytes < 0:

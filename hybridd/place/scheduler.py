@@ -38,7 +38,6 @@ from enum import StrEnum
 from hybridd.model.memory import CTX_PAD, MemoryEstimate, RunSettings, estimate_memory, pad
 from hybridd.model.spec import ModelSpec
 from hybridd.place.buckets import MIN_BUCKET, context_bucket
-from hybridd.place.devices import Device
 from hybridd.place.fit import Fit, fit_model
 from hybridd.place.hardware import Hardware
 from hybridd.place.ledger import HOST, Ledger
@@ -319,8 +318,7 @@ def _timed(option: Option, need: RequestNeed, speed: SpeedModel, factor: float, 
 
 
 def _hardware_with_free(hardware: Hardware, free: Mapping[str, int]) -> Hardware:
-    devices = tuple(Device(d.name, d.total_bytes, max(0, free.get(d.name, 0)), d.unified, 0, d.bandwidth_bytes_s)
-                    for d in hardware.devices)
+    devices = tuple(replace(d, free_bytes=max(0, free.get(d.name, 0)), reserve_bytes=0) for d in hardware.devices)
     ram = free.get(HOST, hardware.ram_bytes) if not hardware.unified else 0
     return replace(hardware, devices=devices, ram_bytes=max(0, ram))
 

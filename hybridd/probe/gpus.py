@@ -74,6 +74,8 @@ class GpuInfo:
     processes: tuple[GpuProcess, ...] = ()
     display_active: bool = False
     bandwidth_bytes_s: float | None = None
+    compute_capability: int = 0  # major x 10 + minor; 0 when NVML cannot say
+    sm_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,7 @@ class GpuProbe:
             total, free, unified = host.total_bytes, host.available_bytes, True
         else:
             total, free, unified = int(memory.total), int(memory.free), False
+        cc, sms = self._architecture(handle)
         return GpuInfo(
             index=index,
             name=name,
@@ -195,6 +198,8 @@ class GpuProbe:
             processes=self._processes(handle),
             display_active=bool(self._optional(0, nvml.nvmlDeviceGetDisplayActive, handle)),
             bandwidth_bytes_s=self._bandwidth(handle),
+            compute_capability=cc,
+            sm_count=sms,
         )
 
     def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
@@ -216,6 +221,20 @@ class GpuProbe:
         if not bus_bits or not clock_mhz:
             return None
         return float(bus_bits) / 8 * float(clock_mhz) * 1e6 * _TRANSFERS_PER_MEMORY_CLOCK
+
+    def _architecture(self, handle: Any) -> tuple[int, int]:
+        """Compute capability and SM count, which pick llama.cpp's attention kernel (place/attention.py). NVML
+        gives CUDA cores, not SMs: 64 a multiprocessor before compute capability 8.6 (Volta, Turing, A100), 128
+        from there (GA10x, Ada, Hopper, Blackwell)."""
+        nvml = self._nvml
+        query = getattr(nvml, "nvmlDeviceGetCudaComputeCapability", None)
+        version = self._optional(None, query, handle) if query else None
+        if not version:
+            return 0, 0
+        cc = int(version[0]) * 10 + int(version[1])
+        cores_query = getattr(nvml, "nvmlDeviceGetNumGpuCores", None)
+        cores = self._optional(0, cores_query, handle) if cores_query else 0
+        return cc, int(cores) // (64 if cc < 86 else 128)
 
     def _optional(self, default: Any, query: Callable[..., Any], *args: Any) -> Any:
         """Run an optional NVML query; any NVML error (unsupported, no permission) yields the default."""
@@ -268,6 +287,8 @@ def devices_from_snapshot(
                 unified=gpu.unified,
                 reserve_bytes=reserve,
                 bandwidth_bytes_s=gpu.bandwidth_bytes_s,
+                compute_capability=gpu.compute_capability,
+                sm_count=gpu.sm_count,
             )
         )
     return devices

@@ -34,6 +34,8 @@ class DeviceSpec:
     bandwidth_bytes_s: float
     unified: bool
     reserve_bytes: int
+    compute_capability: int = 0  # CUDA major x 10 + minor; 0 unknown (the speed model's kernel rule needs it)
+    sm_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class HardwareProfile:
                 unified=spec.unified,
                 reserve_bytes=spec.reserve_bytes if reserve_bytes is None else reserve_bytes,
                 bandwidth_bytes_s=spec.bandwidth_bytes_s,
+                compute_capability=spec.compute_capability,
+                sm_count=spec.sm_count,
             )
             for spec in self.device_specs
         ]
@@ -202,6 +206,8 @@ def _device(item: Reader) -> DeviceSpec:
         bandwidth_bytes_s=table.at("bandwidth_bytes_s").number(above=0),
         unified=table.at("unified").of(bool),
         reserve_bytes=table.at("reserve_bytes").integer(0, low=0),
+        compute_capability=table.at("compute_capability").integer(0, low=0),
+        sm_count=table.at("sm_count").integer(0, low=0),
     )
 
 

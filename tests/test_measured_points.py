@@ -15,6 +15,7 @@ import pytest
 from hybridd.place.hardware import Hardware, SpeedPoint
 from hybridd.place.speed import (
     CLASS_CONSTANTS,
+    KERNEL_AWARE,
     PREFERRED_ENGINES,
     ClassConstants,
     DeviceClass,
@@ -28,37 +29,6 @@ from hybridd.place.speed import (
 from hybridd.probe.hardware_profiles import list_hardware_profiles, load_hardware_profile, profiles_dir
 
 TOLERANCE = 0.10
-# Points the model misses by more than TOLERANCE, each with why; the test fails when one of them starts to pass
-# (take it off the list) as much as when another point misses.
-# (hardware, model, quant, ctx, prompt_tokens, measured tok/s: two runs may share the rest)
-# The depth misses come from llama.cpp's CUDA flash-attention kernel choice (vendored ggml-cuda/fattn.cu and
-# fattn-common.cuh), which the one linear depth rule per class does not follow:
-# - MLA (head size 576, 20 query heads on one latent) runs the MMA kernel with stream-k: a block per 32-token KV
-#   tile until the blocks fill the GPU (132 SMs x occupancy 4 / 2 output tiles: about 8.4k tokens on an H200),
-#   then more tiles a block. Its fixup kernel combines each output tile's partials in one serial chain, so the
-#   cost per cached token is high up to that knee and low after it: about 0.1 us a partial a layer up to 8k
-#   tokens, then 0.7 ns a cached token a layer (the class rule's slope for a layer that wide).
-# - GQA with more than 4 query heads a KV head (Qwen3: 8) switches from the vec kernel, which reads the cache once
-#   a query head, to the MMA kernel, which reads it once a KV head, at 8192 cached tokens on Ada and newer. Qwen3's
-#   run fits ~18 us a layer fixed past that point (the fixup over 66 partials a KV head, and the mask scan the MMA
-#   path launches) and a slope a tenth of the vec kernel's: it lost 25% by 16k and only 4% more by 32k.
-# bench/kernel_rule.py fits such a rule to the H200 points: 1 miss of 32 leave-one-out instead of these 6. In
-# the speed model it needs the kernel choice per head shape and GPU generation and each GPU's SM count.
-KNOWN_MISSES = {
-    ("h200-sxm", "glm-4.7-flash", "Q4_K_M", 36864, 8192, 128.3):
-        "MLA decode on the H200 loses 21% in its first 8k tokens, then 7% more by 32k (stream-k's fixup grows "
-        "until the blocks fill the GPU): the linear depth rule cannot bend (predicted +14%; both runs)",
-    ("h200-sxm", "glm-4.7-flash", "Q4_K_M", 36864, 8192, 128.2): "the same bend, the sweep's run (+14%)",
-    ("h200-sxm", "glm-4.7-flash", "Q4_K_M", 36864, 16384, 123.4):
-        "the same bend: the sweep's run at 16k is 3% slower than the first machine's (predicted +12%)",
-    ("h200-sxm", "qwen3-coder-30b-a3b", "Q4_K_M", 4096, 1, 275.6):
-        "Qwen3's 128-expert MoE decodes faster than its matrices and bytes say on the H200 (predicted -15%); "
-        "GLM-4.7-Flash's MoE at the same size is predicted 2-5% low",
-    ("h200-sxm", "qwen3-coder-30b-a3b", "Q4_K_M", 36864, 1, 264.7): "the same model, at a larger context (-11%)",
-    ("h200-sxm", "qwen3-coder-30b-a3b", "Q4_K_M", 36864, 32768, 199.2):
-        "the same model past 8192 cached tokens, where its attention runs the MMA kernel: a single run that lost "
-        "only 4% from 16k to 32k (-20%)",
-}
 REQUIRED_KEYS = ("model", "engine", "quant", "prompt_tokens", "decode_tok_s", "source")
 
 
@@ -104,7 +74,7 @@ def _by_class(without: Checked | None = None) -> dict[DeviceClass, ClassConstant
     fitted = {}
     for cls in DeviceClass:
         obs = [c.observation for c in CHECKED if device_class(c.hardware) is cls and c is not without]
-        fitted[cls] = fit_class(obs, CLASS_CONSTANTS[cls])
+        fitted[cls] = fit_class(obs, CLASS_CONSTANTS[cls], kernels=cls in KERNEL_AWARE)
     return fitted
 
 
@@ -125,7 +95,7 @@ def test_every_point_names_the_request_it_was_measured_at() -> None:
 
 def test_every_point_is_reproduced_leave_one_out(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(CHECKED) >= 20
-    lines, failures, missed = [], [], set()
+    lines, failures = [], []
     for c in CHECKED:
         constants = _by_class(without=c)[device_class(c.hardware)]
         predicted = predict_point(c.point, c.hardware, constants)
@@ -133,19 +103,14 @@ def test_every_point_is_reproduced_leave_one_out(capsys: pytest.CaptureFixture[s
         p = c.point
         line = (f"{c.hardware.name:20} {p.model:18} {p.quant or '':7} ctx {p.run_ctx:>6} d{p.prompt_tokens:<6} "
                 f"measured {p.decode_tok_s:7.2f} predicted {predicted:7.2f} ({predicted / p.decode_tok_s - 1:+.1%})")
-        key = (c.hardware.name, p.model, p.quant, p.run_ctx, p.prompt_tokens, p.decode_tok_s)
         if _inside(p, predicted):
             lines.append(line)
-            continue
-        lines.append(f"{line} MISS")
-        if key in KNOWN_MISSES:
-            missed.add(key)
         else:
+            lines.append(f"{line} MISS")
             failures.append(line)
     with capsys.disabled():
         print("\nleave-one-out:\n" + "\n".join(lines))
     assert not failures, "\n".join(failures)
-    assert missed == set(KNOWN_MISSES), f"known misses now inside {TOLERANCE:.0%}: {set(KNOWN_MISSES) - missed}"
 
 
 def test_points_without_a_speed_model_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
@@ -161,7 +126,7 @@ def test_the_pinned_constants_are_the_fit_of_the_profiles() -> None:
     fitted = _by_class()
     for cls in (DeviceClass.DISCRETE, DeviceClass.HBM, DeviceClass.UNIFIED):
         pinned, fit = CLASS_CONSTANTS[cls], fitted[cls]
-        for name in ("efficiency", "tensor_s", "attention", "attend_s", "split_s"):
+        for name in ("efficiency", "tensor_s", "attention", "attend_s", "split_s", "expert_s", "mma_s", "partial_s"):
             assert getattr(pinned, name) == pytest.approx(getattr(fit, name), rel=0.02, abs=1e-12), (cls, name)
 
 

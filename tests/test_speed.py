@@ -14,6 +14,7 @@ from hybridd.place.speed import (
     CLASS_CONSTANTS,
     RAM_PLACE,
     Calibration,
+    DepthTerm,
     DeviceClass,
     SpeedModel,
     calibrate,
@@ -60,12 +61,17 @@ def test_a_small_model_pays_a_fixed_cost_per_tensor(desktop: Hardware) -> None:
     assert 1.1 < q4 / q8 < 1.35
 
 
-def test_mean_decode_over_a_completion_is_the_exact_average() -> None:
-    model = SpeedModel(weight_s=0.01, kv_s=((1e-6, 1000),), prefill_tok_s=1000.0)
-    n, start = 2000, 0
+@pytest.mark.parametrize("start", [0, 500, 7000, 7900, 9000])
+def test_mean_decode_over_a_completion_is_the_exact_average(start: int) -> None:
+    # a KV read capped at 1000 cells, and a kernel that runs up to 7936 tokens and another from there
+    terms = (DepthTerm(1e-6, 1000), DepthTerm(2e-7, 1e9, stop=7936), DepthTerm(5e-8, 1e9, start=7936),
+             DepthTerm(1e-6, 8448, start=7936))
+    model = SpeedModel(weight_s=0.01, depth=terms, prefill_tok_s=1000.0)
+    n = 2000
     exact = n / sum(model.seconds_per_token(start + i + 0.5) for i in range(n))
-    assert model.mean_decode_tok_s(start, n) == pytest.approx(exact, rel=1e-6)
-    assert model.mean_decode_tok_s(5000, 10) == pytest.approx(model.decode_tok_s(5000))  # past the cap: flat
+    assert model.mean_decode_tok_s(start, n) == pytest.approx(exact, rel=1e-5)
+    capped = SpeedModel(weight_s=0.01, depth=terms[:1], prefill_tok_s=1000.0)
+    assert capped.mean_decode_tok_s(5000, 10) == pytest.approx(capped.decode_tok_s(5000))  # past the cap: flat
 
 
 def test_moe_reads_only_active_experts(desktop: Hardware) -> None:

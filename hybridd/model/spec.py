@@ -81,6 +81,7 @@ class LayerSpec:
     weight_bytes: int
     expert_bytes: int  # routed-expert tensors (the part --n-cpu-moe moves to RAM)
     n_tensors: int = 0  # weight matrices in the block: each is one matmul of a decode step, with a fixed cost
+    n_expert_tensors: int = 0  # of those, the routed experts' stacks (one mul_mat_id each)
 
     @property
     def k_values_per_token(self) -> int:
@@ -256,17 +257,20 @@ def _recurrent_sizes(keys: _Keys, n_embd: int) -> tuple[int, int]:
     return conv, d_state * d_inner
 
 
-def _layer_tensor_counts(tensors: Sequence[TensorInfo], n_layer_all: int) -> list[int]:
+def _layer_tensor_counts(tensors: Sequence[TensorInfo], n_layer_all: int) -> tuple[list[int], list[int]]:
     """Weight matrices per block (tensors with two dimensions over 1): norms and biases are vectors, fused into
     the kernels around them. gpt-oss's per-expert biases are 2-D and so counted (3 of its 11 a block), though CUDA
     fuses them into the expert matmuls: its blocks run ops a matrix count misses (attention sinks, the clamped
-    SwiGLU), and the unified class fits its Spark sweeps only with them in (without: 4 of 20 points outside 10%)."""
+    SwiGLU), and the unified class fits its Spark sweeps only with them in (without: 4 of 20 points outside 10%).
+    Second list: how many of each block's matrices are routed-expert stacks (*_exps)."""
     counts = [0] * n_layer_all
+    experts = [0] * n_layer_all
     for t in tensors:
         m = _BLOCK_RE.match(t.name)
         if m and int(m.group(1)) < n_layer_all and sum(1 for n in t.shape if n > 1) >= 2:
             counts[int(m.group(1))] += 1
-    return counts
+            experts[int(m.group(1))] += "_exps." in t.name
+    return counts, experts
 
 
 def _layer_weights(tensors: Sequence[TensorInfo], n_layer_all: int) -> tuple[list[int], list[int], dict[str, int]]:
@@ -345,7 +349,7 @@ def model_spec(metadata: Mapping[str, Any], tensors: Sequence[TensorInfo]) -> Mo
     hybrid = arch in INTERVAL_HYBRID_ARCHS or arch in OTHER_HYBRID_ARCHS
 
     weights, expert_bytes, other = _layer_weights(tensors, n_layer_all)
-    tensor_counts = _layer_tensor_counts(tensors, n_layer_all)
+    tensor_counts, expert_tensor_counts = _layer_tensor_counts(tensors, n_layer_all)
     token_embd = other.pop("token_embd.weight", 0)
     tied = "output.weight" not in other
     output = other.pop("output.weight", token_embd)
@@ -380,6 +384,7 @@ def model_spec(metadata: Mapping[str, Any], tensors: Sequence[TensorInfo]) -> Mo
             weight_bytes=weights[il],
             expert_bytes=expert_bytes[il],
             n_tensors=tensor_counts[il],
+            n_expert_tensors=expert_tensor_counts[il],
         ))
 
     mtp_bytes = sum(weights[n_layer:])

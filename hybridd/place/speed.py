@@ -18,6 +18,11 @@ is why decode falls with depth faster than the KV bytes say (published llama-ben
 4090 loses 47% by 32k tokens, where its two KV heads' bytes alone would cost 25%); attention_width scales it for
 layers wider or narrower than a typical one (MLA's 576-wide latent).
 
+On an HBM GPU (KERNEL_AWARE) the last line follows the flash-attention kernel llama.cpp picks per layer, depth
+and GPU (place/attention.py): a cost per cached token for the vec kernel and one for the MMA kernel, each with
+its KV reads inside, plus a cost per stream-k partial the MMA kernel's fixup combines; the routed experts'
+matrices there have their own fixed cost.
+
 Calibration rule: one set of constants per device class (discrete GDDR GPU, HBM datacenter GPU, unified memory
 GB10, CPU only), fitted by least squares on relative error over the `[[measured]]` points of every hardware
 profile of that class (llama.cpp points only, single node, all layers on the GPUs): `fit_class`. The fitted
@@ -42,6 +47,7 @@ from enum import StrEnum
 
 from hybridd.model.memory import MemoryEstimate, RunSettings, estimate_memory
 from hybridd.model.spec import LayerSpec, ModelSpec
+from hybridd.place.attention import QUANTIZED_CACHE_TYPES, DecodeKernel, decode_kernel
 from hybridd.place.fit import Fit, fit_model
 from hybridd.place.hardware import Hardware, SpeedPoint
 
@@ -89,9 +95,17 @@ class ClassConstants:
 
     efficiency: float  # fraction of the rated bandwidth weight reads reach
     tensor_s: float  # fixed seconds per weight matrix per decoded token (kernel launch and tail)
-    attention: float  # KV bytes cost this many times their read time at `efficiency`
-    attend_s: float = 0.0  # seconds per attention layer (x attention_width) per cached token: the kernel's own
+    attention: float  # KV bytes cost this many times their read time at `efficiency` (0: in the kernels' costs)
+    attend_s: float = 0.0  # seconds per attention layer (x attention_width) per cached token: the (vec) kernel's
     split_s: float = 0.0  # fixed seconds per token for each device boundary of a layer split (sync and copy)
+    expert_tensor_s: float | None = None  # fixed seconds per routed-expert matrix (mul_mat_id); None: tensor_s
+    mma_s: float = 0.0  # as attend_s, for a layer that runs the MMA kernel (kernel-aware classes only)
+    partial_s: float = 0.0  # seconds per stream-k partial result an MMA layer combines, per token
+
+    @property
+    def expert_s(self) -> float:
+        """Fixed seconds per routed-expert matrix."""
+        return self.tensor_s if self.expert_tensor_s is None else self.expert_tensor_s
 
 
 # fit_class over the profiles' points (tests/test_measured_points.py re-fits these and fails when they drift).
@@ -102,13 +116,27 @@ CLASS_CONSTANTS: Mapping[DeviceClass, ClassConstants] = {
     DeviceClass.DISCRETE: ClassConstants(efficiency=1.0, tensor_s=7.46e-6, attention=1.0, attend_s=2.25e-9,
                                          split_s=6.43e-4),
     # H200 sweeps of architecture twins (bench/gpu_check.sh: Llama 3.2 3B, Llama 3.1 8B, Qwen3-Coder-30B-A3B,
-    # GLM-4.7-Flash): 60% of 4.8 TB/s, 9.4 us per weight matrix, 0.45 ns per attention layer per cached token
-    DeviceClass.HBM: ClassConstants(efficiency=0.602, tensor_s=9.39e-6, attention=1.0, attend_s=4.53e-10),
+    # GLM-4.7-Flash), kernel-aware: 66% of 4.8 TB/s, 10.2 us per weight matrix and 5.6 us per routed-expert
+    # stack; per attention layer of typical width per cached token 1.9 ns in the vec kernel and 0.56 ns in the
+    # MMA kernel (its reads included), plus 93 ns per stream-k partial its fixup combines
+    DeviceClass.HBM: ClassConstants(efficiency=0.660, tensor_s=1.022e-5, attention=0.0, attend_s=1.903e-9,
+                                    expert_tensor_s=5.573e-6, mma_s=5.555e-10, partial_s=9.303e-8),
     # DGX Spark sweeps (gpt-oss-20b/120b, Qwen3-Coder-30B-A3B, Qwen2.5-Coder 7B) and GLM-4.7-Flash Q8_0: 88% of
     # 273 GB/s, 13 us per weight matrix, KV read at 1.14x its bytes
     DeviceClass.UNIFIED: ClassConstants(efficiency=0.877, tensor_s=1.325e-5, attention=1.144),
     DeviceClass.CPU: ClassConstants(efficiency=FALLBACK_EFFICIENCY, tensor_s=0.0, attention=1.0),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionGroup:
+    """Attention layers of one head shape on one place with one cache size."""
+
+    place: str
+    cells: int  # cells cap: the tokens a layer attends to at most (its window, or the context)
+    shape: LayerSpec  # the first such layer: its heads pick the kernel
+    layers: int
+    width: float  # sum of attention_width over the layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +146,47 @@ class ReadLayout:
     weight_bytes: tuple[tuple[str, int], ...]  # (device name, bytes); RAM appears under RAM_PLACE
     kv_bytes_per_cell: tuple[tuple[str, float, int], ...]  # (device, bytes per cached token, cells cap)
     n_tensors: int = 0  # weight matrices of the trunk layers (matmuls per decode step)
-    attention_layers: tuple[tuple[str, float, int], ...] = ()  # (device, layers x attention_width, cells cap)
+    attention: tuple[AttentionGroup, ...] = ()
+    n_expert_tensors: int = 0  # of n_tensors, the routed experts' stacks
+    cache_type: str = "f16"  # quantized when either K or V is
+    flash_attn: bool = True
 
 
 RAM_PLACE = "ram"
+
+
+def _integral_min(x: float, cap: float) -> float:
+    """The integral of min(t, cap) for t from 0 to x."""
+    x = max(x, 0.0)
+    return x * x / 2 if x <= cap else cap * cap / 2 + (x - cap) * cap
+
+
+@dataclass(frozen=True, slots=True)
+class DepthTerm:
+    """Seconds per decoded token that grow with the cached tokens d: per_token x min(d, cap) for start <= d < stop,
+    else nothing (a kernel that runs only from or up to some depth)."""
+
+    per_token: float
+    cap: float
+    start: float = 0.0
+    stop: float = math.inf
+
+    def at(self, depth: float) -> float:
+        """Seconds at `depth` cached tokens."""
+        return self.per_token * min(depth, self.cap) if self.start <= depth < self.stop else 0.0
+
+    def mean(self, low: float, high: float) -> float:
+        """The mean of `at` over depths uniform in [low, high] (exact: the term is piecewise linear)."""
+        if high <= low:
+            return self.at(low)
+        a, b = max(low, self.start), min(high, self.stop)
+        if b <= a:
+            return 0.0
+        return self.per_token * (_integral_min(b, self.cap) - _integral_min(a, self.cap)) / (high - low)
+
+    def scaled(self, k: float) -> DepthTerm:
+        """This term costing k times as much."""
+        return replace(self, per_token=self.per_token * k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +194,15 @@ class SpeedModel:
     """Decode seconds per token as weight reads + fixed op costs + KV reads growing with context; prefill tok/s."""
 
     weight_s: float  # seconds per token reading weights and running the ops (efficiencies applied)
-    kv_s: tuple[tuple[float, int], ...]  # (seconds per cached token, cells cap) per group of layers
+    depth: tuple[DepthTerm, ...]  # KV reads and attention kernels, growing with the cached tokens
     prefill_tok_s: float
 
     def seconds_per_token(self, context_tokens: float, streams: int = 1) -> float:
         """Decode seconds for one token when `context_tokens` are in the cache. With `streams` requests decoding at
         once (parallel slots), one step reads the weights once for all and each one's KV cache: the memory-bound
         step of batched decoding."""
-        return self.weight_s + max(1, streams) * sum(s * min(max(context_tokens, 0), cap) for s, cap in self.kv_s)
+        depth = max(context_tokens, 0.0)
+        return self.weight_s + max(1, streams) * sum(t.at(depth) for t in self.depth)
 
     def decode_tok_s(self, context_tokens: float, factor: float = 1.0, streams: int = 1) -> float:
         """Decode tok/s of one request at `context_tokens` of context among `streams` decoding at once, times the
@@ -146,20 +212,10 @@ class SpeedModel:
     def mean_decode_tok_s(self, prompt_tokens: int, completion_tokens: int, factor: float = 1.0,
                           streams: int = 1) -> float:
         """Tokens per second over a whole completion that starts with `prompt_tokens` cached: completion tokens
-        over the sum of each token's seconds (each KV term is linear up to its cap, so this is exact)."""
-        n = max(completion_tokens, 1)
-        start, end = max(prompt_tokens, 0), max(prompt_tokens, 0) + n
-        kv = 0.0
-        for s, cap in self.kv_s:
-            # mean of min(d, cap) for d uniform over [start, end]
-            if end <= cap:
-                mean = (start + end) / 2
-            elif start >= cap:
-                mean = cap
-            else:
-                mean = ((cap - start) * (start + cap) / 2 + (end - cap) * cap) / (end - start)
-            kv += s * mean
-        return factor / (self.weight_s + max(1, streams) * kv)
+        over the sum of each token's seconds (each term is piecewise linear in the depth, so this is exact)."""
+        start = max(prompt_tokens, 0)
+        end = start + max(completion_tokens, 1)
+        return factor / (self.weight_s + max(1, streams) * sum(t.mean(start, end) for t in self.depth))
 
 
 ATTENTION_WIDTH = 8192  # query heads x (key + value head size) of a typical layer: 32 x (128 + 128)
@@ -179,16 +235,17 @@ def read_layout(spec: ModelSpec, est: MemoryEstimate, fit: Fit) -> ReadLayout:
     """Where each byte read per decoded token lives under `fit` (the layers of `est`, in order)."""
     weights: dict[str, int] = {}
     kv: dict[tuple[str, int], float] = {}
-    attending: dict[tuple[str, int], float] = {}
+    attending: dict[tuple[str, int, int, int, int, int], AttentionGroup] = {}
     owner: dict[int, str] = {}
     for d in fit.devices:
         for i in d.layers:
             owner[i] = d.name
     stream = max(est.geometry.n_stream, 1)
-    tensors = 0
+    tensors = experts = 0
     for i, mem in enumerate(est.layers):
         layer = spec.layers[i]
         tensors += layer.n_tensors
+        experts += layer.n_expert_tensors
         place = owner.get(i, RAM_PLACE)
         active = layer.active_bytes
         if place != RAM_PLACE and i < fit.n_cpu_moe and layer.expert_bytes:
@@ -198,15 +255,19 @@ def read_layout(spec: ModelSpec, est: MemoryEstimate, fit: Fit) -> ReadLayout:
             active -= experts
         weights[place] = weights.get(place, 0) + active
         if mem.cells:
-            key = (place, mem.cells)
-            kv[key] = kv.get(key, 0.0) + mem.kv_bytes / (mem.cells * stream)
-            attending[key] = attending.get(key, 0) + attention_width(layer)
+            kv[place, mem.cells] = kv.get((place, mem.cells), 0.0) + mem.kv_bytes / (mem.cells * stream)
+            shape = (place, mem.cells, layer.n_head, layer.n_head_kv, layer.key_length, layer.value_length)
+            group = attending.get(shape) or AttentionGroup(place, mem.cells, layer, 0, 0.0)
+            attending[shape] = replace(group, layers=group.layers + 1, width=group.width + attention_width(layer))
     # the output matrix follows the last layer when every layer is on a GPU, else it stays in RAM (fit.py)
     last = max((d for d in fit.devices if d.layers), key=lambda d: max(d.layers), default=None)
     out_place = last.name if (last is not None and fit.offload_layers == 0) else RAM_PLACE
     weights[out_place] = weights.get(out_place, 0) + est.output_weight_bytes
+    settings = est.settings
+    quantized = {settings.type_k, settings.type_v} & QUANTIZED_CACHE_TYPES
     return ReadLayout(tuple(sorted(weights.items())), tuple((p, b, c) for (p, c), b in sorted(kv.items())), tensors,
-                      tuple((p, n, c) for (p, c), n in sorted(attending.items())))
+                      tuple(attending[k] for k in sorted(attending)), experts,
+                      min(quantized) if quantized else "f16", settings.flash_attn)
 
 
 def _place_bandwidth(hw: Hardware, place: str, gpu_eff: float, ram_eff: float) -> float:
@@ -219,23 +280,82 @@ def _weight_seconds(hw: Hardware, layout: ReadLayout, gpu_eff: float, ram_eff: f
     return sum(b / _place_bandwidth(hw, p, gpu_eff, ram_eff) for p, b in layout.weight_bytes)
 
 
-def _kv_terms(hw: Hardware, layout: ReadLayout, gpu_eff: float, ram_eff: float,
-              attention: float) -> tuple[tuple[float, int], ...]:
-    return tuple((attention * b / _place_bandwidth(hw, p, gpu_eff, ram_eff), c) for p, b, c in layout.kv_bytes_per_cell)
+def _kv_terms(hw: Hardware, layout: ReadLayout, gpu_eff: float, ram_eff: float) -> tuple[DepthTerm, ...]:
+    """Reading each cached token's K and V once, at the place's bandwidth."""
+    return tuple(DepthTerm(b / _place_bandwidth(hw, p, gpu_eff, ram_eff), c) for p, b, c in layout.kv_bytes_per_cell)
+
+
+# Classes whose rule follows llama.cpp's choice of attention kernel (place/attention.py). The H200's points were
+# measured with the vendored llama.cpp this module describes; the desktop's and the Spark's come from older builds
+# whose kernels chose otherwise (the RTX 4090's Qwen2.5 3B sweep, 8 query heads a KV head, shows no step at the
+# 8192 tokens where this build moves it to the MMA kernel), so their rule keeps one attention cost for all layers.
+KERNEL_AWARE = frozenset({DeviceClass.HBM})
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionTerms:
+    """An attention layout's depth terms at unit cost, by what prices them."""
+
+    vec: tuple[DepthTerm, ...] = ()  # layer widths in the vec kernel (every kernel, where the class is not aware)
+    mma: tuple[DepthTerm, ...] = ()  # layer widths in the MMA kernel
+    partials: tuple[DepthTerm, ...] = ()  # stream-k partials the MMA kernel's fixup combines
+
+    def priced(self, const: ClassConstants) -> tuple[DepthTerm, ...]:
+        """The terms at the class's costs; a term the class gives no cost is left out."""
+        priced = ((self.vec, const.attend_s), (self.mma, const.mma_s), (self.partials, const.partial_s))
+        return tuple(t.scaled(cost) for terms, cost in priced if cost for t in terms)
+
+
+def _kernel(hw: Hardware, layout: ReadLayout, group: AttentionGroup) -> DecodeKernel | None:
+    if not layout.flash_attn:
+        return None
+    device = next((d for d in hw.devices if d.name == group.place), None)
+    if device is None:  # in RAM: the CPU's attention
+        return None
+    return decode_kernel(group.shape, device.compute_capability, device.sm_count, layout.cache_type)
+
+
+def attention_terms(hw: Hardware, layout: ReadLayout) -> AttentionTerms:
+    """What each attention group costs per cached token, split by the kernel it runs where the class follows
+    kernels (KERNEL_AWARE) and its GPUs' compute capability and SM count are known; else all in `vec`."""
+    aware = device_class(hw) in KERNEL_AWARE
+    vec: list[DepthTerm] = []
+    mma: list[DepthTerm] = []
+    partials: list[DepthTerm] = []
+    for g in layout.attention:
+        kernel = _kernel(hw, layout, g) if aware else None
+        if kernel is None or kernel.mma_from == math.inf:
+            vec.append(DepthTerm(g.width, g.cells))
+            continue
+        if kernel.mma_from > 0:
+            vec.append(DepthTerm(g.width, g.cells, stop=kernel.mma_from))
+        mma.append(DepthTerm(g.width, g.cells, start=kernel.mma_from))
+        cap = min(g.cells, kernel.partials_cap)
+        partials.append(DepthTerm(g.layers / kernel.tile_tokens, cap, start=kernel.mma_from))
+    return AttentionTerms(tuple(vec), tuple(mma), tuple(partials))
 
 
 @dataclass(frozen=True, slots=True)
 class Observation:
-    """One measured point as the class fit sees it: seconds per token = bytes_s / efficiency + tensors x
-    tensor_s + kv_s x attention / efficiency + layer_tokens x attend_s (bytes_s and kv_s at full bandwidth,
-    kv_s and layer_tokens at the mean depth)."""
+    """One measured point as the class fit sees it, each term at unit cost and averaged over the completion:
+    seconds per token = bytes_s / efficiency + matrices x tensor_s (+ expert matrices x their own cost) +
+    kv_s x attention / efficiency + vec x attend_s + mma x mma_s + partials x partial_s + splits x split_s."""
 
-    bytes_s: float
+    bytes_s: float  # weight reads at the rated bandwidth
     tensors: int
-    kv_s: float
-    layer_tokens: float  # sum over attention layers of the tokens each one attends to at the mean depth
+    kv_s: float  # KV reads at the rated bandwidth
+    vec: float  # sum over attention layers (in the vec kernel) of width x tokens attended
     splits: int  # device boundaries a token crosses (GPUs holding layers - 1)
     seconds: float  # measured: 1 / decode tok/s
+    expert_tensors: int = 0
+    mma: float = 0.0  # as vec, for layers in the MMA kernel
+    partials: float = 0.0  # stream-k partials, summed over the MMA layers
+
+    def predicted_seconds(self, c: ClassConstants) -> float:
+        """Seconds per token the class constants `c` predict for this point."""
+        return ((self.bytes_s + self.kv_s * c.attention) / c.efficiency
+                + (self.tensors - self.expert_tensors) * c.tensor_s + self.expert_tensors * c.expert_s
+                + self.vec * c.attend_s + self.mma * c.mma_s + self.partials * c.partial_s + self.splits * c.split_s)
 
 
 def point_placement(point: SpeedPoint, hw: Hardware) -> tuple[MemoryEstimate, Fit] | None:
@@ -263,11 +383,15 @@ def observe_point(point: SpeedPoint, hw: Hardware) -> Observation | None:
     est, fit = placed
     layout = read_layout(point.spec, est, fit) if point.spec is not None else None
     assert layout is not None
-    depth = point.mean_depth
-    kv_s = sum(s * min(depth, cap) for s, cap in _kv_terms(hw, layout, 1.0, 1.0, 1.0))
-    layer_tokens = sum(n * min(depth, cap) for _, n, cap in layout.attention_layers)
-    return Observation(_weight_seconds(hw, layout, 1.0, 1.0), layout.n_tensors, kv_s, layer_tokens,
-                       _splits(fit), 1.0 / point.decode_tok_s)
+    low, high = point.prompt_tokens, point.prompt_tokens + point.completion_tokens
+
+    def mean(terms: Iterable[DepthTerm]) -> float:
+        return sum(t.mean(low, high) for t in terms)
+
+    attn = attention_terms(hw, layout)
+    return Observation(_weight_seconds(hw, layout, 1.0, 1.0), layout.n_tensors, mean(_kv_terms(hw, layout, 1.0, 1.0)),
+                       mean(attn.vec), _splits(fit), 1.0 / point.decode_tok_s, layout.n_expert_tensors,
+                       mean(attn.mma), mean(attn.partials))
 
 
 def _solve(rows: Sequence[Sequence[float]], rhs: Sequence[float]) -> list[float] | None:
@@ -286,47 +410,73 @@ def _solve(rows: Sequence[Sequence[float]], rhs: Sequence[float]) -> list[float]
     return [m[i][n] / m[i][i] for i in range(n)]
 
 
-def fit_class(observations: Iterable[Observation], fallback: ClassConstants) -> ClassConstants:
-    """Least squares on relative error of seconds = bytes_s x a + tensors x b + kv_s x c + layer_tokens x d +
-    splits x e (a = 1 / efficiency, b = tensor_s, c = attention / efficiency, d = attend_s, e = split_s), keeping
-    efficiency <= 1, attention >= 1 and the fixed costs >= 0; `fallback` without points. Each bound is tried
-    held and free; the feasible fit with the least error wins, the simpler one unless the error falls by more
-    than FIT_MARGIN."""
+# The terms a class's fit may free; the rest stay held (fit_class). The kernel-aware rule prices the KV reads
+# inside each kernel's cost per cached token, so it has no separate KV term (attention 0); it frees the routed
+# experts' matrices from tensor_s, which its leave-one-out check needs (the H200's Qwen3-Coder at an empty
+# context: -11% with one cost for all matrices, -7% with its own), while the unified class's gets worse with
+# them free (rms 4.9% -> 5.0%, worst point 10% -> 16%: GLM-4.7-Flash Q8_0), so the plain rule holds them.
+PLAIN_TERMS = ("bytes", "tensors", "kv", "vec", "splits")
+KERNEL_TERMS = ("bytes", "tensors", "experts", "vec", "mma", "partials", "splits")
+
+
+def _columns(o: Observation, free: frozenset[str], kernels: bool) -> tuple[dict[str, float], float]:
+    """The observation's column for each free term and the seconds the held terms predict, both over its
+    measured seconds. Held: efficiency 1, attention 1 (KV reads beside the weights, at their efficiency) or 0
+    (kernel-aware), expert matrices at tensor_s, the other costs 0."""
+    kv_with_bytes = not kernels and "kv" not in free
+    read = o.bytes_s + (o.kv_s if kv_with_bytes else 0.0)
+    values = {"bytes": read, "tensors": o.tensors - (o.expert_tensors if "experts" in free else 0),
+              "experts": o.expert_tensors, "kv": o.kv_s, "vec": o.vec, "mma": o.mma, "partials": o.partials,
+              "splits": o.splits}
+    held = read if "bytes" not in free else 0.0
+    return {t: values[t] / o.seconds for t in free}, held / o.seconds
+
+
+def fit_class(observations: Iterable[Observation], fallback: ClassConstants, kernels: bool = False,
+              terms: Sequence[str] | None = None) -> ClassConstants:
+    """Least squares on relative error of seconds = bytes_s x a + tensors x b + expert_tensors x (b2 - b) +
+    kv_s x c + vec x d + mma x f + partials x g + splits x e (a = 1 / efficiency, b = tensor_s, b2 =
+    expert_tensor_s, c = attention / efficiency, d = attend_s, f = mma_s, g = partial_s, e = split_s), keeping
+    efficiency <= 1, attention >= 1 and the fixed costs >= 0; `fallback` without points. `kernels`: the
+    kernel-aware rule (KERNEL_TERMS: attention 0, the MMA terms free), else PLAIN_TERMS; `terms` narrows them
+    (bench/kernel_rule.py compares rules). Each term is tried held
+    and free; the feasible fit with the least error wins, the simpler one unless the error falls by more than
+    FIT_MARGIN."""
     obs = list(observations)
     if not obs:
         return fallback
+    terms = tuple(terms) if terms is not None else KERNEL_TERMS if kernels else PLAIN_TERMS
     best: tuple[float, ClassConstants] | None = None
-    # the simplest designs first (most terms held at their bound), a freed term kept only when it cuts the error:
-    # with few points several designs fit exactly, and the one at the physical bounds is the one to trust
-    for held in itertools.product((True, False), repeat=5):
-        hold_a, hold_b, hold_c, hold_d, hold_e = held
+    # the simplest designs first (most terms held), a freed term kept only when it cuts the error: with few
+    # points several designs fit exactly, and the one at the physical bounds is the one to trust
+    for pattern in itertools.product((False, True), repeat=len(terms)):
+        free = frozenset(t for t, freed in zip(terms, pattern, strict=True) if freed)
+        if not free:
+            continue
+        names = [t for t in terms if t in free]
         rows, known = [], []
         for o in obs:
-            # held: a = 1 (rated bandwidth), c = a (attention 1), b = d = e = 0
-            read = o.bytes_s + (o.kv_s if hold_c else 0.0)
-            free = [(hold_a, read), (hold_b, o.tensors), (hold_c, o.kv_s), (hold_d, o.layer_tokens),
-                    (hold_e, o.splits)]
-            rows.append([x / o.seconds for hold, x in free if not hold])
-            known.append(read / o.seconds if hold_a else 0.0)
-        k = len(rows[0])
-        if k == 0:
-            continue
+            columns, held = _columns(o, free, kernels)
+            rows.append([columns[t] for t in names])
+            known.append(held)
+        k = len(names)
         normal = [[sum(r[i] * r[j] for r in rows) for j in range(k)] for i in range(k)]
         solution = _solve(normal, [sum(r[i] * (1 - f) for r, f in zip(rows, known, strict=True)) for i in range(k)])
         if solution is None:
             continue
-        values = iter(solution)
-        a = 1.0 if hold_a else next(values)
-        b = 0.0 if hold_b else next(values)
-        c = a if hold_c else next(values)
-        d = 0.0 if hold_d else next(values)
-        e = 0.0 if hold_e else next(values)
-        if a < 1 - 1e-9 or min(b, d, e) < 0 or c < a * (1 - 1e-9):
+        got = dict(zip(names, solution, strict=True))
+        a = got.get("bytes", 1.0)
+        b = got.get("tensors", 0.0)
+        b2 = got.get("experts", b)
+        c = 0.0 if kernels else got.get("kv", a)
+        d, f, g, e = (got.get(t, 0.0) for t in ("vec", "mma", "partials", "splits"))
+        if a < 1 - 1e-9 or min(b, b2, d, f, g, e) < 0 or (not kernels and c < a * (1 - 1e-9)):
             continue
-        cost = sum(((o.bytes_s * a + o.tensors * b + o.kv_s * c + o.layer_tokens * d + o.splits * e) / o.seconds
-                    - 1) ** 2 for o in obs)
+        const = ClassConstants(efficiency=1 / a, tensor_s=b, attention=c / a, attend_s=d, split_s=e,
+                               expert_tensor_s=b2 if "experts" in free else None, mma_s=f, partial_s=g)
+        cost = sum((o.predicted_seconds(const) / o.seconds - 1) ** 2 for o in obs)
         if best is None or cost < best[0] - FIT_MARGIN:
-            best = (cost, ClassConstants(efficiency=1 / a, tensor_s=b, attention=c / a, attend_s=d, split_s=e))
+            best = (cost, const)
     return fallback if best is None else best[1]
 
 
@@ -345,6 +495,11 @@ class Efficiency:
             return None
         target = max(active_bytes, 1)
         return min(preferred, key=lambda p: (abs(math.log(max(p[0], 1) / target)), -p[1]))[1]
+
+
+def _matrix_seconds(layout: ReadLayout, const: ClassConstants) -> float:
+    """The fixed costs of a decode step's matrix products."""
+    return (layout.n_tensors - layout.n_expert_tensors) * const.tensor_s + layout.n_expert_tensors * const.expert_s
 
 
 def _without_first_layers(fit: Fit, k: int) -> Fit:
@@ -377,7 +532,7 @@ def _ram_efficiency(p: SpeedPoint, hw: Hardware, const: ClassConstants) -> float
     layout = read_layout(p.spec, est, _without_first_layers(fit, p.cpu_layers))
     ram_bytes = sum(b for place, b in layout.weight_bytes if place == RAM_PLACE)
     on_gpu = ReadLayout(tuple(x for x in layout.weight_bytes if x[0] != RAM_PLACE), ())
-    gpu_s = _weight_seconds(hw, on_gpu, const.efficiency, 1.0) + layout.n_tensors * const.tensor_s
+    gpu_s = _weight_seconds(hw, on_gpu, const.efficiency, 1.0) + _matrix_seconds(layout, const)
     left = 1.0 / p.decode_tok_s - gpu_s
     return ram_bytes / hw.ram_bandwidth_bytes_s / left if ram_bytes and left > 0 else None
 
@@ -417,10 +572,9 @@ def speed_model(spec: ModelSpec, est: MemoryEstimate, fit: Fit, hw: Hardware,
     layout = read_layout(spec, est, fit)
     # A header that declares no weights (broken or lying) must not divide by zero: one byte per token.
     read_s = max(_weight_seconds(hw, layout, gpu_eff, ram_eff), 1.0 / (hw.ram_bandwidth_bytes_s or 1.0))
-    weight_s = read_s + layout.n_tensors * const.tensor_s + _splits(fit) * const.split_s
-    kv_s = _kv_terms(hw, layout, gpu_eff, ram_eff, const.attention)
-    if const.attend_s:
-        kv_s += tuple((n * const.attend_s, c) for _, n, c in layout.attention_layers)
+    weight_s = read_s + _matrix_seconds(layout, const) + _splits(fit) * const.split_s
+    kv = tuple(t.scaled(const.attention) for t in _kv_terms(hw, layout, gpu_eff, ram_eff)) if const.attention else ()
+    depth = kv + attention_terms(hw, layout).priced(const)
     # the same bytes all on GPUs: how much the RAM tier slows the weight reads
     total_bytes = sum(b for _, b in layout.weight_bytes)
     gpu_bw = [hw.bandwidth_of(d.name) * gpu_eff for d in hw.devices] or [hw.ram_bandwidth_bytes_s * ram_eff]
@@ -432,7 +586,7 @@ def speed_model(spec: ModelSpec, est: MemoryEstimate, fit: Fit, hw: Hardware,
         prefill = constant / max(active, 1) / max(slowdown, 1.0)
     else:
         prefill = FALLBACK_PREFILL_PER_DECODE / weight_s
-    return SpeedModel(weight_s, kv_s, prefill)
+    return SpeedModel(weight_s, depth, prefill)
 
 
 def predict_point(point: SpeedPoint, hw: Hardware, constants: ClassConstants | None = None) -> float | None:

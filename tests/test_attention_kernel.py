@@ -12,7 +12,16 @@ from hybridd.model.spec import LayerSpec, ModelSpec, model_spec
 from hybridd.place.attention import MMA_FROM_DEPTH, VEC, decode_kernel
 from hybridd.place.fit import fit_model
 from hybridd.place.hardware import Hardware
-from hybridd.place.speed import SpeedModel, speed_model
+from hybridd.place.speed import (
+    CLASS_CONSTANTS,
+    PLAIN_CONSTANTS,
+    DeviceClass,
+    SpeedModel,
+    class_constants,
+    kernel_aware,
+    read_layout,
+    speed_model,
+)
 from hybridd.probe.hardware_profiles import load_hardware_profile
 from hybridd.probe.model_profiles import load_profile, profile_header
 
@@ -103,3 +112,54 @@ def test_the_desktop_and_spark_keep_one_attention_cost_for_every_kernel() -> Non
             for depth in (0, 16384):
                 assert model_on(hw, model, quant).decode_tok_s(depth) == model_on(blind, model, quant).decode_tok_s(
                     depth)
+
+
+def test_heads_per_tile_follow_the_mma_launch_not_the_power_of_two_that_divides() -> None:
+    # Qwen2.5-Coder 7B: 28 query heads over 4 KV heads (7 a KV head): tiles of 8 heads, padded, one a KV head
+    kernel = decode_kernel(first_attention("qwen2.5-coder-7b", "Q8_0"), HOPPER, H200_SMS)
+    assert kernel is not None and kernel.max_partials == H200_SMS * 2 // 4
+    # GLM's 20 heads: 16 a tile on Ada and Hopper, 4 a tile on an RTX 50 below a 64k view (5 output tiles)
+    glm = first_attention("glm-4.7-flash", "Q4_K_M")
+    blackwell = decode_kernel(glm, 120, 70, cells=36864)
+    assert blackwell is not None and blackwell.max_partials == 70 * 4 // 5
+
+
+def test_a_sliding_window_never_reaches_the_mma_view() -> None:
+    # gpt-oss: 8 query heads a KV head, 64-wide; its sliding layers hold 768 cells, its full layers the context
+    layer = first_attention("gpt-oss-20b")
+    assert decode_kernel(layer, HOPPER, H200_SMS, cells=768) == VEC
+    full = decode_kernel(layer, HOPPER, H200_SMS, cells=65536)
+    assert full is not None and full.mma_from == MMA_FROM_DEPTH
+
+
+def test_heads_without_a_vec_kernel_run_mma_and_unsupported_ones_have_no_rule() -> None:
+    base = first_attention("llama-3.1-8b", "Q4_K_M")
+    phi = replace(base, n_head=32, n_head_kv=32, key_length=96, value_length=96)  # 96 is no multiple of 64
+    kernel = decode_kernel(phi, HOPPER, H200_SMS)
+    assert kernel is not None and kernel.mma_from == 0
+    assert decode_kernel(replace(phi, key_length=40, value_length=40), HOPPER, H200_SMS) is None  # tile kernel
+    assert decode_kernel(base, HOPPER, H200_SMS, "iq4_nl") is None  # no CUDA flash attention for that cache
+
+
+def test_moe_layers_in_ram_keep_the_expert_matrix_count(h200: Hardware) -> None:
+    # --n-cpu-moe reads the chosen experts from RAM; the layout's matrix counts must not take those bytes
+    h100 = load_hardware_profile("h100-sxm").hardware()
+    spec = spec_of("qwen3.5-122b-a10b", "Q8_0")
+    est = estimate_memory(spec, RunSettings(ctx=32768))
+    fit = fit_model(est, h100.devices, h100.ram_bytes)
+    assert fit.n_cpu_moe > 0
+    layout = read_layout(spec, est, fit)
+    assert layout.n_expert_tensors == sum(layer.n_expert_tensors for layer in spec.layers[: len(est.layers)])
+    assert 0 < speed_model(spec, est, fit, h100).decode_tok_s(0) < model_on(h200, "qwen3.5-122b-a10b", "Q8_0",
+                                                                             32768).decode_tok_s(0)
+
+
+def test_hbm_gpus_that_do_not_say_their_kernels_predict_with_the_plain_rule(h200: Hardware) -> None:
+    blind = replace(h200, devices=tuple(replace(d, sm_count=0) for d in h200.devices))
+    assert kernel_aware(h200) and not kernel_aware(blind)
+    assert class_constants(blind) == PLAIN_CONSTANTS[DeviceClass.HBM]
+    assert class_constants(h200) == CLASS_CONSTANTS[DeviceClass.HBM]
+    # GLM-4.7-Flash at 32k: measured 116.6 tok/s; the plain rule's constants stay near it, where the kernel-aware
+    # ones with every layer priced as vec would be 20% slow
+    deep = model_on(blind, "glm-4.7-flash", "Q4_K_M").decode_tok_s(32768)
+    assert deep == pytest.approx(116.6, rel=0.15)

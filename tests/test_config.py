@@ -124,7 +124,8 @@ REFUSED_VALUES = [
     ("[node]\ndisplay_reserve_bytes = -1", "node.display_reserve_bytes: must be >= 0, got -1"),
     ("[[node.devices]]\nmemory_bytes = inf", "node.devices[0].memory_bytes: expected an integer, got a number"),
     ("[[node.devices]]\nmemory_bytes = 1.5", "node.devices[0].memory_bytes: expected an integer, got a number"),
-    ("[[node.devices]]\nmemory_bytes = 1\nsm_count = -1", "node.devices[0].sm_count: must be between 0 and 10000, got -1"),
+    ("[[node.devices]]\nmemory_bytes = 1\nsm_count = -1",
+     "node.devices[0].sm_count: must be between 0 and 10000, got -1"),
     ("[[node.devices]]\nmemory_bytes = 1\ncompute_capability = 9.0",
      "node.devices[0].compute_capability: expected an integer, got a number"),
 ]

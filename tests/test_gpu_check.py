@@ -21,6 +21,7 @@ from hybridd.model.header import TensorInfo
 from hybridd.model.memory import MIB, RunSettings, engine_outputs, estimate_memory
 from hybridd.model.spec import model_spec
 from hybridd.place.fit import fit_model
+from hybridd.place.speed import PLAIN_CONSTANTS, DeviceClass
 from hybridd.probe.gguf_file import read_gguf_header
 from hybridd.probe.hardware_profiles import load_hardware_profile
 from hybridd.probe.model_profiles import load_profile
@@ -158,3 +159,7 @@ def test_the_kernel_aware_rule_fits_the_h200_points_one_attention_cost_misses() 
     const = in_use["constants"]
     assert const["mma_s"] < const["attend_s"] / 3 and const["attention"] == 0
     assert 0.05e-6 < const["partial_s"] < 0.2e-6
+    # an HBM GPU that does not say its kernels predicts with the plain rule's fit (speed.PLAIN_CONSTANTS)
+    pinned = PLAIN_CONSTANTS[DeviceClass.HBM]
+    for name in ("efficiency", "tensor_s", "attention", "attend_s", "split_s"):
+        assert getattr(pinned, name) == pytest.approx(plain["constants"][name], rel=0.02, abs=1e-12), name

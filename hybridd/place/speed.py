@@ -241,11 +241,11 @@ def read_layout(spec: ModelSpec, est: MemoryEstimate, fit: Fit) -> ReadLayout:
         for i in d.layers:
             owner[i] = d.name
     stream = max(est.geometry.n_stream, 1)
-    tensors = experts = 0
+    tensors = expert_tensors = 0
     for i, mem in enumerate(est.layers):
         layer = spec.layers[i]
         tensors += layer.n_tensors
-        experts += layer.n_expert_tensors
+        expert_tensors += layer.n_expert_tensors
         place = owner.get(i, RAM_PLACE)
         active = layer.active_bytes
         if place != RAM_PLACE and i < fit.n_cpu_moe and layer.expert_bytes:
@@ -266,7 +266,7 @@ def read_layout(spec: ModelSpec, est: MemoryEstimate, fit: Fit) -> ReadLayout:
     settings = est.settings
     quantized = {settings.type_k, settings.type_v} & QUANTIZED_CACHE_TYPES
     return ReadLayout(tuple(sorted(weights.items())), tuple((p, b, c) for (p, c), b in sorted(kv.items())), tensors,
-                      tuple(attending[k] for k in sorted(attending)), experts,
+                      tuple(attending[k] for k in sorted(attending)), expert_tensors,
                       min(quantized) if quantized else "f16", settings.flash_attn)
 
 
@@ -290,6 +290,24 @@ def _kv_terms(hw: Hardware, layout: ReadLayout, gpu_eff: float, ram_eff: float) 
 # whose kernels chose otherwise (the RTX 4090's Qwen2.5 3B sweep, 8 query heads a KV head, shows no step at the
 # 8192 tokens where this build moves it to the MMA kernel), so their rule keeps one attention cost for all layers.
 KERNEL_AWARE = frozenset({DeviceClass.HBM})
+# The plain rule's constants for a kernel-aware class, for hardware whose GPUs do not say which kernels they run
+# (a [[node.devices]] budget without compute_capability and sm_count, a driver without the NVML queries): one
+# attention cost fitted to the same points (bench/kernel_rule.py, "one attention cost").
+PLAIN_CONSTANTS: Mapping[DeviceClass, ClassConstants] = {
+    DeviceClass.HBM: ClassConstants(efficiency=0.602, tensor_s=9.39e-6, attention=1.0, attend_s=4.53e-10),
+}
+
+
+def kernel_aware(hw: Hardware) -> bool:
+    """True when `hw` predicts with its class's kernel-aware rule: the class follows kernels, and every GPU's
+    compute capability and SM count are known."""
+    return device_class(hw) in KERNEL_AWARE and all(d.compute_capability and d.sm_count for d in hw.devices)
+
+
+def class_constants(hw: Hardware) -> ClassConstants:
+    """The constants `hw` predicts with: its class's, or the plain rule's where it cannot follow kernels."""
+    cls = device_class(hw)
+    return PLAIN_CONSTANTS[cls] if cls in KERNEL_AWARE and not kernel_aware(hw) else CLASS_CONSTANTS[cls]
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,13 +330,13 @@ def _kernel(hw: Hardware, layout: ReadLayout, group: AttentionGroup) -> DecodeKe
     device = next((d for d in hw.devices if d.name == group.place), None)
     if device is None:  # in RAM: the CPU's attention
         return None
-    return decode_kernel(group.shape, device.compute_capability, device.sm_count, layout.cache_type)
+    return decode_kernel(group.shape, device.compute_capability, device.sm_count, layout.cache_type, group.cells)
 
 
 def attention_terms(hw: Hardware, layout: ReadLayout) -> AttentionTerms:
     """What each attention group costs per cached token, split by the kernel it runs where the class follows
     kernels (KERNEL_AWARE) and its GPUs' compute capability and SM count are known; else all in `vec`."""
-    aware = device_class(hw) in KERNEL_AWARE
+    aware = kernel_aware(hw)
     vec: list[DepthTerm] = []
     mma: list[DepthTerm] = []
     partials: list[DepthTerm] = []
@@ -447,8 +465,9 @@ def fit_class(observations: Iterable[Observation], fallback: ClassConstants, ker
         return fallback
     terms = tuple(terms) if terms is not None else KERNEL_TERMS if kernels else PLAIN_TERMS
     best: tuple[float, ClassConstants] | None = None
-    # the simplest designs first (most terms held), a freed term kept only when it cuts the error: with few
-    # points several designs fit exactly, and the one at the physical bounds is the one to trust
+    # designs in product order from all held; a later design replaces the best only when it cuts the error by
+    # FIT_MARGIN: with few points several designs fit exactly, and the one at the physical bounds is the one to
+    # trust
     for pattern in itertools.product((False, True), repeat=len(terms)):
         free = frozenset(t for t, freed in zip(terms, pattern, strict=True) if freed)
         if not free:
@@ -510,7 +529,7 @@ def _without_first_layers(fit: Fit, k: int) -> Fit:
 
 def calibrate(hw: Hardware, constants: ClassConstants | None = None) -> Efficiency:
     """The calibration of `hw`: its class constants (or `constants`), RAM from a cpu_layers point, prefill."""
-    const = constants or CLASS_CONSTANTS[device_class(hw)]
+    const = constants or class_constants(hw)
     prefill: list[tuple[int, float, bool]] = []
     ram: float | None = None
     for p in hw.measured:
@@ -542,7 +561,8 @@ _CALIBRATIONS: dict[tuple[object, ...], Efficiency] = {}
 
 def _calibration_key(hw: Hardware) -> tuple[object, ...]:
     # capacities change on every probe; the calibration depends only on what the hardware is and its points
-    devices = tuple((d.name, d.total_bytes, d.reserve_bytes, d.unified, d.bandwidth_bytes_s) for d in hw.devices)
+    devices = tuple((d.name, d.total_bytes, d.reserve_bytes, d.unified, d.bandwidth_bytes_s, d.compute_capability,
+                     d.sm_count) for d in hw.devices)
     points = tuple((p.model, p.engine, p.decode_tok_s, p.prefill_tok_s, p.prompt_tokens, p.ctx, p.kv_type,
                     p.cpu_layers, p.nodes, id(p.spec)) for p in hw.measured)
     return (hw.name, devices, hw.ram_bytes, hw.ram_bandwidth_bytes_s, points)

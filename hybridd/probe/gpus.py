@@ -224,8 +224,8 @@ class GpuProbe:
 
     def _architecture(self, handle: Any) -> tuple[int, int]:
         """Compute capability and SM count, which pick llama.cpp's attention kernel (place/attention.py). NVML
-        gives CUDA cores, not SMs: 64 a multiprocessor before compute capability 8.6 (Volta, Turing, A100), 128
-        from there (GA10x, Ada, Hopper, Blackwell)."""
+        gives CUDA cores, not SMs: 64 a multiprocessor on Volta, Turing and the A100, 128 from compute capability 8.6
+        (GA10x, Ada, Hopper, Blackwell); older GPUs have no kernel the rule needs the count for."""
         nvml = self._nvml
         query = getattr(nvml, "nvmlDeviceGetCudaComputeCapability", None)
         version = self._optional(None, query, handle) if query else None

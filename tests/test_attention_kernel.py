@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from hybridd.model.memory import RunSettings, estimate_memory
-from hybridd.model.spec import LayerSpec, ModelSpec, model_spec
+from hybridd.model.spec import LayerSpec
 from hybridd.place.attention import MMA_FROM_DEPTH, VEC, decode_kernel
 from hybridd.place.fit import fit_model
 from hybridd.place.hardware import Hardware
@@ -23,14 +23,9 @@ from hybridd.place.speed import (
     speed_model,
 )
 from hybridd.probe.hardware_profiles import load_hardware_profile
-from hybridd.probe.model_profiles import load_profile, profile_header
+from tests.test_speed import spec_of
 
 HOPPER, H200_SMS = 90, 132
-
-
-def spec_of(name: str, quant: str | None = None) -> ModelSpec:
-    header = profile_header(load_profile(name), quant)
-    return model_spec(header.metadata, header.tensors)
 
 
 def first_attention(name: str, quant: str | None = None) -> LayerSpec:

@@ -34,11 +34,6 @@ class SpeedPoint:
     decode_high: float = 0.0
 
     @property
-    def mean_depth(self) -> float:
-        """Tokens in the cache on average over the measured completion."""
-        return self.prompt_tokens + self.completion_tokens / 2
-
-    @property
     def run_ctx(self) -> int:
         """The context the engine ran with."""
         return self.ctx or self.prompt_tokens + self.completion_tokens

@@ -457,9 +457,8 @@ def fit_class(observations: Iterable[Observation], fallback: ClassConstants, ker
     expert_tensor_s, c = attention / efficiency, d = attend_s, f = mma_s, g = partial_s, e = split_s), keeping
     efficiency <= 1, attention >= 1 and the fixed costs >= 0; `fallback` without points. `kernels`: the
     kernel-aware rule (KERNEL_TERMS: attention 0, the MMA terms free), else PLAIN_TERMS; `terms` narrows them
-    (bench/kernel_rule.py compares rules). Each term is tried held
-    and free; the feasible fit with the least error wins, the simpler one unless the error falls by more than
-    FIT_MARGIN."""
+    (bench/kernel_rule.py compares rules). Each term is tried held and free; the feasible fit with the least
+    error wins, the simpler one unless the error falls by more than FIT_MARGIN."""
     obs = list(observations)
     if not obs:
         return fallback
